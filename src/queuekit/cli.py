@@ -1,0 +1,246 @@
+"""``queuekit`` command line: parses arguments and calls the modules that do the work."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import secrets
+import sys
+import time
+import urllib.error
+import urllib.request
+
+from . import __version__, logs
+from .errors import ExitCode, QueuekitError
+from .settings import ClientSettings, ServerSettings, WorkerSettings
+
+_log = logs.get("cli")
+
+
+def _client_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("connection")
+    g.add_argument("--server", metavar="HOST:PORT", help="server address (env QUEUEKIT_SERVER, default localhost:50000)")
+    g.add_argument("--authkey-file", metavar="PATH",
+                   help="authkey file (env QUEUEKIT_AUTHKEY_FILE, default /run/secrets/queuekit_authkey)")
+    g.add_argument("--connect-timeout", type=float, metavar="S",
+                   help="give up reaching the server after S seconds (env QUEUEKIT_CONNECT_TIMEOUT, default 30)")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="env QUEUEKIT_LOG_LEVEL")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="queuekit", description="A reliable task queue on multiprocessing.managers.")
+    parser.add_argument("--version", action="version", version=f"queuekit {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("server", help="run the queue server")
+    p.add_argument("--bind", metavar="HOST:PORT", help="manager address (env QUEUEKIT_BIND, default 0.0.0.0:50000)")
+    p.add_argument("--http", metavar="HOST:PORT|off", help="health/metrics port (env QUEUEKIT_HTTP, default 0.0.0.0:8080)")
+    p.add_argument("--authkey-file", metavar="PATH", help="env QUEUEKIT_AUTHKEY_FILE")
+    p.add_argument("--data-dir", metavar="DIR", help="journal directory; unset = memory only (env QUEUEKIT_DATA_DIR)")
+    p.add_argument("--sync", choices=("full", "normal"), help="journal fsync mode (env QUEUEKIT_SYNC, default full)")
+    p.add_argument("--max-task-bytes", type=int, metavar="N", help="env QUEUEKIT_MAX_TASK_BYTES (default 1048576)")
+    p.add_argument("--max-attempts", type=int, metavar="N", help="failures before dead-lettering (default 5)")
+    p.add_argument("--lease", type=float, metavar="S", help="default lease seconds (env QUEUEKIT_LEASE_SECONDS)")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--check", action="store_true", help="probe a running server's /healthz and exit 0 if healthy")
+    p.set_defaults(run=cmd_server)
+
+    p = sub.add_parser("consume", help="run a worker that calls a handler for each task")
+    p.add_argument("--handler", metavar="MODULE:FUNCTION", help="env QUEUEKIT_HANDLER")
+    p.add_argument("--queue", metavar="NAME", help="env QUEUEKIT_QUEUE (default tasks)")
+    p.add_argument("--concurrency", type=int, metavar="N", help="handler threads (env QUEUEKIT_CONCURRENCY, default 1)")
+    p.add_argument("--prefetch", type=int, metavar="M", help="extra tasks held (env QUEUEKIT_PREFETCH, default 2xN)")
+    p.add_argument("--lease", type=float, metavar="S", help="env QUEUEKIT_LEASE_SECONDS (default 30)")
+    p.add_argument("--drain-timeout", type=float, metavar="S", help="env QUEUEKIT_DRAIN_TIMEOUT (default 25)")
+    p.add_argument("--check", action="store_true", help="exit 0 if the server is reachable and the key matches")
+    _client_options(p)
+    p.set_defaults(run=cmd_consume)
+
+    p = sub.add_parser("check", help="exit 0 if the server is reachable and the key matches")
+    _client_options(p)
+    p.set_defaults(run=cmd_check)
+
+    p = sub.add_parser("produce", help="put JSON lines (or generated demo tasks) into a queue")
+    p.add_argument("file", nargs="?", default="-", metavar="FILE|-", help="JSON lines, one task each (default stdin)")
+    p.add_argument("--queue", metavar="NAME", help="env QUEUEKIT_QUEUE (default tasks)")
+    p.add_argument("--batch", type=int, default=100, metavar="N", help="tasks per round trip (default 100)")
+    p.add_argument("--generate", type=int, metavar="N", help="put N demo tasks {\"n\": i, \"ms\": MS} instead")
+    p.add_argument("--task-ms", type=int, default=0, metavar="MS", help="work time in generated tasks")
+    p.add_argument("--rate", type=float, metavar="R", help="at most R tasks per second")
+    _client_options(p)
+    p.set_defaults(run=cmd_produce)
+
+    p = sub.add_parser("stats", help="show per-queue counts")
+    p.add_argument("--json", action="store_true", help="print the raw JSON")
+    p.add_argument("--watch", type=float, metavar="S", help="repeat every S seconds until interrupted")
+    _client_options(p)
+    p.set_defaults(run=cmd_stats)
+
+    p = sub.add_parser("dead", help="inspect, requeue or purge dead letters")
+    p.add_argument("action", choices=("list", "requeue", "purge"))
+    p.add_argument("--queue", metavar="NAME", required=True)
+    p.add_argument("--id", type=int, action="append", dest="ids", metavar="TASK_ID", help="only these tasks")
+    p.add_argument("--limit", type=int, default=100, help="list at most this many")
+    p.add_argument("--yes", action="store_true", help="confirm purging every dead task of the queue")
+    _client_options(p)
+    p.set_defaults(run=cmd_dead)
+
+    p = sub.add_parser("keygen", help="print a new random authkey (32 bytes, hex)")
+    p.set_defaults(run=cmd_keygen)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    flags = {k: v for k, v in vars(args).items() if k not in ("run", "command")}
+    try:
+        logs.configure(flags.get("log_level") or _env_log_level())
+        return int(args.run(flags))
+    except QueuekitError as e:
+        _log.error("fatal", command=args.command, exit_code=int(e.exit_code), error=str(e))
+        return int(e.exit_code)
+    except KeyboardInterrupt:
+        return int(ExitCode.ERROR)
+
+
+def _env_log_level() -> str:
+    import os
+
+    level = os.environ.get("QUEUEKIT_LOG_LEVEL", "info").strip().lower() or "info"
+    return level if level in ("debug", "info", "warning", "error") else "info"
+
+
+def _client(flags: dict, name: str, settings: ClientSettings | None = None, connect_timeout: float | None = None):
+    from .client import Client
+
+    s = settings or ClientSettings.load(flags)
+    return Client(s.server, s.authkey, connect_timeout=connect_timeout or s.connect_timeout, name=name,
+                  authkey_source=f"key file {s.authkey_file}")
+
+
+def cmd_server(flags: dict) -> int:
+    if flags.pop("check"):
+        return _check_http(ServerSettings.load(flags, need_authkey=False))
+    from . import server
+
+    return server.run(ServerSettings.load(flags))
+
+
+def _check_http(settings: ServerSettings) -> int:
+    if settings.http is None:
+        import socket
+
+        try:
+            socket.create_connection(("127.0.0.1", settings.bind.port), timeout=3).close()
+            return ExitCode.OK
+        except OSError:
+            return ExitCode.UNAVAILABLE
+    url = f"http://127.0.0.1:{settings.http.port}/healthz"
+    try:
+        with urllib.request.urlopen(url, timeout=3) as r:
+            return ExitCode.OK if r.status == 200 else ExitCode.UNAVAILABLE
+    except (urllib.error.URLError, OSError) as e:
+        print(f"queuekit: {url}: {e}", file=sys.stderr)
+        return ExitCode.UNAVAILABLE
+
+
+def cmd_check(flags: dict) -> int:
+    settings = ClientSettings.load(flags)
+    timeout = flags.get("connect_timeout") or 5.0
+    with _client(flags, "check", settings, connect_timeout=timeout) as client:
+        info = client.ping()
+    print(f"ok server={settings.server} version={info.get('version')} durable={str(info.get('durable')).lower()}")
+    return ExitCode.OK
+
+
+def cmd_consume(flags: dict) -> int:
+    if flags.pop("check"):
+        return cmd_check(flags)
+    from .worker import Worker, load_handler
+
+    settings = WorkerSettings.load(flags)
+    handler = load_handler(settings.handler)
+    client = _client(flags, f"consumer:{settings.queue}", settings.client)
+    worker = Worker(client, settings.queue, handler, concurrency=settings.concurrency, prefetch=settings.prefetch,
+                    lease=settings.lease_seconds, drain_timeout=settings.drain_timeout)
+    worker.install_signal_handlers()
+    try:
+        return worker.run()
+    finally:
+        client.close()
+
+
+def cmd_produce(flags: dict) -> int:
+    import os
+
+    from .produce import generate, produce, read_json_lines
+
+    settings = ClientSettings.load(flags)
+    queue_name = flags.get("queue") or os.environ.get("QUEUEKIT_QUEUE") or "tasks"
+    if flags["batch"] < 1:
+        raise QueuekitError("--batch must be >= 1")
+    with _client(flags, "producer", settings) as client:
+        queue = client.queue(queue_name)
+        if flags.get("generate") is not None:
+            items = generate(flags["generate"], flags["task_ms"])
+            count = produce(queue, items, batch=flags["batch"], rate=flags.get("rate"))
+        else:
+            source = flags["file"]
+            stream = sys.stdin if source == "-" else open(source, encoding="utf-8")
+            try:
+                name = "stdin" if source == "-" else source
+                count = produce(queue, read_json_lines(stream, name, client.max_task_bytes), batch=flags["batch"],
+                                rate=flags.get("rate"))
+            finally:
+                if stream is not sys.stdin:
+                    stream.close()
+    print(f"produced={count} queue={queue_name}")
+    return ExitCode.OK
+
+
+def cmd_stats(flags: dict) -> int:
+    with _client(flags, "stats") as client:
+        while True:
+            stats = client.stats()
+            if flags["json"]:
+                print(json.dumps(stats, sort_keys=True))
+            else:
+                _print_stats(stats)
+            if not flags.get("watch"):
+                return ExitCode.OK
+            sys.stdout.flush()
+            time.sleep(flags["watch"])
+
+
+def _print_stats(stats: dict) -> None:
+    cols = ("ready", "inflight", "delayed", "dead", "enqueued", "acked", "nacked", "redelivered", "dead_lettered")
+    rows = [("queue",) + cols] + [(name,) + tuple(str(v[c]) for c in cols) for name, v in sorted(stats["queues"].items())]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))))
+    print(f"connections={stats['connections']} durable={str(stats['durable']).lower()} "
+          f"uptime={stats['uptime_seconds']:.0f}s")
+
+
+def cmd_dead(flags: dict) -> int:
+    with _client(flags, "dead") as client:
+        queue = client.queue(flags["queue"])
+        action, ids = flags["action"], flags.get("ids")
+        if action == "list":
+            for item in queue.dead_list(flags["limit"]):
+                print(json.dumps(item, sort_keys=True))
+        elif action == "requeue":
+            print(f"requeued={queue.dead_requeue(ids)} queue={queue.name}")
+        else:
+            if ids is None and not flags["yes"]:
+                raise QueuekitError("purge drops every dead task of the queue: add --yes (or pick tasks with --id)")
+            print(f"purged={queue.dead_purge(ids)} queue={queue.name}")
+    return ExitCode.OK
+
+
+def cmd_keygen(flags: dict) -> int:
+    print(secrets.token_hex(32))
+    return ExitCode.OK
+
+
+

@@ -1,0 +1,313 @@
+"""The client library: ``queuekit.connect(...)`` and queue handles.
+
+    import queuekit
+    client = queuekit.connect("queue-host:50000", authkey_file="/run/secrets/queuekit_authkey")
+    jobs = client.queue("emails")
+    jobs.put({"to": "a@example.org"})
+    task = jobs.get(timeout=5)            # leased for 30 s (lease=... to change)
+    ...                                   # do the work; jobs.extend(task) for long work
+    jobs.ack(task)                        # or jobs.nack(task, error="...") to retry with backoff
+
+A ``Client`` may be shared by threads: each thread gets its own connection (calls on one
+connection are strictly request/response). Network trouble is retried: the client reconnects
+with exponential backoff until ``connect_timeout`` has passed, then raises
+:class:`ServerUnavailable`. A wrong authkey raises :class:`AuthenticationFailed` at once and is
+never retried. A retried ``put`` whose first attempt reached the server before the connection
+broke enqueues twice: delivery is at-least-once, end to end.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Iterable
+from multiprocessing import AuthenticationError
+from typing import Any
+
+from . import logs, transport
+from .errors import AuthenticationFailed, QueuekitError, ServerShuttingDown, ServerUnavailable
+from .message import Task, check_queue_name, encode_payload
+from .settings import DEFAULT_PORT, Address, Secret, load_authkey
+
+CALL_TIMEOUT = 30.0  # seconds a reply may take beyond any server-side wait
+MAX_WAIT_PER_CALL = 30.0
+PUT_CHUNK_TASKS = 1000
+PUT_CHUNK_BYTES = 16 * 1024 * 1024
+
+_log = logs.get("client")
+
+
+class RemoteError(QueuekitError):
+    """The server failed unexpectedly while handling a call (its traceback is the message)."""
+
+
+class Client:
+    def __init__(self, address: Address | str | tuple, authkey: bytes | str | Secret, *,
+                 connect_timeout: float = 30.0, call_timeout: float = CALL_TIMEOUT,
+                 max_task_bytes: int | None = None, name: str = "queuekit-client", authkey_source: str = "authkey"):
+        if isinstance(address, str):
+            address = Address.parse(address, DEFAULT_PORT)
+        elif isinstance(address, tuple):
+            address = Address(*address)
+        self.address = address
+        if isinstance(authkey, Secret):
+            authkey = authkey.reveal()
+        elif isinstance(authkey, str):
+            authkey = authkey.encode()
+        self._authkey = bytes(authkey)
+        self._authkey_source = authkey_source
+        self.connect_timeout = connect_timeout
+        self.call_timeout = call_timeout
+        self.name = name
+        self.server_info: dict = {}
+        self._max_task_bytes = max_task_bytes
+        self._tls = threading.local()
+        self._conns: set[transport.Connection] = set()
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"Client(address={str(self.address)!r}, authkey=<redacted>)"
+
+    # -- public -----------------------------------------------------------------------------
+
+    def queue(self, name: str) -> Queue:
+        return Queue(self, check_queue_name(name))
+
+    def ping(self) -> dict:
+        self.server_info = self.call("ping")
+        return self.server_info
+
+    def stats(self) -> dict:
+        return self.call("stats")
+
+    @property
+    def max_task_bytes(self) -> int:
+        if self._max_task_bytes is None:
+            self._max_task_bytes = int(self.server_info.get("max_task_bytes") or self.ping()["max_task_bytes"])
+        return self._max_task_bytes
+
+    def close(self) -> None:
+        self._closed = True
+        with self._lock:
+            conns, self._conns = list(self._conns), set()
+        for conn in conns:
+            conn.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- calls ------------------------------------------------------------------------------
+
+    def call(self, method: str, *args: Any, wait: float = 0.0, retry: bool = True) -> Any:
+        """Call ``method`` on the server's API object; reconnect and retry on network errors."""
+        deadline = time.monotonic() + self.connect_timeout
+        delay = 0.05
+        while True:
+            conn = self._connection(deadline)
+            try:
+                conn.send((transport.API_IDENT, method, args, {}))
+                if not conn.poll(self.call_timeout + wait):
+                    raise TimeoutError(f"no reply to {method} within {self.call_timeout + wait:.0f} s")
+                kind, result = conn.recv()
+            except (OSError, EOFError) as e:
+                self._drop(conn)
+                if not retry or self._closed or time.monotonic() >= deadline:
+                    raise ServerUnavailable(f"queuekit server at {self.address}: {method} failed: {_describe(e)}") from e
+                _log.debug("call_retry", method=method, error=_describe(e))
+            else:
+                if kind == "#RETURN":
+                    return result
+                if kind == "#ERROR":
+                    if isinstance(result, ServerShuttingDown) and retry and time.monotonic() < deadline:
+                        self._drop(conn)  # it restarts: try the next incarnation
+                    else:
+                        raise result
+                else:
+                    raise RemoteError(f"server error in {method}: {result}")
+            time.sleep(delay * random.uniform(0.5, 1.0))
+            delay = min(delay * 2, 2.0)
+
+    def _connection(self, deadline: float) -> transport.Connection:
+        conn = getattr(self._tls, "conn", None)
+        if conn is not None and not conn.closed:
+            return conn
+        conn = self._connect(deadline)
+        self._tls.conn = conn
+        with self._lock:
+            self._conns.add(conn)
+        return conn
+
+    def _connect(self, deadline: float) -> transport.Connection:
+        """Connect and authenticate, retrying with backoff until ``deadline``."""
+        delay = 0.1
+        attempt = 0
+        while True:
+            if self._closed:
+                raise ServerUnavailable("client is closed")
+            attempt += 1
+            remaining = deadline - time.monotonic()
+            try:
+                conn = transport.Client(self.address.tuple(), authkey=self._authkey,
+                                        connect_timeout=max(0.5, min(remaining, 10.0)))
+                try:
+                    conn.send((None, "accept_connection", (self.name,), {}))
+                    if not conn.poll(transport.HANDSHAKE_TIMEOUT):
+                        raise TimeoutError("no answer to accept_connection")
+                    kind, result = conn.recv()
+                    if kind != "#RETURN":
+                        raise ConnectionError(f"server refused the connection: {result}")
+                except BaseException:
+                    conn.close()
+                    raise
+                if attempt > 1:
+                    _log.info("connected", server=self.address, attempts=attempt)
+                return conn
+            except AuthenticationError:
+                raise AuthenticationFailed(
+                    f"the queuekit server at {self.address} rejected our authkey ({self._authkey_source}): "
+                    f"the keys do not match; give producers, consumers and the server the same key file"
+                ) from None
+            except (OSError, EOFError) as e:
+                if time.monotonic() + delay >= deadline:
+                    raise ServerUnavailable(
+                        f"cannot reach the queuekit server at {self.address} within {self.connect_timeout:g} s "
+                        f"({attempt} attempts; last error: {_describe(e)})"
+                    ) from e
+                if attempt == 1 or attempt % 10 == 0:
+                    _log.info("connect_retry", server=self.address, attempt=attempt, error=_describe(e))
+            time.sleep(delay * random.uniform(0.5, 1.0))
+            delay = min(delay * 2, 2.0)
+
+    def _drop(self, conn: transport.Connection) -> None:
+        if getattr(self._tls, "conn", None) is conn:
+            self._tls.conn = None
+        with self._lock:
+            self._conns.discard(conn)
+        conn.close()
+
+
+class Queue:
+    """A handle on one named queue (queues exist on the server from their first use)."""
+
+    def __init__(self, client: Client, name: str):
+        self.client = client
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"Queue({self.name!r} on {self.client.address})"
+
+    def put(self, payload: Any, *, delay: float = 0.0) -> int:
+        """Enqueue one JSON-compatible payload; returns its task id once the server committed it."""
+        return self.put_many([payload], delay=delay)[0]
+
+    def put_many(self, payloads: Iterable[Any], *, delay: float = 0.0) -> list[int]:
+        """Enqueue many payloads, one round trip per chunk. Every payload is validated first:
+        if one is invalid, :class:`PayloadError` names it and nothing is sent."""
+        limit = self.client.max_task_bytes
+        texts = [encode_payload(p, limit) for p in payloads]
+        ids: list[int] = []
+        for chunk in _chunks(texts):
+            ids.extend(self.client.call("put_many", self.name, chunk, delay))
+        return ids
+
+    def get(self, timeout: float = 0.0, *, lease: float | None = None, ack: Iterable[Task] = ()) -> Task | None:
+        tasks = self.get_many(1, timeout, lease=lease, ack=ack)
+        return tasks[0] if tasks else None
+
+    def get_many(self, max_n: int = 100, timeout: float = 0.0, *, lease: float | None = None,
+                 ack: Iterable[Task] = ()) -> list[Task]:
+        """Lease up to ``max_n`` tasks, waiting up to ``timeout`` s for the first one.
+
+        ``ack``: tasks to acknowledge in the same round trip (they are acked even if none arrive).
+        """
+        acks = [t.id for t in ack] or None
+        remaining = float(timeout)
+        while True:
+            wait = min(remaining, MAX_WAIT_PER_CALL)
+            items = self.client.call("get_many", self.name, max_n, wait, lease, acks, wait=wait)
+            acks = None
+            remaining -= wait
+            if items or remaining <= 0:
+                return [Task.from_wire(self.name, item) for item in items]
+
+    def ack(self, task: Task | Iterable[Task]) -> int:
+        tasks = [task] if isinstance(task, Task) else list(task)
+        return self.client.call("ack_many", self.name, [t.id for t in tasks]) if tasks else 0
+
+    def nack(self, task: Task, *, delay: float | None = None, error: str | None = None) -> bool:
+        """Give a task back as failed: retried after ``delay`` s (default: server backoff), or
+        dead-lettered once it failed more than the server's ``max_attempts`` times."""
+        return self.nack_many([(task, delay, error)]) == 1
+
+    def nack_many(self, items: Iterable[tuple[Task, float | None, str | None]]) -> int:
+        wire = [(t.id, t.delivery, delay, error) for t, delay, error in items]
+        return self.client.call("nack_many", self.name, wire) if wire else 0
+
+    def extend(self, task: Task | Iterable[Task], lease: float | None = None) -> list[int]:
+        """Renew leases (heartbeat). Returns ids of tasks whose lease was already lost."""
+        tasks = [task] if isinstance(task, Task) else list(task)
+        return self.client.call("extend_many", self.name, [t.receipt for t in tasks], lease) if tasks else []
+
+    def release(self, task: Task | Iterable[Task]) -> int:
+        """Give back tasks not started: ready again at once, no attempt charged."""
+        tasks = [task] if isinstance(task, Task) else list(task)
+        return self.client.call("release_many", self.name, [t.receipt for t in tasks]) if tasks else 0
+
+    def qsize(self) -> int:
+        return self.client.call("qsize", self.name)
+
+    def dead_list(self, limit: int = 100) -> list[dict]:
+        return self.client.call("dead_list", self.name, limit)
+
+    def dead_requeue(self, ids: Iterable[int] | None = None) -> int:
+        return self.client.call("dead_requeue", self.name, None if ids is None else list(ids))
+
+    def dead_purge(self, ids: Iterable[int] | None = None) -> int:
+        return self.client.call("dead_purge", self.name, None if ids is None else list(ids))
+
+
+def _chunks(texts: list[str]):
+    chunk: list[str] = []
+    size = 0
+    for text in texts:
+        if chunk and (len(chunk) >= PUT_CHUNK_TASKS or size + len(text) > PUT_CHUNK_BYTES):
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(text)
+        size += len(text)
+    if chunk:
+        yield chunk
+
+
+def _describe(e: BaseException) -> str:
+    text = str(e)
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def connect(address: Address | str | tuple = "localhost:50000", *, authkey: bytes | str | Secret | None = None,
+            authkey_file: str | None = None, connect_timeout: float = 30.0, name: str = "queuekit-client",
+            max_task_bytes: int | None = None) -> Client:
+    """Connect to a queuekit server (retrying until ``connect_timeout``) and check the key.
+
+    Pass ``authkey`` or ``authkey_file``. Raises :class:`AuthenticationFailed` for a wrong key,
+    :class:`ServerUnavailable` when the server cannot be reached in time.
+    """
+    if (authkey is None) == (authkey_file is None):
+        raise TypeError("pass exactly one of authkey= or authkey_file=")
+    source = "authkey"
+    if authkey_file is not None:
+        authkey = load_authkey(authkey_file)
+        source = f"key file {authkey_file}"
+    client = Client(address, authkey, connect_timeout=connect_timeout, name=name, max_task_bytes=max_task_bytes,
+                    authkey_source=source)
+    try:
+        client.ping()
+    except BaseException:
+        client.close()
+        raise
+    return client

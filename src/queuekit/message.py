@@ -1,0 +1,129 @@
+"""Task payloads and the task a consumer receives.
+
+A payload is a JSON-compatible value: ``dict`` (with ``str`` keys), ``list``, ``str``, ``int``,
+``float`` (finite), ``bool`` or ``None``. It travels and is stored as its compact JSON text, which
+is also what the size limit counts. Lossy conversions that ``json.dumps`` would do silently (a
+tuple becoming a list, an int key becoming a string, NaN) are refused instead, so what a consumer
+gets back equals what the producer put.
+
+Validation happens twice on purpose: the client encodes and checks strictly before sending (the
+error is raised where the bad value was made), and the server checks every JSON text it receives
+(a client may not be ours).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from typing import Any
+
+from .errors import InvalidRequest, PayloadError, PayloadTooLarge
+
+_SCALARS = (str, int, float, bool, type(None))
+_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"), check_circular=True)
+QUEUE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+
+
+def _check_tree(value: Any, depth: int = 0) -> None:
+    if depth > 200:
+        raise PayloadError("payload nests deeper than 200 levels")
+    kind = type(value)
+    if kind is dict:
+        for key, item in value.items():
+            if type(key) is not str:
+                raise PayloadError(f"payload dict keys must be str, got {type(key).__name__} key {key!r}")
+            if type(item) not in _SCALARS:
+                _check_tree(item, depth + 1)
+    elif kind is list:
+        for item in value:
+            if type(item) not in _SCALARS:
+                _check_tree(item, depth + 1)
+    elif kind not in _SCALARS:
+        raise PayloadError(
+            f"payload must be JSON-compatible (dict, list, str, int, float, bool, None); "
+            f"got {kind.__name__}"
+        )
+
+
+def encode_payload(value: Any, max_bytes: int) -> str:
+    """Validate ``value`` strictly and return its compact JSON text. Raises :class:`PayloadError`."""
+    if type(value) not in _SCALARS:
+        _check_tree(value)
+    try:
+        text = _ENCODER.encode(value)
+    except ValueError as e:  # NaN/Infinity, circular reference
+        raise PayloadError(f"payload is not JSON-compatible: {e}") from None
+    check_size(text, max_bytes)
+    return text
+
+
+def check_size(text: str, max_bytes: int, index: int | None = None) -> None:
+    # A UTF-8 character is at most 4 bytes, so short texts need no encoding to be measured.
+    if len(text) * 4 <= max_bytes:
+        return
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > max_bytes:
+        where = "" if index is None else f" {index}"
+        raise PayloadTooLarge(f"payload{where} is {size} bytes encoded; the limit is {max_bytes} (QUEUEKIT_MAX_TASK_BYTES)")
+
+
+def validate_texts(texts: Any, max_bytes: int) -> list[str]:
+    """Server side: every item must be a JSON text within the size limit. Returns them as a list."""
+    if type(texts) not in (list, tuple):
+        raise InvalidRequest(f"payloads must be a list of JSON texts, got {type(texts).__name__}")
+    decode = _DECODER.decode
+    for index, text in enumerate(texts):
+        if type(text) is not str:
+            raise PayloadError(f"payload {index} must be JSON text (str), got {type(text).__name__}")
+        check_size(text, max_bytes, index)
+        try:
+            decode(text)
+        except ValueError as e:
+            raise PayloadError(f"payload {index} is not valid JSON: {e}") from None
+    return list(texts)
+
+
+def decode_payload(text: str) -> Any:
+    return _DECODER.decode(text)
+
+
+def check_queue_name(name: Any) -> str:
+    if type(name) is not str or not QUEUE_NAME.fullmatch(name):
+        raise InvalidRequest(
+            f"invalid queue name {name!r}: use 1-128 characters from A-Z a-z 0-9 . _ : - (starting alphanumeric)"
+        )
+    return name
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Task:
+    """A task as a consumer holds it: leased until acked, nacked, released or the lease expires.
+
+    ``delivery`` numbers the lease this copy was handed out under; nack/extend/release quote it so
+    that a stale copy (whose lease expired and which was redelivered elsewhere) cannot disturb the
+    current holder. ``ack`` does not need it: finished work is finished, whoever reports it.
+    """
+
+    queue: str
+    id: int
+    delivery: int
+    attempts: int
+    payload: Any
+    enqueued_at: float
+
+    @classmethod
+    def from_wire(cls, queue: str, item: tuple) -> Task:
+        task_id, delivery, attempts, text, enqueued_at = item
+        return cls(queue, task_id, delivery, attempts, _DECODER.decode(text), enqueued_at)
+
+    @property
+    def receipt(self) -> tuple[int, int]:
+        return (self.id, self.delivery)

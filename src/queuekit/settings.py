@@ -1,0 +1,294 @@
+"""Typed settings built from command-line flags and ``QUEUEKIT_*`` environment variables.
+
+Precedence: a flag wins over the environment, the environment over the default. The authkey is
+only ever read from a file and held in a :class:`Secret`, whose ``repr`` is redacted, so printing
+any settings object (or logging it) never shows the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from .errors import AuthkeyFileError, ConfigError
+
+DEFAULT_AUTHKEY_FILE = "/run/secrets/queuekit_authkey"
+MIN_AUTHKEY_BYTES = 16
+MAX_AUTHKEY_FILE_BYTES = 64 * 1024
+DEFAULT_PORT = 50000
+DEFAULT_HTTP_PORT = 8080
+DEFAULT_MAX_TASK_BYTES = 1024 * 1024
+KEYGEN_HINT = "create one with `queuekit keygen > FILE` and point --authkey-file / QUEUEKIT_AUTHKEY_FILE at it"
+
+
+class Secret:
+    """Bytes that must never be printed. ``repr``/``str`` show ``<redacted>``."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: bytes):
+        self._value = bytes(value)
+
+    def reveal(self) -> bytes:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret(<redacted>)"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    def __reduce__(self):
+        raise TypeError("a Secret is not picklable: it must not leave the process")
+
+
+def load_authkey(path: str) -> Secret:
+    """Read the authkey file; one trailing newline (``\\n`` or ``\\r\\n``) is stripped.
+
+    Raises :class:`AuthkeyFileError` with a one-line message naming the file and the fix.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_AUTHKEY_FILE_BYTES + 1)
+    except FileNotFoundError:
+        raise AuthkeyFileError(f"authkey file {path} does not exist: {KEYGEN_HINT}") from None
+    except IsADirectoryError:
+        raise AuthkeyFileError(f"authkey file {path} is a directory, not a file: {KEYGEN_HINT}") from None
+    except PermissionError:
+        raise AuthkeyFileError(
+            f"authkey file {path} is not readable by uid {os.getuid()}: fix its mode/owner (see README, secrets)"
+        ) from None
+    except OSError as e:
+        raise AuthkeyFileError(f"authkey file {path} cannot be read ({e.strerror}): {KEYGEN_HINT}") from None
+    if len(data) > MAX_AUTHKEY_FILE_BYTES:
+        raise AuthkeyFileError(f"authkey file {path} is larger than {MAX_AUTHKEY_FILE_BYTES} bytes: is it the right file?")
+    if data.endswith(b"\r\n"):
+        data = data[:-2]
+    elif data.endswith(b"\n"):
+        data = data[:-1]
+    if len(data) < MIN_AUTHKEY_BYTES:
+        what = "is empty" if not data else f"holds {len(data)} bytes"
+        raise AuthkeyFileError(f"authkey file {path} {what}; at least {MIN_AUTHKEY_BYTES} are required: {KEYGEN_HINT}")
+    return Secret(data)
+
+
+@dataclasses.dataclass(frozen=True)
+class Address:
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str, default_port: int | None = None) -> Address:
+        """``host:port``, ``[v6addr]:port``, ``:port`` (all interfaces), or ``host`` if a default port is given."""
+        text = text.strip()
+        port_text: str | None = None
+        if text.startswith("["):
+            host, bracket, rest = text[1:].partition("]")
+            if not bracket or (rest and not rest.startswith(":")):
+                raise ValueError(f"expected [IPv6]:PORT, got {text!r}")
+            port_text = rest[1:] if rest else None
+        elif text.count(":") == 1:
+            host, port_text = text.split(":")
+        elif ":" not in text:
+            host = text
+        else:
+            raise ValueError(f"write IPv6 addresses in brackets, e.g. [::1]:50000, not {text!r}")
+        if port_text is None:
+            if default_port is None:
+                raise ValueError(f"expected HOST:PORT, got {text!r}")
+            port_text = str(default_port)
+        try:
+            port = int(port_text)
+        except ValueError:
+            raise ValueError(f"port must be a number in {text!r}") from None
+        if not 0 <= port <= 65535:
+            raise ValueError(f"port {port} out of range in {text!r}")
+        return cls(host or "0.0.0.0", port)
+
+    def tuple(self) -> tuple[str, int]:
+        return (self.host, self.port)
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def _positive_float(text: Any) -> float:
+    value = float(text)
+    if not value > 0:
+        raise ValueError("must be > 0")
+    return value
+
+
+def _non_negative_float(text: Any) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise ValueError("must be >= 0")
+    return value
+
+
+def _positive_int(text: Any) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError("must be >= 1")
+    return value
+
+
+def _non_negative_int(text: Any) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError("must be >= 0")
+    return value
+
+
+def _choice(*allowed: str) -> Callable[[Any], str]:
+    def parse(text: Any) -> str:
+        value = str(text).strip().lower()
+        if value not in allowed:
+            raise ValueError(f"must be one of {', '.join(allowed)}")
+        return value
+
+    return parse
+
+
+def _optional_address(default_port: int) -> Callable[[Any], Address | None]:
+    def parse(text: Any) -> Address | None:
+        if str(text).strip().lower() in ("off", "none", "false", "0", "no"):
+            return None
+        return Address.parse(str(text), default_port)
+
+    return parse
+
+
+def _address(default_port: int) -> Callable[[Any], Address]:
+    return lambda text: Address.parse(str(text), default_port)
+
+
+def _optional_path(text: Any) -> str | None:
+    text = str(text).strip()
+    return text or None
+
+
+class _Sources:
+    """Looks a setting up in the flags, then the environment, then takes the default."""
+
+    def __init__(self, flags: Mapping[str, Any] | None, env: Mapping[str, str] | None):
+        self.flags = dict(flags or {})
+        self.env = os.environ if env is None else env
+
+    def get(self, dest: str, env_name: str | None, default: Any, parse: Callable[[Any], Any]) -> Any:
+        value = self.flags.get(dest)
+        source = "--" + dest.replace("_", "-")
+        if value is None and env_name:
+            raw = self.env.get(env_name)
+            if raw is not None and raw.strip() != "":
+                value, source = raw, env_name
+        if value is None:
+            return default
+        try:
+            return parse(value)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"invalid {source}={value!r}: {e}") from None
+
+
+def _log_level(src: _Sources) -> str:
+    return src.get("log_level", "QUEUEKIT_LOG_LEVEL", "info", _choice("debug", "info", "warning", "error"))
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerSettings:
+    bind: Address
+    http: Address | None
+    authkey_file: str
+    authkey: Secret
+    data_dir: str | None
+    sync: str
+    max_task_bytes: int
+    max_attempts: int
+    retry_base_seconds: float
+    retry_max_seconds: float
+    lease_seconds: float
+    max_connections: int
+    shutdown_grace_seconds: float
+    log_level: str
+
+    @classmethod
+    def load(cls, flags: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None,
+             *, need_authkey: bool = True) -> ServerSettings:
+        src = _Sources(flags, env)
+        authkey_file = src.get("authkey_file", "QUEUEKIT_AUTHKEY_FILE", DEFAULT_AUTHKEY_FILE, str)
+        return cls(
+            bind=src.get("bind", "QUEUEKIT_BIND", Address("0.0.0.0", DEFAULT_PORT), _address(DEFAULT_PORT)),
+            http=src.get("http", "QUEUEKIT_HTTP", Address("0.0.0.0", DEFAULT_HTTP_PORT),
+                         _optional_address(DEFAULT_HTTP_PORT)),
+            authkey_file=authkey_file,
+            authkey=load_authkey(authkey_file) if need_authkey else Secret(b""),
+            data_dir=src.get("data_dir", "QUEUEKIT_DATA_DIR", None, _optional_path),
+            sync=src.get("sync", "QUEUEKIT_SYNC", "full", _choice("full", "normal")),
+            max_task_bytes=src.get("max_task_bytes", "QUEUEKIT_MAX_TASK_BYTES", DEFAULT_MAX_TASK_BYTES, _positive_int),
+            max_attempts=src.get("max_attempts", "QUEUEKIT_MAX_ATTEMPTS", 5, _non_negative_int),
+            retry_base_seconds=src.get("retry_base", "QUEUEKIT_RETRY_BASE_SECONDS", 1.0, _non_negative_float),
+            retry_max_seconds=src.get("retry_max", "QUEUEKIT_RETRY_MAX_SECONDS", 300.0, _non_negative_float),
+            lease_seconds=src.get("lease", "QUEUEKIT_LEASE_SECONDS", 30.0, _positive_float),
+            max_connections=src.get("max_connections", "QUEUEKIT_MAX_CONNECTIONS", 1024, _positive_int),
+            shutdown_grace_seconds=src.get("shutdown_grace", "QUEUEKIT_SHUTDOWN_GRACE_SECONDS", 2.0,
+                                           _non_negative_float),
+            log_level=_log_level(src),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientSettings:
+    server: Address
+    authkey_file: str
+    authkey: Secret
+    connect_timeout: float
+    max_task_bytes: int
+    log_level: str
+
+    @classmethod
+    def load(cls, flags: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None) -> ClientSettings:
+        src = _Sources(flags, env)
+        authkey_file = src.get("authkey_file", "QUEUEKIT_AUTHKEY_FILE", DEFAULT_AUTHKEY_FILE, str)
+        return cls(
+            server=src.get("server", "QUEUEKIT_SERVER", Address("localhost", DEFAULT_PORT), _address(DEFAULT_PORT)),
+            authkey_file=authkey_file,
+            authkey=load_authkey(authkey_file),
+            connect_timeout=src.get("connect_timeout", "QUEUEKIT_CONNECT_TIMEOUT", 30.0, _positive_float),
+            max_task_bytes=src.get("max_task_bytes", "QUEUEKIT_MAX_TASK_BYTES", DEFAULT_MAX_TASK_BYTES, _positive_int),
+            log_level=_log_level(src),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerSettings:
+    client: ClientSettings
+    queue: str
+    handler: str
+    concurrency: int
+    prefetch: int
+    lease_seconds: float
+    drain_timeout: float
+
+    @classmethod
+    def load(cls, flags: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None) -> WorkerSettings:
+        src = _Sources(flags, env)
+        handler = src.get("handler", "QUEUEKIT_HANDLER", None, str)
+        if not handler:
+            raise ConfigError("no handler: pass --handler pkg.module:function or set QUEUEKIT_HANDLER")
+        concurrency = src.get("concurrency", "QUEUEKIT_CONCURRENCY", 1, _positive_int)
+        return cls(
+            client=ClientSettings.load(flags, env),
+            queue=src.get("queue", "QUEUEKIT_QUEUE", "tasks", str),
+            handler=handler,
+            concurrency=concurrency,
+            prefetch=src.get("prefetch", "QUEUEKIT_PREFETCH", 2 * concurrency, _non_negative_int),
+            lease_seconds=src.get("lease", "QUEUEKIT_LEASE_SECONDS", 30.0, _positive_float),
+            drain_timeout=src.get("drain_timeout", "QUEUEKIT_DRAIN_TIMEOUT", 25.0, _non_negative_float),
+        )
