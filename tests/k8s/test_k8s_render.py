@@ -1,0 +1,143 @@
+"""Every kustomization renders with `kubectl kustomize`, to the objects we expect; the authkey
+Secret comes only from the key file, and a missing key file is a loud error."""
+
+from __future__ import annotations
+
+import base64
+import re
+
+import pytest
+
+import k8slib
+from k8slib import KUSTOMIZATIONS, one, pod_spec, workloads
+
+pytestmark = pytest.mark.k8s
+
+HASHED_SECRET = re.compile(r"^queuekit-authkey-[a-z0-9]{10}$")
+
+BASE_OBJECTS = {
+    ("ServiceAccount", "queuekit-server"),
+    ("ServiceAccount", "queuekit-consumer"),
+    ("ServiceAccount", "queuekit-producer"),
+    ("Service", "queuekit-server"),
+    ("Service", "queuekit-server-headless"),
+    ("StatefulSet", "queuekit-server"),
+    ("Deployment", "queuekit-consumer"),
+    ("PodDisruptionBudget", "queuekit-consumer"),
+    ("Job", "queuekit-producer"),
+    ("NetworkPolicy", "queuekit-server"),
+    ("NetworkPolicy", "queuekit-clients"),
+}
+SECRET = ("Secret", "queuekit-authkey-<hash>")
+EXPECTED = {
+    "base": BASE_OBJECTS | {SECRET},
+    "dev": BASE_OBJECTS | {SECRET, ("Namespace", "queuekit-dev")},
+    "dev-existing-secret": BASE_OBJECTS | {("Namespace", "queuekit-dev")},
+    "keda": BASE_OBJECTS
+    | {
+        SECRET,
+        ("Namespace", "queuekit-dev"),
+        ("ScaledObject", "queuekit-consumer"),
+        ("NetworkPolicy", "queuekit-server-from-keda"),
+    },
+}
+
+
+def _kind_names(docs: list[dict]) -> list[tuple[str, str]]:
+    out = []
+    for d in docs:
+        name = d["metadata"]["name"]
+        if d["kind"] == "Secret" and HASHED_SECRET.match(name):
+            name = "queuekit-authkey-<hash>"
+        out.append((d["kind"], name))
+    return out
+
+
+@pytest.mark.parametrize("name", list(KUSTOMIZATIONS))
+def test_renders_expected_objects(renders, name):
+    found = _kind_names(renders.docs[name])
+    assert len(found) == len(set(found)), f"duplicate objects in {name}: {sorted(found)}"
+    assert set(found) == EXPECTED[name]
+    for doc in renders.docs[name]:
+        assert doc.get("apiVersion") and doc["metadata"].get("name"), doc
+
+
+@pytest.mark.parametrize("name", k8slib.NEEDS_KEY)
+def test_missing_key_file_fails_loudly(kubectl, tmp_path, name):
+    tree = k8slib.copy_k8s_tree(tmp_path, key=None)
+    assert not (tree / "base" / "authkey").exists()
+    result = k8slib.kustomize(kubectl, tree / KUSTOMIZATIONS[name])
+    assert result.returncode != 0, "rendered without a key file:\n" + result.stdout[:2000]
+    assert result.stdout.strip() == "", "partial output despite the error"
+    missing = str(tree / "base" / "authkey")
+    assert missing in result.stderr, f"stderr does not name {missing}:\n{result.stderr}"
+
+
+def test_existing_secret_overlay_renders_in_place_without_key(kubectl):
+    """The work tree itself (not a copy) renders where no key is read at all."""
+    result = k8slib.kustomize(kubectl, k8slib.K8S_DIR / KUSTOMIZATIONS["dev-existing-secret"])
+    assert result.returncode == 0, result.stderr
+    docs = k8slib.load_docs(result.stdout)
+    assert not [d for d in docs if d["kind"] == "Secret"]
+    names = {v["secret"]["secretName"] for w in workloads(docs) for v in pod_spec(w)["volumes"] if "secret" in v}
+    assert names == {k8slib.SECRET_NAME}
+
+
+@pytest.mark.parametrize("name", k8slib.NEEDS_KEY)
+def test_secret_is_the_key_file_under_the_contract_key(renders, name):
+    (secret,) = [d for d in renders.docs[name] if d["kind"] == "Secret"]
+    assert HASHED_SECRET.match(secret["metadata"]["name"])
+    assert secret.get("type") == "Opaque"
+    assert "stringData" not in secret
+    assert list(secret["data"]) == [k8slib.SECRET_KEY]
+    assert base64.b64decode(secret["data"][k8slib.SECRET_KEY]) == renders.key
+    # every pod's secret volume points at this very Secret (kustomize rewrote the hashed name)
+    refs = {v["secret"]["secretName"] for w in workloads(renders.docs[name]) for v in pod_spec(w)["volumes"] if "secret" in v}
+    assert refs == {secret["metadata"]["name"]}
+
+
+def test_new_key_renames_secret_and_rolls_every_workload(kubectl, tmp_path):
+    """The name-suffix hash is what makes a key change restart the pods (see base/kustomization)."""
+    names = []
+    templates = []
+    for i, key in enumerate((k8slib.throwaway_key(), k8slib.throwaway_key())):
+        tree = k8slib.copy_k8s_tree(tmp_path / str(i), key)
+        result = k8slib.kustomize(kubectl, tree / "base")
+        assert result.returncode == 0, result.stderr
+        docs = k8slib.load_docs(result.stdout)
+        names.append(next(d["metadata"]["name"] for d in docs if d["kind"] == "Secret"))
+        templates.append({w["metadata"]["name"]: w["spec"]["template"] for w in workloads(docs)})
+    assert names[0] != names[1]
+    for workload, template in templates[0].items():
+        assert template != templates[1][workload], f"{workload}'s pod template ignores the key change"
+
+
+@pytest.mark.parametrize("name", k8slib.DEPLOYABLE)
+def test_overlays_put_everything_in_one_namespace(renders, name):
+    docs = renders.docs[name]
+    ns = one(docs, "Namespace", k8slib.DEV_NAMESPACE)
+    labels = ns["metadata"].get("labels") or {}
+    assert labels.get("pod-security.kubernetes.io/enforce") == "restricted"
+    for doc in docs:
+        if doc["kind"] == "Namespace":
+            continue
+        assert doc["metadata"].get("namespace") == k8slib.DEV_NAMESPACE, (doc["kind"], doc["metadata"]["name"])
+
+
+def test_base_is_namespace_agnostic(renders):
+    assert [d["metadata"]["name"] for d in renders.docs["base"] if "namespace" in d["metadata"]] == []
+
+
+@pytest.mark.parametrize("name", list(KUSTOMIZATIONS))
+def test_images_and_pull_policy(renders, name):
+    want_policy = "Always" if name == "base" else "IfNotPresent"
+    images = {}
+    for w in workloads(renders.docs[name]):
+        for c in pod_spec(w)["containers"]:
+            images[w["metadata"]["name"]] = c["image"]
+            assert c.get("imagePullPolicy") == want_policy, (w["metadata"]["name"], c.get("imagePullPolicy"))
+    assert images == {
+        "queuekit-server": "queuekit-server:latest",
+        "queuekit-consumer": "queuekit-consumer:latest",
+        "queuekit-producer": "queuekit-producer:latest",
+    }
