@@ -1,0 +1,254 @@
+"""Queue semantics of the broker, without network, with a hand-moved clock."""
+
+import json
+import random
+import threading
+import time
+
+import pytest
+
+from queuekit.broker import Broker, ClientGone
+from queuekit.errors import InvalidRequest, PayloadError, PayloadTooLarge, ServerShuttingDown
+from support.fakeclock import FakeClock
+
+
+def texts(*values):
+    return [json.dumps(v) for v in values]
+
+
+@pytest.fixture
+def clock():
+    return FakeClock()
+
+
+@pytest.fixture
+def broker(clock):
+    return Broker(clock=clock, max_attempts=2, retry_base=1.0, retry_max=8.0, default_lease=10.0,
+                  rng=random.Random(7), max_task_bytes=1000)
+
+
+def payloads(items):
+    return [json.loads(item[3]) for item in items]
+
+
+def test_put_get_ack_in_fifo_order(broker):
+    ids = broker.put_many("q", texts("a", "b", "c"))
+    assert ids == sorted(ids) and len(set(ids)) == 3
+    got = broker.get_many("q", 2)
+    assert payloads(got) == ["a", "b"]
+    assert [item[0] for item in got] == ids[:2]
+    assert [item[1] for item in got] == [1, 1]  # first delivery
+    assert broker.ack_many("q", [item[0] for item in got]) == 2
+    assert payloads(broker.get_many("q", 5)) == ["c"]
+    s = broker.stats()["q"]
+    assert (s["ready"], s["inflight"], s["enqueued"], s["acked"]) == (0, 1, 3, 2)
+
+
+def test_empty_queue_returns_nothing_without_waiting(broker):
+    assert broker.get_many("q", 10, timeout=0) == []
+
+
+def test_expired_lease_returns_task_and_counts_redelivery(broker, clock):
+    broker.put_many("q", texts({"n": 1}))
+    (first,) = broker.get_many("q", 1, lease=5)
+    clock.advance(4.9)
+    broker.tick()
+    assert broker.get_many("q", 1) == []
+    clock.advance(0.2)
+    broker.tick()
+    (second,) = broker.get_many("q", 1)
+    assert second[0] == first[0]
+    assert second[1] == first[1] + 1  # new delivery number
+    assert second[2] == 1  # one failed attempt
+    assert broker.stats()["q"]["redelivered"] == 1
+
+
+def test_stale_holder_cannot_nack_extend_or_release_but_ack_counts(broker, clock):
+    broker.put_many("q", texts(1))
+    (old,) = broker.get_many("q", 1, lease=1)
+    clock.advance(2)
+    (new,) = broker.get_many("q", 1, lease=30)
+    assert broker.nack_many("q", [(old[0], old[1], 0, "late")]) == 0
+    assert broker.extend_many("q", [(old[0], old[1])]) == [old[0]]
+    assert broker.release_many("q", [(old[0], old[1])]) == 0
+    assert broker.stats()["q"]["inflight"] == 1
+    # The stale holder finished the work: its ack removes the task for good.
+    assert broker.ack_many("q", [old[0]]) == 1
+    assert broker.ack_many("q", [new[0]]) == 0
+    assert broker.stats()["q"]["inflight"] == 0
+
+
+def test_extend_keeps_the_lease_alive(broker, clock):
+    broker.put_many("q", texts(1))
+    (item,) = broker.get_many("q", 1, lease=5)
+    for _ in range(4):
+        clock.advance(4)
+        assert broker.extend_many("q", [(item[0], item[1])], lease=5) == []
+    broker.tick()
+    assert broker.stats()["q"]["inflight"] == 1
+    clock.advance(5.1)
+    broker.tick()
+    assert broker.stats()["q"]["ready"] == 1
+
+
+def test_nack_delays_with_backoff_then_dead_letters(broker, clock):
+    broker.put_many("q", texts("x"))
+    (item,) = broker.get_many("q", 1)
+    assert broker.nack_many("q", [(item[0], item[1], None, "boom 1")]) == 1
+    s = broker.stats()["q"]
+    assert (s["ready"], s["delayed"], s["nacked"]) == (0, 1, 1)
+    clock.advance(1.0)  # attempt 1: backoff in [0.5, 1.0]
+    broker.tick()
+    (item,) = broker.get_many("q", 1)
+    assert item[2] == 1
+    broker.nack_many("q", [(item[0], item[1], 0, "boom 2")])  # explicit delay 0: ready at once
+    (item,) = broker.get_many("q", 1)
+    assert item[2] == 2
+    broker.nack_many("q", [(item[0], item[1], None, "boom 3")])  # 3 failures > max_attempts=2
+    s = broker.stats()["q"]
+    assert (s["ready"], s["delayed"], s["dead"], s["dead_lettered"]) == (0, 0, 1, 1)
+    (dead,) = broker.dead_list("q")
+    assert dead["attempts"] == 3 and dead["last_error"] == "boom 3" and json.loads(dead["payload"]) == "x"
+
+
+def test_expiry_counts_toward_dead_letter(broker, clock):
+    broker.put_many("q", texts("poison"))
+    for _ in range(3):
+        assert broker.get_many("q", 1, lease=1)
+        clock.advance(1.5)
+        broker.tick()
+    assert broker.stats()["q"]["dead"] == 1
+    assert "lease expired" in broker.dead_list("q")[0]["last_error"]
+
+
+def test_requeue_resets_attempts_and_purge_removes(broker, clock):
+    broker.put_many("q", texts(1, 2))
+    for _ in range(3):
+        for item in broker.get_many("q", 2):
+            broker.nack_many("q", [(item[0], item[1], 0, "no")])
+    assert broker.stats()["q"]["dead"] == 2
+    first, second = (d["id"] for d in broker.dead_list("q"))
+    assert broker.dead_requeue("q", [first]) == 1
+    (item,) = broker.get_many("q", 5)
+    assert item[0] == first and item[2] == 0
+    assert broker.dead_purge("q", [second, 12345]) == 1
+    assert broker.stats()["q"]["dead"] == 0
+
+
+def test_backoff_is_exponential_jittered_and_capped(broker):
+    for attempts, ceiling in [(1, 1), (2, 2), (3, 4), (4, 8), (5, 8), (40, 8)]:
+        samples = [broker.backoff(attempts) for _ in range(200)]
+        assert all(ceiling / 2 <= s <= ceiling for s in samples), (attempts, min(samples), max(samples))
+        assert max(samples) - min(samples) > ceiling / 10  # jitter spreads retries
+
+
+def test_release_puts_tasks_back_in_front_without_an_attempt(broker):
+    broker.put_many("q", texts(1, 2, 3, 4))
+    held = broker.get_many("q", 2)
+    assert broker.release_many("q", [(i[0], i[1]) for i in held]) == 2
+    again = broker.get_many("q", 4)
+    assert payloads(again) == [1, 2, 3, 4]
+    assert [i[2] for i in again] == [0, 0, 0, 0]
+
+
+def test_bad_payloads_are_refused_and_nothing_is_enqueued(broker):
+    with pytest.raises(PayloadError, match="payload 1 is not valid JSON"):
+        broker.put_many("q", ['"ok"', "{not json"])
+    with pytest.raises(PayloadError, match="must be JSON text"):
+        broker.put_many("q", ['"ok"', b"bytes"])
+    with pytest.raises(PayloadError, match="not valid JSON"):
+        broker.put_many("q", ["NaN"])
+    with pytest.raises(PayloadTooLarge, match="the limit is 1000"):
+        broker.put_many("q", ['"ok"', json.dumps("x" * 1000)])
+    with pytest.raises(InvalidRequest):
+        broker.put_many("q", "not a list")
+    assert broker.qsize("q") == 0
+    assert "q" not in broker.stats()  # not even created
+
+
+@pytest.mark.parametrize("name", ["", "has space", "a/b", "x" * 200, None, 5, "-leading"])
+def test_bad_queue_names_are_refused(broker, name):
+    with pytest.raises(InvalidRequest, match="invalid queue name"):
+        broker.put_many(name, texts(1))
+
+
+@pytest.mark.parametrize("kwargs", [{"max_n": 0}, {"max_n": 10**6}, {"max_n": "3"}, {"timeout": -1},
+                                    {"timeout": float("nan")}, {"lease": 0}, {"lease": 10**9}])
+def test_bad_get_arguments_are_refused(broker, kwargs):
+    with pytest.raises(InvalidRequest):
+        broker.get_many("q", **{"max_n": 1, **kwargs})
+
+
+def test_blocking_get_wakes_on_put():
+    broker = Broker()
+    result = {}
+
+    def waiter():
+        t0 = time.monotonic()
+        result["items"] = broker.get_many("q", 1, timeout=5)
+        result["waited"] = time.monotonic() - t0
+
+    t = threading.Thread(target=waiter)
+    t.start()
+    time.sleep(0.2)
+    broker.put_many("q", texts("wake"))
+    t.join(5)
+    assert payloads(result["items"]) == ["wake"]
+    assert 0.15 < result["waited"] < 1.0
+
+
+def test_waiting_client_that_went_away_takes_nothing():
+    broker = Broker()
+    alive = {"yes": True}
+    errors = []
+
+    def waiter():
+        try:
+            broker.get_many("q", 1, timeout=5, alive=lambda: alive["yes"])
+        except ClientGone:
+            errors.append("gone")
+
+    t = threading.Thread(target=waiter)
+    t.start()
+    time.sleep(0.1)
+    alive["yes"] = False
+    broker.put_many("q", texts("keep me"))
+    t.join(5)
+    assert errors == ["gone"]
+    assert broker.stats()["q"]["ready"] == 1  # the task was not swallowed
+
+
+def test_close_wakes_waiters_and_refuses_puts():
+    broker = Broker()
+    out = {}
+    t = threading.Thread(target=lambda: out.setdefault("items", broker.get_many("q", 1, timeout=30)))
+    t.start()
+    time.sleep(0.1)
+    t0 = time.monotonic()
+    broker.close()
+    t.join(5)
+    assert out["items"] == [] and time.monotonic() - t0 < 1
+    with pytest.raises(ServerShuttingDown):
+        broker.put_many("q", texts(1))
+
+
+def test_delayed_put_becomes_ready_after_delay(broker, clock):
+    broker.put_many("q", texts("later"), delay=30)
+    assert broker.get_many("q", 1) == []
+    assert broker.stats()["q"]["delayed"] == 1
+    clock.advance(30)
+    assert payloads(broker.get_many("q", 1)) == ["later"]
+
+
+def test_acks_ride_on_get(broker):
+    broker.put_many("q", texts(1, 2))
+    (a,) = broker.get_many("q", 1)
+    (b,) = broker.get_many("q", 1, acks=[a[0]])
+    assert broker.stats()["q"]["acked"] == 1 and b[0] != a[0]
+
+
+def test_task_ids_never_repeat_across_broker_incarnations(clock):
+    first = Broker(clock=clock).put_many("q", texts(1, 2, 3))
+    clock.advance(0.001)
+    second = Broker(clock=clock).put_many("q", texts(1))
+    assert second[0] > max(first)

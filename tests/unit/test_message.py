@@ -1,0 +1,64 @@
+import json
+import math
+
+import pytest
+
+from queuekit.errors import PayloadError, PayloadTooLarge
+from queuekit.message import Task, decode_payload, encode_payload, validate_texts
+
+LIMIT = 1024 * 1024
+
+
+@pytest.mark.parametrize("value", [None, True, 0, -3, 1.5, "", "ünïcode ✓", [], {}, [1, [2, [3]]],
+                                   {"a": {"b": [None, False, 2.25, "x"]}}])
+def test_round_trip_is_exact(value):
+    text = encode_payload(value, LIMIT)
+    assert decode_payload(text) == value
+    assert type(decode_payload(text)) is type(value)
+
+
+@pytest.mark.parametrize("value, message", [
+    ((1, 2), "got tuple"),
+    ({1: "int key"}, "keys must be str"),
+    ({"a": {2: "nested int key"}}, "keys must be str"),
+    ([b"bytes"], "got bytes"),
+    ({1, 2}, "got set"),
+    (object(), "got object"),
+    (float("nan"), "not JSON-compatible"),
+    ([math.inf], "not JSON-compatible"),
+])
+def test_lossy_or_foreign_values_are_refused(value, message):
+    with pytest.raises(PayloadError, match=message):
+        encode_payload(value, LIMIT)
+
+
+def test_circular_structure_is_refused_not_a_crash():
+    loop = []
+    loop.append(loop)
+    with pytest.raises(PayloadError):
+        encode_payload(loop, LIMIT)
+
+
+def test_size_limit_counts_encoded_utf8_bytes():
+    assert encode_payload("a" * 98, 100)  # 100 bytes with the quotes
+    with pytest.raises(PayloadTooLarge, match="101 bytes"):
+        encode_payload("a" * 99, 100)
+    with pytest.raises(PayloadTooLarge):
+        encode_payload("é" * 50, 100)  # 2 bytes each: 102 encoded
+
+
+def test_server_side_validation_names_the_bad_item():
+    assert validate_texts(('1', '"x"'), LIMIT) == ["1", '"x"']
+    with pytest.raises(PayloadError, match="payload 2 is not valid JSON"):
+        validate_texts(["1", "2", "{'single': 'quotes'}"], LIMIT)
+    with pytest.raises(PayloadError, match="payload 0 must be JSON text"):
+        validate_texts([{"already": "decoded"}], LIMIT)
+    with pytest.raises(PayloadError):
+        validate_texts(["Infinity"], LIMIT)
+
+
+def test_task_from_wire():
+    task = Task.from_wire("q", (7, 2, 1, json.dumps({"k": "v"}), 123.0))
+    assert task.payload == {"k": "v"} and task.receipt == (7, 2) and task.attempts == 1
+    with pytest.raises(AttributeError):
+        task.id = 8  # frozen
