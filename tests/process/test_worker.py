@@ -1,0 +1,171 @@
+"""Real `queuekit consume` processes: redelivery after SIGKILL, SIGTERM drain, retries, produce."""
+
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import queuekit
+from handlers import read_record
+from support.procs import Proc, ServerProc, base_env
+
+
+def consumer(tmp_path, server, key_file, *args, name="consumer", **env):
+    argv = ["consume", "--server", server.address, "--authkey-file", str(key_file), *args]
+    proc = Proc(name, argv, tmp_path, base_env(QK_RECORD=str(tmp_path / "record"), **env))
+    proc.wait_for("event=consumer_started")
+    return proc
+
+
+def wait_until(predicate, timeout=20.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def test_consumer_killed_mid_task_its_task_goes_to_another(tmp_path, server, key_file, client):
+    record = tmp_path / "record"
+    victim = consumer(tmp_path, server, key_file, "--handler", "handlers:record", "--lease", "2", "--prefetch", "0",
+                      name="victim", QK_HANG="1")
+    client.queue("tasks").put({"n": 42})
+    wait_until(lambda: ("start", victim.pid, 42) in read_record(record), what="victim to start the task")
+    victim.signal(signal.SIGKILL)
+    victim.wait(5)
+    t_kill = time.monotonic()
+    rescuer = consumer(tmp_path, server, key_file, "--handler", "handlers:record", "--lease", "2", name="rescuer")
+    wait_until(lambda: ("done", rescuer.pid, 42) in read_record(record), what="redelivery to the rescuer")
+    assert time.monotonic() - t_kill < 10
+    # The rescuer's ack rides on its next get, at most FETCH_WAIT (1 s) later.
+    wait_until(lambda: client.stats()["queues"]["tasks"]["acked"] == 1, timeout=5, what="ack")
+    stats = client.stats()["queues"]["tasks"]
+    assert stats["redelivered"] == 1 and stats["acked"] == 1 and stats["inflight"] == 0
+    assert rescuer.stop() == 0
+
+
+def test_sigterm_drains_in_flight_and_releases_the_rest(tmp_path, server, key_file, client):
+    record = tmp_path / "record"
+    q = client.queue("tasks")
+    q.put_many([{"n": n, "ms": 1500} for n in range(10)])
+    worker = consumer(tmp_path, server, key_file, "--handler", "handlers:record", "--concurrency", "2",
+                      "--prefetch", "4")
+    wait_until(lambda: len([r for r in read_record(record) if r[0] == "start"]) == 2, what="two tasks started")
+    assert client.stats()["queues"]["tasks"]["inflight"] == 6  # 2 running + 4 prefetched
+    t0 = time.monotonic()
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(30) == 0
+    assert time.monotonic() - t0 < 5
+    rows = read_record(record)
+    started = {n for what, _, n in rows if what == "start"}
+    done = {n for what, _, n in rows if what == "done"}
+    assert started == done and len(done) == 2  # in-flight work finished, nothing new was started
+    assert "released=4" in worker.log()
+    stats = client.stats()["queues"]["tasks"]
+    assert (stats["ready"], stats["inflight"], stats["acked"]) == (8, 0, 2)
+    rest = q.get_many(10)
+    assert len(rest) == 8 and all(t.attempts == 0 for t in rest)  # released without charging an attempt
+    assert {t.payload["n"] for t in rest} | done == set(range(10))
+
+
+def test_second_sigterm_exits_at_once(tmp_path, server, key_file, client):
+    client.queue("tasks").put({"n": 1, "ms": 60_000})
+    worker = consumer(tmp_path, server, key_file, "--handler", "handlers:record")
+    wait_until(lambda: client.stats()["queues"]["tasks"]["inflight"] == 1, what="task leased")
+    time.sleep(0.3)
+    worker.signal(signal.SIGTERM)
+    worker.wait_for("event=consumer_draining")
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(5) != 0
+
+
+def test_failing_handler_retries_then_dead_letters(tmp_path, key_file):
+    server = ServerProc(tmp_path, key_file, "--max-attempts", "2",
+                        env=base_env(QUEUEKIT_RETRY_BASE_SECONDS="0.05", QUEUEKIT_RETRY_MAX_SECONDS="0.1"))
+    worker = consumer(tmp_path, server, key_file, "--handler", "handlers:always_fail")
+    c = queuekit.connect(server.address, authkey_file=str(key_file))
+    c.queue("tasks").put({"n": 7})
+    wait_until(lambda: c.stats()["queues"]["tasks"]["dead"] == 1, what="dead letter")
+    assert worker.log().count("event=task_failed") == 3  # max_attempts=2: three failures
+    assert "handler refuses" in worker.log() and "traceback=" in worker.log()
+    server.wait_for("event=dead_lettered queue=tasks")
+    cli = [sys.executable, "-m", "queuekit", "dead", "--server", server.address, "--authkey-file", str(key_file)]
+    out = subprocess.run(cli + ["list", "--queue", "tasks"], capture_output=True, text=True, env=base_env(), timeout=30)
+    assert out.returncode == 0 and '"attempts": 3' in out.stdout and "handler refuses" in out.stdout
+    out = subprocess.run(cli + ["purge", "--queue", "tasks"], capture_output=True, text=True, env=base_env(), timeout=30)
+    assert out.returncode != 0 and "--yes" in out.stderr
+    out = subprocess.run(cli + ["requeue", "--queue", "tasks"], capture_output=True, text=True, env=base_env(),
+                         timeout=30)
+    assert out.stdout.strip() == "requeued=1 queue=tasks"
+    wait_until(lambda: c.stats()["queues"]["tasks"]["dead_lettered"] == 2, what="second dead letter")
+    assert worker.stop() == 0
+    server.stop()
+
+
+def test_consumer_with_wrong_key_fails_fast(tmp_path, server, key_file):
+    from support.procs import write_key
+
+    wrong = write_key(tmp_path / "wrong")
+    argv = ["consume", "--server", server.address, "--authkey-file", str(wrong), "--handler", "handlers:record"]
+    proc = Proc("wrong", argv, tmp_path, base_env(QK_RECORD=str(tmp_path / "record")))
+    assert proc.wait(15) == 4
+    assert "event=fatal" in proc.log() and "do not match" in proc.log()
+
+
+def test_consumer_started_before_the_server_connects_when_it_comes(tmp_path, key_file):
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    argv = ["consume", "--server", f"127.0.0.1:{port}", "--authkey-file", str(key_file), "--handler",
+            "handlers:record"]
+    worker = Proc("early", argv, tmp_path, base_env(QK_RECORD=str(tmp_path / "record")))
+    time.sleep(1.5)
+    server = ServerProc(tmp_path, key_file, port=port)
+    worker.wait_for("event=consumer_started", timeout=20)
+    c = queuekit.connect(server.address, authkey_file=str(key_file))
+    c.queue("tasks").put({"n": 5})
+    wait_until(lambda: ("done", worker.pid, 5) in read_record(tmp_path / "record"), what="task done")
+    assert worker.stop() == 0
+
+
+def test_worker_reconnects_after_a_server_restart(tmp_path, key_file):
+    server = ServerProc(tmp_path, key_file)
+    worker = consumer(tmp_path, server, key_file, "--handler", "handlers:record")
+    server.stop()
+    server = ServerProc(tmp_path, key_file, port=server.port)
+    c = queuekit.connect(server.address, authkey_file=str(key_file))
+    c.queue("tasks").put({"n": 9})
+    wait_until(lambda: ("done", worker.pid, 9) in read_record(tmp_path / "record"), timeout=30, what="task done")
+    assert worker.stop() == 0
+
+
+def test_produce_reports_the_bad_line_and_what_was_enqueued(tmp_path, server, key_file, client):
+    lines = '{"a": 1}\n\n[2]\n"three"\n{bad json}\n{"never": true}\n'
+    out = subprocess.run([sys.executable, "-m", "queuekit", "produce", "--server", server.address, "--authkey-file",
+                          str(key_file), "--queue", "in", "--batch", "2", "-"], input=lines, capture_output=True,
+                         text=True, env=base_env(), timeout=30)
+    assert out.returncode == 7
+    assert "stdin line 5" in out.stderr and "3 tasks from the lines before it were enqueued" in out.stderr
+    assert [t.payload for t in client.queue("in").get_many(10)] == [{"a": 1}, [2], "three"]
+
+
+def test_produce_generate_prints_the_count(server, key_file, client):
+    out = subprocess.run([sys.executable, "-m", "queuekit", "produce", "--server", server.address, "--authkey-file",
+                          str(key_file), "--generate", "250", "--task-ms", "5"], capture_output=True, text=True,
+                         env=base_env(), timeout=30)
+    assert out.returncode == 0 and out.stdout.strip() == "produced=250 queue=tasks"
+    tasks = client.queue("tasks").get_many(1000)
+    assert [t.payload for t in tasks] == [{"n": n, "ms": 5} for n in range(250)]
+
+
+@pytest.mark.parametrize("spec, message", [("nocolon", "pkg.module:function"), ("no_such_mod:f", "cannot import"),
+                                           ("handlers:missing", "no attribute")])
+def test_bad_handler_is_a_config_error(tmp_path, server, key_file, spec, message):
+    out = subprocess.run([sys.executable, "-m", "queuekit", "consume", "--server", server.address, "--authkey-file",
+                          str(key_file), "--handler", spec], capture_output=True, text=True, env=base_env(), timeout=30)
+    assert out.returncode == 3 and message in out.stderr
