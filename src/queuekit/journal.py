@@ -52,6 +52,7 @@ class Journal:
 
     durable = False
     description = "memory"
+    healthy = True  # False once a commit failed: the server then reports not ready
 
     def load(self) -> Recovered:
         return Recovered([], 0)

@@ -48,10 +48,16 @@ _log = logs.get("server")
 class Status:
     """What the health endpoints report."""
 
-    def __init__(self, durable: bool):
+    def __init__(self, journal):
         self.started = time.monotonic()
-        self.durable = durable
-        self.ready = False
+        self.journal = journal
+        self.durable = journal.durable
+        self.serving = False
+
+    @property
+    def ready(self) -> bool:
+        """Listening, state loaded, and the journal (if any) still commits."""
+        return self.serving and self.journal.healthy
 
 
 class QueueAPI:
@@ -414,7 +420,7 @@ def run(settings: ServerSettings) -> int:
     signal.signal(signal.SIGINT, on_signal)
 
     journal = _open_journal(settings)
-    status = Status(durable=journal.durable)
+    status = Status(journal)
     _log.info("server_starting", version=__version__, pid=os.getpid(), bind=settings.bind, http=settings.http or "off",
               journal=journal.description, sync=settings.sync if journal.durable else None,
               max_attempts=settings.max_attempts, max_task_bytes=settings.max_task_bytes)
@@ -446,7 +452,7 @@ def run(settings: ServerSettings) -> int:
     server.start()
     reaper = threading.Thread(target=_reap, args=(broker, stop), name="reaper", daemon=True)
     reaper.start()
-    status.ready = True
+    status.serving = True
     host, port = server.address[:2]
     _log.info("server_ready", bind=transport.format_peer((host, port)),
               http=transport.format_peer(web.server_address[:2]) if web else "off", durable=journal.durable)
@@ -454,7 +460,7 @@ def run(settings: ServerSettings) -> int:
         pass
     t0 = time.monotonic()
     _log.info("server_stopping", connections=server.connection_count())
-    status.ready = False
+    status.serving = False
     server.stop(settings.shutdown_grace_seconds)
     journal.flush(timeout=2.0)
     journal.close()

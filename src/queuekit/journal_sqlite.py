@@ -1,0 +1,274 @@
+"""The durable journal: SQLite in WAL mode, one database file in the data directory.
+
+Group commit: the broker appends ops under its lock (no I/O); one writer thread takes everything
+queued so far, applies it in one transaction and commits (fsync per ``sync`` mode), then wakes
+every put that was waiting for it. Producers that arrive while a commit is in progress share the
+next one, so durability costs one fsync per batch of concurrent puts, not one per task.
+
+``sync=full``  — SQLite ``synchronous=FULL``: the WAL is fsynced at every commit; an acknowledged
+                 put survives power loss.
+``sync=normal`` — ``synchronous=NORMAL``: fsync only at checkpoints; survives a crash of the
+                 process or container, but the last commits can be lost on power loss.
+
+Safety: the database is validated with reads before anything is written to it (a foreign or
+corrupt file, or one from a newer schema, is refused and left untouched), and a lock file keeps a
+second server off the same directory. SQLite WAL needs shared memory between processes on one
+host, so the directory must not be on a network filesystem (NFS, SMB).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import itertools
+import os
+import sqlite3
+import threading
+import time
+from operator import itemgetter
+
+from . import logs
+from .errors import DataDirError
+from .journal import Journal, JournalError, Recovered, StoredTask
+
+DB_NAME = "queuekit.db"
+LOCK_NAME = "queuekit.lock"
+SCHEMA_VERSION = 1
+APPLICATION_ID = 0x716B6A31  # "qkj1": marks the file as a queuekit journal
+VACUUM_EVERY = 10.0  # seconds between incremental vacuum passes
+_log = logs.get("journal")
+
+_SCHEMA = """
+CREATE TABLE tasks (
+    id          INTEGER PRIMARY KEY,
+    queue       TEXT    NOT NULL,
+    payload     TEXT    NOT NULL,
+    attempts    INTEGER NOT NULL,
+    enqueued_at REAL    NOT NULL,
+    not_before  REAL    NOT NULL DEFAULT 0,
+    dead        INTEGER NOT NULL DEFAULT 0,
+    last_error  TEXT
+);
+CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+"""
+
+
+class SqliteJournal(Journal):
+    durable = True
+
+    def __init__(self, data_dir: str, sync: str = "full"):
+        if sync not in ("full", "normal"):
+            raise ValueError(f"sync must be full or normal, not {sync!r}")
+        self.data_dir = data_dir
+        self.path = os.path.join(data_dir, DB_NAME)
+        self.sync = sync
+        self.description = f"sqlite:{self.path}"
+        self._lock_fd = _prepare_dir(data_dir)
+        try:
+            self._db = _open(self.path, sync)
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
+        self._cond = threading.Condition()  # guards the pending ops and sequence numbers
+        self._db_lock = threading.Lock()  # guards the connection
+        self._pending: list[tuple] = []
+        self._seq = 0  # last sequence number handed out by append
+        self._committed = 0
+        self._error: BaseException | None = None
+        self._closing = False
+        self._next_vacuum = time.monotonic() + VACUUM_EVERY
+        self.commits = 0
+        self._writer = threading.Thread(target=self._write_loop, name="journal-writer", daemon=True)
+        self._writer.start()
+
+    @property
+    def healthy(self) -> bool:
+        return self._error is None
+
+    def load(self) -> Recovered:
+        with self._db_lock:
+            rows = self._db.execute(
+                "SELECT queue, id, payload, attempts, enqueued_at, not_before, dead, last_error FROM tasks ORDER BY id"
+            ).fetchall()
+            next_id = (self._db.execute("SELECT value FROM meta WHERE key='next_id'").fetchone() or (0,))[0]
+        return Recovered([StoredTask(q, i, p, a, e, nb, bool(d), le) for q, i, p, a, e, nb, d, le in rows], next_id)
+
+    def append(self, ops: list[tuple]) -> int:
+        with self._cond:
+            self._pending.extend(ops)
+            self._seq += 1
+            self._cond.notify_all()
+            return self._seq
+
+    def wait(self, seq: int, timeout: float | None = None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self._committed < seq:
+                if self._error is not None:
+                    raise JournalError(f"journal commit failed, nothing was stored: {self._error}")
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise JournalError(f"journal commit did not finish within {timeout} s")
+                self._cond.wait(remaining)
+
+    def flush(self, timeout: float | None = None) -> None:
+        with self._cond:
+            seq = self._seq
+        try:
+            self.wait(seq, timeout)
+        except JournalError as e:
+            _log.error("journal_flush_failed", error=str(e))
+
+    def close(self) -> None:
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self._writer.join(timeout=10)
+        try:
+            if self._error is None and not self._writer.is_alive():
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self._db.close()
+        finally:
+            os.close(self._lock_fd)
+
+    # -- writer -----------------------------------------------------------------------------
+
+    def _write_loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._closing and time.monotonic() < self._next_vacuum:
+                    self._cond.wait(1.0)
+                if self._closing and not self._pending:
+                    return
+                batch, self._pending = self._pending, []
+                upto = self._seq
+            # The commit (and its fsync) runs without the condition held: producers keep
+            # appending meanwhile, and their ops form the next group commit.
+            try:
+                with self._db_lock:
+                    if batch:
+                        self._commit(batch)
+                    self._maybe_vacuum()
+            except sqlite3.Error as e:
+                with self._cond:
+                    self._error = e
+                    self._cond.notify_all()
+                _log.error("journal_failed", path=self.path, error=f"{type(e).__name__}: {e}")
+                return
+            with self._cond:
+                self._committed = upto
+                self._cond.notify_all()
+
+    def _commit(self, batch: list[tuple]) -> None:
+        db = self._db
+        max_id = None
+        with db:  # one transaction; commits (and fsyncs per the sync mode) on exit
+            for kind, group in itertools.groupby(batch, key=itemgetter(0)):
+                rows = [op[1:] for op in group]
+                if kind == "put":
+                    db.executemany("INSERT INTO tasks (queue, id, payload, attempts, enqueued_at, not_before) "
+                                   "VALUES (?, ?, ?, ?, ?, ?)", rows)
+                    max_id = max(max_id or 0, max(r[1] for r in rows))
+                elif kind == "upd":
+                    db.executemany("UPDATE tasks SET attempts = ?, not_before = ?, dead = ?, last_error = ? WHERE id = ?",
+                                   [(a, nb, int(dead), err, i) for i, a, nb, dead, err in rows])
+                elif kind == "del":
+                    db.executemany("DELETE FROM tasks WHERE id = ?", rows)
+                else:
+                    raise sqlite3.ProgrammingError(f"unknown journal op {kind!r}")
+            if max_id is not None:
+                db.execute("INSERT INTO meta (key, value) VALUES ('next_id', ?) "
+                           "ON CONFLICT (key) DO UPDATE SET value = max(value, excluded.value)", (max_id + 1,))
+        self.commits += 1
+
+    def _maybe_vacuum(self) -> None:
+        """Give the pages of deleted tasks back to the filesystem, a slice at a time."""
+        now = time.monotonic()
+        if now < self._next_vacuum:
+            return
+        self._next_vacuum = now + VACUUM_EVERY
+        free = self._db.execute("PRAGMA freelist_count").fetchone()[0]
+        if free > 256:
+            self._db.execute("PRAGMA incremental_vacuum(4096)").fetchall()
+
+
+def _prepare_dir(data_dir: str) -> int:
+    """Create/check the directory and take its lock. Returns the lock file descriptor."""
+    if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+        raise DataDirError(f"data directory {data_dir} is a file, not a directory: point QUEUEKIT_DATA_DIR at a directory")
+    try:
+        os.makedirs(data_dir, mode=0o700, exist_ok=True)
+    except OSError as e:
+        raise DataDirError(f"cannot create data directory {data_dir}: {e.strerror}") from None
+    if not os.access(data_dir, os.W_OK | os.X_OK):
+        raise DataDirError(f"data directory {data_dir} is not writable by uid {os.getuid()}: fix its owner or mode "
+                           f"(the images run as uid 10001)")
+    db_path = os.path.join(data_dir, DB_NAME)
+    if os.path.exists(db_path) and not os.path.isfile(db_path):
+        raise DataDirError(f"{db_path} exists but is not a regular file; nothing was changed")
+    try:
+        fd = os.open(os.path.join(data_dir, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as e:
+        raise DataDirError(f"cannot create the lock file in {data_dir}: {e.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise DataDirError(f"another queuekit server is using {data_dir} (its lock is held); "
+                           "two servers must never share a journal") from None
+    return fd
+
+
+def _open(path: str, sync: str) -> sqlite3.Connection:
+    existed = os.path.exists(path) and os.path.getsize(path) > 0
+    try:
+        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    except sqlite3.Error as e:
+        raise DataDirError(f"cannot open journal {path}: {e}") from None
+    try:
+        db.isolation_level = "DEFERRED"  # `with db:` opens and commits a transaction
+        if existed:
+            _validate(db, path)
+        db.execute("PRAGMA journal_mode=WAL").fetchone()
+        db.execute(f"PRAGMA synchronous={'FULL' if sync == 'full' else 'NORMAL'}")
+        db.execute("PRAGMA journal_size_limit=67108864")  # truncate the WAL back to 64 MiB after checkpoints
+        if not existed:
+            db.execute("PRAGMA auto_vacuum=INCREMENTAL")  # must precede the first table
+            with db:
+                db.executescript(_SCHEMA)
+                db.execute(f"PRAGMA application_id={APPLICATION_ID}")
+                db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        # Prove we can write (a read-only file or filesystem fails here, not at the first put).
+        with db:
+            db.execute("INSERT INTO meta (key, value) VALUES ('opened_at', ?) "
+                       "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (int(time.time()),))
+    except DataDirError:
+        db.close()
+        raise
+    except sqlite3.Error as e:
+        db.close()
+        raise DataDirError(f"journal {path} cannot be used: {type(e).__name__}: {e}; nothing was changed") from None
+    return db
+
+
+def _validate(db: sqlite3.Connection, path: str) -> None:
+    """Reads only: refuse anything that is not an intact queuekit journal we understand."""
+    where = f"journal {path}"
+    hint = "move it away or point QUEUEKIT_DATA_DIR at another directory; nothing was changed"
+    try:
+        app_id = db.execute("PRAGMA application_id").fetchone()[0]
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    except sqlite3.DatabaseError as e:
+        raise DataDirError(f"{where} is not an SQLite database or is corrupt ({e}): {hint}") from None
+    if app_id != APPLICATION_ID or not {"tasks", "meta"} <= tables:
+        raise DataDirError(f"{where} is an SQLite database but not a queuekit journal "
+                           f"(application_id={app_id:#x}, tables={sorted(tables)}): {hint}")
+    if version > SCHEMA_VERSION:
+        raise DataDirError(f"{where} was written by a newer queuekit (schema {version}; this version reads up to "
+                           f"{SCHEMA_VERSION}): upgrade queuekit; nothing was changed")
+    try:
+        check = db.execute("PRAGMA quick_check").fetchall()
+    except sqlite3.DatabaseError as e:
+        raise DataDirError(f"{where} is corrupt ({e}): {hint}") from None
+    if check != [("ok",)]:
+        raise DataDirError(f"{where} failed its integrity check ({'; '.join(r[0] for r in check[:3])}): {hint}")

@@ -1,0 +1,221 @@
+"""One contract suite, run against every durable journal (the in-process one and SQLite).
+
+A "restart" is a new Broker on the same journal (for SQLite: the journal closed and reopened
+from its directory, as a restarted server would).
+"""
+
+import json
+import random
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from queuekit.broker import Broker
+from queuekit.journal import MemoryJournal
+from queuekit.journal_sqlite import SqliteJournal
+from support.fakeclock import FakeClock
+
+
+class MemoryStore:
+    def __init__(self, tmp_path):
+        self.journal = MemoryJournal()
+
+    def open(self):
+        return self.journal
+
+    def close(self, journal):
+        pass
+
+
+class SqliteStore:
+    def __init__(self, tmp_path):
+        self.dir = str(tmp_path / "data")
+
+    def open(self):
+        return SqliteJournal(self.dir, sync="normal")
+
+    def close(self, journal):
+        journal.flush(timeout=10)
+        journal.close()
+
+
+STORES = {"memory": MemoryStore, "sqlite": SqliteStore}
+
+
+@pytest.fixture(params=sorted(STORES))
+def store(request, tmp_path):
+    return STORES[request.param](tmp_path)
+
+
+class Harness:
+    """A broker on a store, restartable; the clock carries over like real time does."""
+
+    def __init__(self, store, clock=None):
+        self.store = store
+        self.clock = clock or FakeClock()
+        self.journal = store.open()
+        self.broker = self._new_broker()
+        self.broker.recover()
+
+    def _new_broker(self):
+        return Broker(journal=self.journal, clock=self.clock, max_attempts=2, retry_base=10.0, retry_max=10.0,
+                      default_lease=5.0, rng=random.Random(1))
+
+    def restart(self):
+        self.store.close(self.journal)
+        self.journal = self.store.open()
+        self.broker = self._new_broker()
+        return self.broker.recover()
+
+    def close(self):
+        self.store.close(self.journal)
+
+
+def state(broker):
+    """{queue: {"live": {id: attempts}, "dead": {id: attempts}}} (live = ready, leased or delayed)."""
+    out = {}
+    for name, q in broker._queues.items():
+        out[name] = {"live": {i: t.attempts for i, t in q.live.items()},
+                     "dead": {i: t.attempts for i, t in q.dead.items()}}
+    return out
+
+
+def test_put_survives_restart_with_payload_and_order(store):
+    h = Harness(store)
+    ids = h.broker.put_many("q", [json.dumps({"n": i}) for i in range(5)])
+    h.broker.put_many("other", ['"x"'])
+    counts = h.restart()
+    assert counts == {"q": 5, "other": 1}
+    got = h.broker.get_many("q", 10)
+    assert [item[0] for item in got] == ids
+    assert [json.loads(item[3]) for item in got] == [{"n": i} for i in range(5)]
+    h.close()
+
+
+def test_leased_tasks_come_back_ready_with_attempts_kept(store):
+    h = Harness(store)
+    h.broker.put_many("q", ['1', '2', '3'])
+    a, b, c = h.broker.get_many("q", 3)
+    h.broker.ack_many("q", [a[0]])
+    h.broker.nack_many("q", [(b[0], b[1], 0, "failed once")])
+    h.restart()
+    again = {item[0]: item[2] for item in h.broker.get_many("q", 10)}
+    assert again == {b[0]: 1, c[0]: 0}  # acked one gone; nacked kept its attempt; leased one is back
+    h.close()
+
+
+def test_dead_letters_and_delays_survive_restart(store):
+    h = Harness(store)
+    h.broker.put_many("q", ['"dead"', '"delayed"'])
+    dead, delayed = h.broker.get_many("q", 2)
+    for _ in range(3):
+        h.broker.nack_many("q", [(dead[0], dead[1], 0, "boom")])
+        got = h.broker.get_many("q", 1)
+        dead = got[0] if got else dead
+    h.broker.nack_many("q", [(delayed[0], delayed[1], 60.0, "later")])
+    h.restart()
+    s = h.broker.stats()["q"]
+    assert (s["dead"], s["delayed"], s["ready"]) == (1, 1, 0)
+    assert h.broker.dead_list("q")[0]["last_error"] == "boom"
+    h.clock.advance(61)
+    (item,) = h.broker.get_many("q", 1)
+    assert json.loads(item[3]) == "delayed" and item[2] == 1
+    assert h.broker.dead_requeue("q") == 1
+    h.restart()
+    assert h.broker.stats()["q"]["dead"] == 0
+    # After a restart, ready tasks come back in enqueue (id) order.
+    assert [json.loads(i[3]) for i in h.broker.get_many("q", 5)] == ["dead", "delayed"]
+    h.close()
+
+
+def test_ids_keep_growing_across_restarts_even_when_everything_was_acked(store):
+    h = Harness(store)
+    first = h.broker.put_many("q", ['1', '2'])
+    h.broker.ack_many("q", first)
+    h.clock.wall_time -= 3600  # even if the wall clock went backwards
+    h.restart()
+    assert h.broker.put_many("q", ['3'])[0] > max(first)
+    h.close()
+
+
+# -- property: any sequence of operations, replayed after a restart, matches a reference model --
+
+OPS = st.lists(st.one_of(
+    st.tuples(st.just("put"), st.integers(1, 3)),
+    st.tuples(st.just("get"), st.integers(1, 3)),
+    st.tuples(st.just("ack"), st.integers(0, 50)),
+    st.tuples(st.just("nack"), st.integers(0, 50)),
+    st.tuples(st.just("expire"), st.just(0)),
+    st.tuples(st.just("requeue"), st.just(0)),
+    st.tuples(st.just("restart"), st.just(0)),
+), max_size=40)
+
+
+class Model:
+    """The reference: live tasks with attempts, dead tasks with attempts, leased ids with delivery."""
+
+    def __init__(self, max_attempts):
+        self.max_attempts = max_attempts
+        self.live, self.dead, self.leased = {}, {}, {}
+
+    def fail(self, task_id):
+        self.leased.pop(task_id)
+        self.live[task_id] += 1
+        if self.live[task_id] > self.max_attempts:
+            self.dead[task_id] = self.live.pop(task_id)
+
+
+def run_ops(store, ops):
+    h = Harness(store)
+    model = Model(h.broker.max_attempts)
+    for op, arg in ops:
+        b = h.broker
+        if op == "put":
+            for task_id in b.put_many("q", [json.dumps(i) for i in range(arg)]):
+                model.live[task_id] = 0
+        elif op == "get":
+            h.clock.advance(11)  # retry delays (10 s) elapse, and so do the 5 s leases
+            for task_id in list(model.leased):
+                model.fail(task_id)
+            for item in b.get_many("q", arg, lease=5):
+                model.leased[item[0]] = item[1]
+        elif op in ("ack", "nack") and model.leased:
+            task_id = sorted(model.leased)[arg % len(model.leased)]
+            if op == "ack":
+                assert b.ack_many("q", [task_id]) == 1
+                model.leased.pop(task_id)
+                model.live.pop(task_id)
+            else:
+                assert b.nack_many("q", [(task_id, model.leased[task_id], None, "e")]) == 1
+                model.fail(task_id)
+        elif op == "expire":
+            h.clock.advance(6)
+            b.tick()
+            for task_id in list(model.leased):
+                model.fail(task_id)
+        elif op == "requeue":
+            b.dead_requeue("q")
+            model.live.update({i: 0 for i in model.dead})
+            model.dead.clear()
+        elif op == "restart":
+            h.restart()
+            model.leased.clear()  # leases are not journaled: in-flight tasks are ready again
+    h.restart()
+    got = state(h.broker).get("q", {"live": {}, "dead": {}})
+    h.close()
+    return got, {"live": model.live, "dead": model.dead}
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=OPS)
+def test_replay_matches_model_memory(tmp_path, ops):
+    got, expected = run_ops(MemoryStore(tmp_path), ops)
+    assert got == expected
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=OPS)
+def test_replay_matches_model_sqlite(tmp_path_factory, ops):
+    got, expected = run_ops(SqliteStore(tmp_path_factory.mktemp("replay")), ops)
+    assert got == expected
