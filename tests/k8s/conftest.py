@@ -5,9 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
 import k8slib
+import pytest
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,9 @@ import secrets
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -203,16 +204,14 @@ def ingress_allowed(
     for policy in selecting:
         for rule in policy["spec"].get("ingress") or []:
             ports = rule.get("ports")
-            if ports and not any(
-                p.get("protocol", "TCP") == "TCP" and _port_matches(p, port) for p in ports
-            ):
+            if ports and not any(p.get("protocol", "TCP") == "TCP" and _port_matches(p, port) for p in ports):
                 continue
             peers = rule.get("from")
             if not peers:  # no `from` = from everywhere
                 return True
             for peer in peers:
                 if "ipBlock" in peer:
-                    raise ValueError("ipBlock peers are not modelled by this test helper")
+                    raise NotImplementedError("ipBlock peers are not modelled by this test helper")
                 ns_sel = peer.get("namespaceSelector")
                 if ns_sel is None:
                     ns_ok = src_namespace == dst_namespace
@@ -229,7 +228,7 @@ def _port_matches(rule_port: dict, port: int) -> bool:
         return True
     value = rule_port["port"]
     if not isinstance(value, int):
-        raise ValueError("named ports in NetworkPolicies are not modelled by this test helper")
+        raise NotImplementedError("named ports in NetworkPolicies are not modelled by this test helper")
     end = rule_port.get("endPort", value)
     return value <= port <= end
 

@@ -14,9 +14,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
-
 import k8slib
+import pytest
 
 pytestmark = pytest.mark.k8s
 
@@ -61,7 +60,9 @@ def _run(checkov: str, config: Path, scan_dir: Path, cwd: Path) -> dict:
     try:
         report = json.loads(result.stdout)
     except json.JSONDecodeError:
-        pytest.fail(f"checkov gave no JSON (exit {result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+        pytest.fail(
+            f"checkov gave no JSON (exit {result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        )
     reports = report if isinstance(report, list) else [report]
     (k8s,) = [r for r in reports if r.get("check_type") == "kubernetes"]
     k8s["exit_code"] = result.returncode

@@ -6,9 +6,8 @@ from __future__ import annotations
 import base64
 import re
 
-import pytest
-
 import k8slib
+import pytest
 from k8slib import KUSTOMIZATIONS, one, pod_spec, workloads
 
 pytestmark = pytest.mark.k8s
@@ -79,7 +78,9 @@ def test_existing_secret_overlay_renders_in_place_without_key(kubectl):
     assert result.returncode == 0, result.stderr
     docs = k8slib.load_docs(result.stdout)
     assert not [d for d in docs if d["kind"] == "Secret"]
-    names = {v["secret"]["secretName"] for w in workloads(docs) for v in pod_spec(w)["volumes"] if "secret" in v}
+    names = {
+        v["secret"]["secretName"] for w in workloads(docs) for v in pod_spec(w)["volumes"] if "secret" in v
+    }
     assert names == {k8slib.SECRET_NAME}
 
 
@@ -92,7 +93,12 @@ def test_secret_is_the_key_file_under_the_contract_key(renders, name):
     assert list(secret["data"]) == [k8slib.SECRET_KEY]
     assert base64.b64decode(secret["data"][k8slib.SECRET_KEY]) == renders.key
     # every pod's secret volume points at this very Secret (kustomize rewrote the hashed name)
-    refs = {v["secret"]["secretName"] for w in workloads(renders.docs[name]) for v in pod_spec(w)["volumes"] if "secret" in v}
+    refs = {
+        v["secret"]["secretName"]
+        for w in workloads(renders.docs[name])
+        for v in pod_spec(w)["volumes"]
+        if "secret" in v
+    }
     assert refs == {secret["metadata"]["name"]}
 
 
@@ -121,7 +127,10 @@ def test_overlays_put_everything_in_one_namespace(renders, name):
     for doc in docs:
         if doc["kind"] == "Namespace":
             continue
-        assert doc["metadata"].get("namespace") == k8slib.DEV_NAMESPACE, (doc["kind"], doc["metadata"]["name"])
+        assert doc["metadata"].get("namespace") == k8slib.DEV_NAMESPACE, (
+            doc["kind"],
+            doc["metadata"]["name"],
+        )
 
 
 def test_base_is_namespace_agnostic(renders):

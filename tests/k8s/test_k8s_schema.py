@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import copy
 
-import pytest
-
 import k8slib
+import pytest
 from k8slib import KUSTOMIZATIONS, one
 
 pytestmark = pytest.mark.k8s
@@ -123,7 +122,13 @@ def test_unknown_kind_is_an_error_not_a_warning(kv):
         (lambda so: so["spec"]["triggers"][0]["metadata"].update(targetValue=20), "metadata.targetValue"),
         (lambda so: so["spec"].update(minReplicaCount="1"), "spec.minReplicaCount"),
     ],
-    ids=["unknown-trigger-field", "unknown-spec-field", "missing-target-name", "non-string-metadata", "string-count"],
+    ids=[
+        "unknown-trigger-field",
+        "unknown-spec-field",
+        "missing-target-name",
+        "non-string-metadata",
+        "string-count",
+    ],
 )
 def test_keda_schema_rejects_bad_scaledobjects(renders, keda_validator, mutate, fragment):
     so = copy.deepcopy(one(renders.docs["keda"], "ScaledObject", "queuekit-consumer"))

@@ -10,9 +10,8 @@ from __future__ import annotations
 import copy
 from urllib.parse import urlsplit
 
-import pytest
-
 import k8slib
+import pytest
 from k8slib import (
     KUSTOMIZATIONS,
     env_map,
@@ -64,16 +63,37 @@ def test_every_pod_meets_restricted_and_hardening(renders, name):
 MUTATIONS = {
     "root-user": (lambda s: s["securityContext"].update(runAsUser=0), "runAsUser"),
     "container-root": (lambda s: s["containers"][0]["securityContext"].update(runAsUser=0), "runAsUser"),
-    "non-root-off": (lambda s: s["containers"][0]["securityContext"].update(runAsNonRoot=False), "runAsNonRoot"),
+    "non-root-off": (
+        lambda s: s["containers"][0]["securityContext"].update(runAsNonRoot=False),
+        "runAsNonRoot",
+    ),
     "no-fsgroup": (lambda s: s["securityContext"].pop("fsGroup"), "fsGroup"),
-    "escalation": (lambda s: s["containers"][0]["securityContext"].pop("allowPrivilegeEscalation"), "allowPrivilegeEscalation"),
-    "caps-kept": (lambda s: s["containers"][0]["securityContext"]["capabilities"].update(drop=["NET_RAW"]), "drop must contain ALL"),
-    "caps-added": (lambda s: s["containers"][0]["securityContext"]["capabilities"].update(add=["SYS_ADMIN"]), "added"),
-    "unconfined": (lambda s: s["containers"][0]["securityContext"].update(seccompProfile={"type": "Unconfined"}), "seccompProfile"),
+    "escalation": (
+        lambda s: s["containers"][0]["securityContext"].pop("allowPrivilegeEscalation"),
+        "allowPrivilegeEscalation",
+    ),
+    "caps-kept": (
+        lambda s: s["containers"][0]["securityContext"]["capabilities"].update(drop=["NET_RAW"]),
+        "drop must contain ALL",
+    ),
+    "caps-added": (
+        lambda s: s["containers"][0]["securityContext"]["capabilities"].update(add=["SYS_ADMIN"]),
+        "added",
+    ),
+    "unconfined": (
+        lambda s: s["containers"][0]["securityContext"].update(seccompProfile={"type": "Unconfined"}),
+        "seccompProfile",
+    ),
     "no-pod-seccomp": (lambda s: s["securityContext"].pop("seccompProfile"), "seccompProfile"),
-    "writable-root": (lambda s: s["containers"][0]["securityContext"].update(readOnlyRootFilesystem=False), "readOnlyRootFilesystem"),
+    "writable-root": (
+        lambda s: s["containers"][0]["securityContext"].update(readOnlyRootFilesystem=False),
+        "readOnlyRootFilesystem",
+    ),
     "no-limits": (lambda s: s["containers"][0]["resources"].pop("limits"), "resources.limits"),
-    "no-memory-request": (lambda s: s["containers"][0]["resources"]["requests"].pop("memory"), "requests.memory"),
+    "no-memory-request": (
+        lambda s: s["containers"][0]["resources"]["requests"].pop("memory"),
+        "requests.memory",
+    ),
     "hostpath": (lambda s: s["volumes"].append({"name": "h", "hostPath": {"path": "/"}}), "hostPath"),
     "host-network": (lambda s: s.update(hostNetwork=True), "hostNetwork"),
     "host-port": (lambda s: s["containers"][0]["ports"][0].update(hostPort=50000), "hostPort"),
@@ -81,7 +101,9 @@ MUTATIONS = {
     "token": (lambda s: s.update(automountServiceAccountToken=True), "automountServiceAccountToken"),
     "default-sa": (lambda s: s.update(serviceAccountName="default"), "ServiceAccount"),
     "init-container": (
-        lambda s: s.setdefault("initContainers", []).append({"name": "init", "image": "x", "securityContext": {}}),
+        lambda s: s.setdefault("initContainers", []).append(
+            {"name": "init", "image": "x", "securityContext": {}}
+        ),
         "container init",
     ),
 }
@@ -191,7 +213,9 @@ def test_authkey_is_a_read_only_file_from_the_secret_never_env(renders, name):
             assert env.get("QUEUEKIT_AUTHKEY_FILE", k8slib.AUTHKEY_PATH) == file_path
             # never through the environment
             for e in c.get("env") or []:
-                assert "secretKeyRef" not in (e.get("valueFrom") or {}), f"{where}: env {e['name']} from a Secret"
+                assert "secretKeyRef" not in (e.get("valueFrom") or {}), (
+                    f"{where}: env {e['name']} from a Secret"
+                )
                 assert key_text not in str(e.get("value")), f"{where}: the key is in env {e['name']}"
             for source_ref in c.get("envFrom") or []:
                 assert "secretRef" not in source_ref, f"{where}: envFrom a Secret"
@@ -217,11 +241,16 @@ def test_server_wiring(renders, name):
     assert [m["mountPath"] for m in data_mounts] == [k8slib.DATA_DIR]
     assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
     assert claim["spec"]["resources"]["requests"]["storage"]
-    assert sts["spec"]["persistentVolumeClaimRetentionPolicy"] == {"whenDeleted": "Retain", "whenScaled": "Retain"}
+    assert sts["spec"]["persistentVolumeClaimRetentionPolicy"] == {
+        "whenDeleted": "Retain",
+        "whenScaled": "Retain",
+    }
     # the Services reach the named container ports; the StatefulSet names its headless Service
     for svc_name in ("queuekit-server", "queuekit-server-headless"):
         svc = one(docs, "Service", svc_name)
-        assert k8slib.selector_matches({"matchLabels": svc["spec"]["selector"]}, pod_template(sts)["metadata"]["labels"])
+        assert k8slib.selector_matches(
+            {"matchLabels": svc["spec"]["selector"]}, pod_template(sts)["metadata"]["labels"]
+        )
         assert {p["name"]: (p["port"], ports[p["targetPort"]]) for p in svc["spec"]["ports"]} == {
             "manager": (k8slib.MANAGER_PORT, k8slib.MANAGER_PORT),
             "http": (k8slib.HTTP_PORT, k8slib.HTTP_PORT),
@@ -266,7 +295,9 @@ def test_consumer_probes_run_queuekit_check_within_their_timeout(renders, name):
     # liveness slower to fire than readiness: a server restart should not restart every worker
     live, ready = c["livenessProbe"], c["readinessProbe"]
     assert live["periodSeconds"] * live["failureThreshold"] >= 60
-    assert live["periodSeconds"] * live["failureThreshold"] > ready["periodSeconds"] * ready["failureThreshold"]
+    assert (
+        live["periodSeconds"] * live["failureThreshold"] > ready["periodSeconds"] * ready["failureThreshold"]
+    )
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -362,10 +393,19 @@ def test_network_policy_reachability(renders, name):
 
 def test_network_policy_helper_is_not_vacuous():
     """With no policies everything is allowed; with the server policy alone, only its rules."""
-    args = dict(src_labels={"a": "b"}, src_namespace="n", src_namespace_labels={}, dst_labels={"x": "y"},
-                dst_namespace="n", port=1)  # fmt: skip
+    args = {
+        "src_labels": {"a": "b"},
+        "src_namespace": "n",
+        "src_namespace_labels": {},
+        "dst_labels": {"x": "y"},
+        "dst_namespace": "n",
+        "port": 1,
+    }
     assert k8slib.ingress_allowed([], **args)
-    deny = {"metadata": {"namespace": "n"}, "spec": {"podSelector": {}, "policyTypes": ["Ingress"], "ingress": []}}
+    deny = {
+        "metadata": {"namespace": "n"},
+        "spec": {"podSelector": {}, "policyTypes": ["Ingress"], "ingress": []},
+    }
     assert not k8slib.ingress_allowed([deny], **args)
 
 
