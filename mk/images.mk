@@ -106,7 +106,7 @@ ps:
 	$(STACK) ps -a
 
 stats:
-	$(STACK) exec server python3 -m queuekit stats
+	$(STACK) exec -T server python3 -m queuekit stats
 
 # Compose files are checked with the defaults only (not the local .env), plus the variables the
 # multi-host files require.
