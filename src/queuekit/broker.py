@@ -8,7 +8,8 @@ States and transitions (``attempts`` counts failed deliveries)::
     leased ──release──▶ ready (front of the queue)               no attempt charged (worker drain)
     leased ──nack/expiry with attempts > max_attempts──▶ dead
     dead ──requeue──▶ ready (attempts reset);  dead ──purge──▶ gone
-    restart (durable): leased ──▶ ready, attempts kept
+    crash + restart (durable): leased ──▶ ready, attempts kept
+    graceful restart (durable): leased ──▶ leased, same delivery and remaining lease (save_leases)
 
 Contract:
 - Thread-safe: one lock guards all queues; blocking ``get_many`` waits on a per-queue condition
@@ -121,6 +122,7 @@ class Broker:
         state: Recovered = self._journal.load()
         counts: dict[str, int] = {}
         now = self._clock.wall()
+        mono = self._clock.monotonic()
         with self._lock:
             for row in state.tasks:
                 q = self._queue(row.queue)
@@ -131,7 +133,14 @@ class Broker:
                     continue
                 q.live[task.id] = task
                 counts[row.queue] = counts.get(row.queue, 0) + 1
-                if row.not_before > now:
+                if row.lease_until is not None and row.lease_until > now:
+                    # Saved by a graceful shutdown: the holder may still ack or extend it.
+                    task.state = LEASED
+                    task.delivery = row.lease_delivery or 0
+                    task.lease_deadline = mono + (row.lease_until - now)
+                    q.n_leased += 1
+                    heapq.heappush(q.leases, (task.lease_deadline, next(self._batch_seq), [(task, task.delivery)]))
+                elif row.not_before > now:
                     self._delay(q, task, row.not_before)
                 else:
                     self._make_ready(q, task)
@@ -348,6 +357,18 @@ class Broker:
             now = self._clock.monotonic()
             for q in self._queues.values():
                 self._service(q, now)
+
+    def save_leases(self) -> int:
+        """Journal the leases held right now (graceful shutdown), so a restart can restore them."""
+        if not self._durable:
+            return 0
+        with self._lock:
+            mono, wall = self._clock.monotonic(), self._clock.wall()
+            ops = [("lease", t.id, t.delivery, wall + (t.lease_deadline - mono))
+                   for q in self._queues.values() for t in q.live.values() if t.state is LEASED]
+            if ops:
+                self._journal.append(ops)
+            return len(ops)
 
     def close(self) -> None:
         """Stop handing out work: waiting gets return empty at once, new puts are refused."""

@@ -10,13 +10,16 @@ Contract (every implementation; tests/unit/test_journal_contract.py runs one sui
   behind, in order, in the next group commit; a crash loses at most the last few of them, which
   makes a task come back (at-least-once), never disappear.
 - ``load()`` returns every stored task (live and dead) ordered by id, and the next id to use.
-- Leases are not journaled: after a restart every task that was in flight is ready again, with the
-  attempts it had.
+- Leases are not journaled as they happen: after a crash every task that was in flight is ready
+  again, with the attempts it had. A graceful shutdown saves the leases held at that moment
+  (``"lease"`` ops); ``load()`` returns them once and forgets them, so the consumers that held
+  those tasks can still ack or extend them after the restart (no duplicate work).
 
 Ops are tuples:
     ("put", queue, id, payload, attempts, enqueued_at, not_before)
     ("upd", id, attempts, not_before, dead, last_error)   # nack, expiry, dead-letter, requeue
     ("del", id)                                            # ack, purge
+    ("lease", id, delivery, until_wall_time)               # graceful shutdown only
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ class StoredTask(NamedTuple):
     not_before: float
     dead: bool
     last_error: str | None
+    lease_delivery: int | None = None  # set only for leases saved by a graceful shutdown
+    lease_until: float | None = None
 
 
 class Recovered(NamedTuple):
@@ -88,7 +93,11 @@ class MemoryJournal(Journal):
 
     def load(self) -> Recovered:
         with self._lock:
-            return Recovered([self._rows[i] for i in sorted(self._rows)], self._next_id)
+            rows = [self._rows[i] for i in sorted(self._rows)]
+            for row in rows:  # saved leases are restored once
+                if row.lease_until is not None:
+                    self._rows[row.id] = row._replace(lease_delivery=None, lease_until=None)
+            return Recovered(rows, self._next_id)
 
     def append(self, ops: list[tuple]) -> int:
         with self._lock:
@@ -113,5 +122,10 @@ def apply_op(rows: dict[int, StoredTask], op: tuple) -> None:
             rows[task_id] = row._replace(attempts=attempts, not_before=not_before, dead=dead, last_error=last_error)
     elif kind == "del":
         rows.pop(op[1], None)
+    elif kind == "lease":
+        _, task_id, delivery, until = op
+        row = rows.get(task_id)
+        if row is not None:
+            rows[task_id] = row._replace(lease_delivery=delivery, lease_until=until)
     else:
         raise ValueError(f"unknown journal op {kind!r}")

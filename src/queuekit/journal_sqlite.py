@@ -46,7 +46,9 @@ CREATE TABLE tasks (
     enqueued_at REAL    NOT NULL,
     not_before  REAL    NOT NULL DEFAULT 0,
     dead        INTEGER NOT NULL DEFAULT 0,
-    last_error  TEXT
+    last_error  TEXT,
+    lease_delivery INTEGER,          -- these two are set only by a graceful shutdown,
+    lease_until    REAL              -- and cleared when the next start has read them
 );
 CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
 """
@@ -87,10 +89,15 @@ class SqliteJournal(Journal):
     def load(self) -> Recovered:
         with self._db_lock:
             rows = self._db.execute(
-                "SELECT queue, id, payload, attempts, enqueued_at, not_before, dead, last_error FROM tasks ORDER BY id"
+                "SELECT queue, id, payload, attempts, enqueued_at, not_before, dead, last_error, lease_delivery, "
+                "lease_until FROM tasks ORDER BY id"
             ).fetchall()
             next_id = (self._db.execute("SELECT value FROM meta WHERE key='next_id'").fetchone() or (0,))[0]
-        return Recovered([StoredTask(q, i, p, a, e, nb, bool(d), le) for q, i, p, a, e, nb, d, le in rows], next_id)
+            with self._db:  # saved leases are restored once
+                self._db.execute("UPDATE tasks SET lease_delivery = NULL, lease_until = NULL "
+                                 "WHERE lease_until IS NOT NULL")
+        return Recovered([StoredTask(q, i, p, a, e, nb, bool(d), le, ld, lu) for q, i, p, a, e, nb, d, le, ld, lu in rows],
+                         next_id)
 
     def append(self, ops: list[tuple]) -> int:
         with self._cond:
@@ -125,7 +132,8 @@ class SqliteJournal(Journal):
         self._writer.join(timeout=10)
         try:
             if self._error is None and not self._writer.is_alive():
-                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                self._db.executescript("PRAGMA incremental_vacuum;")  # every free page, not a slice
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
             self._db.close()
         finally:
             os.close(self._lock_fd)
@@ -173,6 +181,9 @@ class SqliteJournal(Journal):
                                    [(a, nb, int(dead), err, i) for i, a, nb, dead, err in rows])
                 elif kind == "del":
                     db.executemany("DELETE FROM tasks WHERE id = ?", rows)
+                elif kind == "lease":
+                    db.executemany("UPDATE tasks SET lease_delivery = ?, lease_until = ? WHERE id = ?",
+                                   [(delivery, until, i) for i, delivery, until in rows])
                 else:
                     raise sqlite3.ProgrammingError(f"unknown journal op {kind!r}")
             if max_id is not None:
@@ -188,7 +199,8 @@ class SqliteJournal(Journal):
         self._next_vacuum = now + VACUUM_EVERY
         free = self._db.execute("PRAGMA freelist_count").fetchone()[0]
         if free > 256:
-            self._db.execute("PRAGMA incremental_vacuum(4096)").fetchall()
+            # executescript steps the pragma to completion; execute() would free a single page.
+            self._db.executescript("PRAGMA incremental_vacuum(4096);")
 
 
 def _prepare_dir(data_dir: str) -> int:
@@ -228,11 +240,12 @@ def _open(path: str, sync: str) -> sqlite3.Connection:
         db.isolation_level = "DEFERRED"  # `with db:` opens and commits a transaction
         if existed:
             _validate(db, path)
+        else:
+            db.execute("PRAGMA auto_vacuum=INCREMENTAL")  # must precede WAL mode and the first table
         db.execute("PRAGMA journal_mode=WAL").fetchone()
         db.execute(f"PRAGMA synchronous={'FULL' if sync == 'full' else 'NORMAL'}")
         db.execute("PRAGMA journal_size_limit=67108864")  # truncate the WAL back to 64 MiB after checkpoints
         if not existed:
-            db.execute("PRAGMA auto_vacuum=INCREMENTAL")  # must precede the first table
             with db:
                 db.executescript(_SCHEMA)
                 db.execute(f"PRAGMA application_id={APPLICATION_ID}")

@@ -462,11 +462,12 @@ def run(settings: ServerSettings) -> int:
     _log.info("server_stopping", connections=server.connection_count())
     status.serving = False
     server.stop(settings.shutdown_grace_seconds)
+    saved = broker.save_leases()
     journal.flush(timeout=2.0)
     journal.close()
     if web:
         web.shutdown()
-    _log.info("server_stopped", seconds=round(time.monotonic() - t0, 3))
+    _log.info("server_stopped", seconds=round(time.monotonic() - t0, 3), leases_saved=saved if journal.durable else None)
     return ExitCode.OK
 
 

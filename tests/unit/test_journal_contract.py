@@ -219,3 +219,53 @@ def test_replay_matches_model_memory(tmp_path, ops):
 def test_replay_matches_model_sqlite(tmp_path_factory, ops):
     got, expected = run_ops(SqliteStore(tmp_path_factory.mktemp("replay")), ops)
     assert got == expected
+
+
+def test_graceful_shutdown_saves_leases_for_one_restart(store):
+    h = Harness(store)
+    h.broker.put_many("q", ['"held"', '"ready"'])
+    (held,) = h.broker.get_many("q", 1, lease=30)
+    h.clock.advance(10)
+    assert h.broker.save_leases() == 1
+    h.restart()
+    s = h.broker.stats()["q"]
+    assert (s["inflight"], s["ready"]) == (1, 1)
+    # The holder's receipt is still valid: it can extend, and its ack removes the task.
+    assert h.broker.extend_many("q", [(held[0], held[1])], lease=5) == []
+    assert [json.loads(i[3]) for i in h.broker.get_many("q", 5)] == ["ready"]
+    assert h.broker.ack_many("q", [held[0]]) == 1
+    h.close()
+
+
+def test_saved_leases_expire_on_time_and_are_restored_only_once(store):
+    h = Harness(store)
+    h.broker.put_many("q", ['"x"'])
+    h.broker.get_many("q", 1, lease=30)
+    h.broker.save_leases()
+    h.restart()
+    assert h.broker.stats()["q"]["inflight"] == 1
+    h.clock.advance(31)
+    h.broker.tick()
+    assert h.broker.stats()["q"]["ready"] == 1  # the remaining lease ran out: redelivered
+    (item,) = h.broker.get_many("q", 1, lease=30)
+    h.restart()  # a crash-style restart (no save_leases): the lease is not restored again
+    assert h.broker.stats()["q"]["ready"] == 1
+    h.close()
+
+
+def test_sqlite_journal_is_created_with_incremental_auto_vacuum(tmp_path):
+    journal = SqliteJournal(str(tmp_path / "d"), sync="normal")
+    assert journal._db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # INCREMENTAL
+    assert journal._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    journal.close()
+
+
+def test_sqlite_vacuum_gives_pages_back_while_running(tmp_path):
+    journal = SqliteJournal(str(tmp_path / "d"), sync="normal")
+    journal.wait(journal.append([("put", "q", i, '"' + "x" * 3000 + '"', 0, 0.0, 0.0) for i in range(2000)]))
+    journal.wait(journal.append([("del", i) for i in range(2000)]))
+    assert journal._db.execute("PRAGMA freelist_count").fetchone()[0] > 1000
+    journal._next_vacuum = 0  # due now
+    journal.wait(journal.append([("del", -1)]))
+    assert journal._db.execute("PRAGMA freelist_count").fetchone()[0] < 100
+    journal.close()

@@ -1,0 +1,279 @@
+"""The durable server as real processes: SIGKILL crash points, graceful restarts, bad data dirs."""
+
+import hashlib
+import os
+import random
+import re
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+import queuekit
+from handlers import read_record
+from queuekit.errors import ServerUnavailable
+from support.procs import ROOT, Proc, ServerProc, base_env, write_key
+
+
+class Producer(threading.Thread):
+    """Streams put_many batches of unique numbers; records what was attempted and acknowledged."""
+
+    def __init__(self, address, key_file, batch=20, pause=0.005):
+        super().__init__(daemon=True)
+        self.client = queuekit.connect(address, authkey_file=str(key_file), connect_timeout=60)
+        self.batch, self.pause = batch, pause
+        self.attempted, self.acked = set(), set()
+        self.stop = threading.Event()
+        self.errors = []
+
+    def run(self):
+        q = self.client.queue("tasks")
+        n = 0
+        while not self.stop.is_set():
+            numbers = list(range(n, n + self.batch))
+            n += self.batch
+            self.attempted.update(numbers)
+            try:
+                q.put_many([{"n": k} for k in numbers])
+            except ServerUnavailable as e:
+                self.errors.append(str(e))
+                continue
+            self.acked.update(numbers)
+            time.sleep(self.pause)
+        self.client.close()
+
+
+def start_consumers(tmp_path, address, key_file, count=2):
+    procs = []
+    for i in range(count):
+        argv = ["consume", "--server", address, "--authkey-file", str(key_file), "--handler", "handlers:record",
+                "--concurrency", "2", "--prefetch", "8", "--lease", "5"]
+        env = base_env(QK_RECORD=str(tmp_path / "record"), QUEUEKIT_CONNECT_TIMEOUT="120")
+        procs.append(Proc(f"consumer{i}", argv, tmp_path, env))
+    for p in procs:
+        p.wait_for("event=consumer_started")
+    return procs
+
+
+def drain(tmp_path, client, expected, timeout=90):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done = {n for what, _, n in read_record(tmp_path / "record") if what == "done"}
+        s = client.stats()["queues"].get("tasks", {})
+        if expected <= done and not (s.get("ready") or s.get("inflight") or s.get("delayed")):
+            return
+        time.sleep(0.2)
+    raise AssertionError("consumers did not drain the queue in time")
+
+
+def classify(tmp_path, producer):
+    delivered = Counter(n for what, _, n in read_record(tmp_path / "record") if what == "done")
+    lost = producer.acked - set(delivered)
+    unexpected = set(delivered) - producer.attempted
+    duplicated = {n: c for n, c in delivered.items() if c > 1}
+    return lost, unexpected, duplicated, delivered
+
+
+@pytest.mark.parametrize("sync", ["full", "normal"])
+def test_sigkill_at_random_moments_loses_nothing_acknowledged(tmp_path, key_file, sync):
+    data = tmp_path / "data"
+    server = ServerProc(tmp_path, key_file, "--data-dir", str(data), "--sync", sync)
+    port = server.port
+    consumers = start_consumers(tmp_path, server.address, key_file)
+    producer = Producer(server.address, key_file)
+    producer.start()
+    rng = random.Random(int(os.environ.get("QK_CRASH_SEED", "20261126")))
+    kills = 0
+    for _ in range(12):
+        time.sleep(rng.uniform(0.1, 0.8))
+        server.signal(signal.SIGKILL)
+        server.wait(10)
+        kills += 1
+        server = ServerProc(tmp_path, key_file, "--data-dir", str(data), "--sync", sync, port=port)
+    time.sleep(0.5)
+    producer.stop.set()
+    producer.join(90)
+    client = queuekit.connect(server.address, authkey_file=str(key_file))
+    drain(tmp_path, client, producer.acked)
+    lost, unexpected, duplicated, delivered = classify(tmp_path, producer)
+    print(f"\nsync={sync} kill_points={kills} acked_puts={len(producer.acked)} attempted={len(producer.attempted)} "
+          f"delivered={len(delivered)} lost={len(lost)} unexpected={len(unexpected)} duplicated={len(duplicated)}")
+    assert kills >= 10 and len(producer.acked) > 500
+    assert lost == set(), f"lost {len(lost)}: {sorted(lost)[:20]}"
+    assert unexpected == set()
+    for c in consumers:
+        assert c.stop() == 0
+    client.close()
+    server.stop()
+
+
+def test_graceful_restarts_lose_nothing_and_duplicate_nothing(tmp_path, key_file):
+    data = tmp_path / "data"
+    server = ServerProc(tmp_path, key_file, "--data-dir", str(data))
+    port = server.port
+    consumers = start_consumers(tmp_path, server.address, key_file)
+    producer = Producer(server.address, key_file)
+    producer.start()
+    for _ in range(3):
+        time.sleep(1.0)
+        t0 = time.monotonic()
+        assert server.stop() == 0
+        assert time.monotonic() - t0 < 5
+        assert "leases_saved=" in server.log()
+        server = ServerProc(tmp_path, key_file, "--data-dir", str(data), port=port)
+        server.wait_for(r"event=recovered tasks=\d+")
+    time.sleep(0.5)
+    producer.stop.set()
+    producer.join(90)
+    client = queuekit.connect(server.address, authkey_file=str(key_file))
+    drain(tmp_path, client, producer.acked)
+    lost, unexpected, duplicated, delivered = classify(tmp_path, producer)
+    print(f"\ngraceful restarts=3 acked_puts={len(producer.acked)} delivered={len(delivered)} lost={len(lost)} "
+          f"duplicated={len(duplicated)}")
+    assert len(producer.acked) > 200
+    assert lost == set() and unexpected == set()
+    assert duplicated == {}, f"duplicated: {dict(list(duplicated.items())[:20])}"
+    assert producer.attempted == producer.acked  # every put eventually succeeded: no put was lost either
+    for c in consumers:
+        assert c.stop() == 0
+    client.close()
+    server.stop()
+
+
+def test_journal_space_is_reclaimed_after_acks(tmp_path, key_file):
+    data = tmp_path / "data"
+    server = ServerProc(tmp_path, key_file, "--data-dir", str(data), "--sync", "normal")
+    c = queuekit.connect(server.address, authkey_file=str(key_file))
+    q = c.queue("big")
+    payload = {"blob": "x" * 2000}
+    for _ in range(20):
+        q.put_many([payload] * 500)
+    grown = (data / "queuekit.db").stat().st_size + (data / "queuekit.db-wal").stat().st_size
+    while True:
+        tasks = q.get_many(1000)
+        if not tasks:
+            break
+        q.ack(tasks)
+    assert server.stop() == 0  # a graceful stop vacuums, checkpoints and truncates the WAL
+    size = (data / "queuekit.db").stat().st_size
+    wal = data / "queuekit.db-wal"
+    print(f"\njournal bytes with 10000 x 2 KB tasks: {grown}; after acking all and vacuum: {size}")
+    assert grown > 20_000_000
+    assert size < grown / 10 and (not wal.exists() or wal.stat().st_size == 0)
+
+
+# -- bad data directories: a clear one-line error, exit code 6, the files untouched --------------
+
+def digest_tree(path: Path) -> dict:
+    if path.is_file():
+        return {path.name: hashlib.sha256(path.read_bytes()).hexdigest()}
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(path.rglob("*"))}
+
+
+def start_expecting_failure(key_file, data_dir, user=None, python=sys.executable, env=None):
+    argv = [python, "-m", "queuekit", "server", "--bind", "127.0.0.1:0", "--http", "off",
+            "--authkey-file", str(key_file), "--data-dir", str(data_dir)]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=30, env=env or base_env(),
+                         cwd="/" if user else str(ROOT), user=user)
+    lines = [line for line in out.stderr.splitlines() if "event=fatal" in line]
+    return out.returncode, lines, out.stderr
+
+
+def make_foreign_db(d):
+    d.mkdir()
+    db = sqlite3.connect(d / "queuekit.db")
+    db.execute("CREATE TABLE invoices (id INTEGER PRIMARY KEY, amount REAL)")
+    db.execute("INSERT INTO invoices VALUES (1, 9.99)")
+    db.commit()
+    db.close()
+
+
+def make_newer_journal(d, key_file, tmp_path):
+    server = ServerProc(tmp_path, key_file, "--data-dir", str(d))
+    queuekit.connect(server.address, authkey_file=str(key_file)).queue("q").put("kept")
+    server.stop()
+    db = sqlite3.connect(d / "queuekit.db")
+    db.execute("PRAGMA user_version=99")
+    db.commit()
+    db.close()
+
+
+def make_corrupt_db(d):
+    d.mkdir()
+    (d / "queuekit.db").write_bytes(b"SQLite format 3\x00" + os.urandom(8192))
+
+
+def make_truncated_journal(d, key_file, tmp_path):
+    server = ServerProc(tmp_path, key_file, "--data-dir", str(d))
+    queuekit.connect(server.address, authkey_file=str(key_file)).queue("q").put_many([{"x": "y" * 500}] * 2000)
+    server.stop()
+    path = d / "queuekit.db"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2] + os.urandom(4096) + data[len(data) // 2 + 4096:])
+
+
+@pytest.mark.parametrize("case, message", [
+    ("file", "is a file, not a directory"),
+    ("foreign", "not a queuekit journal"),
+    ("newer", "written by a newer queuekit"),
+    ("corrupt", "not an SQLite database or is corrupt"),
+    ("damaged", "corrupt|integrity check"),
+])
+def test_bad_data_directory_is_refused_and_left_untouched(tmp_path, key_file, case, message):
+    d = tmp_path / "data"
+    if case == "file":
+        d.write_text("I am not a directory\n")
+    elif case == "foreign":
+        make_foreign_db(d)
+    elif case == "newer":
+        make_newer_journal(d, key_file, tmp_path)
+    elif case == "corrupt":
+        make_corrupt_db(d)
+    elif case == "damaged":
+        make_truncated_journal(d, key_file, tmp_path)
+    before = digest_tree(d)
+    code, fatal, stderr = start_expecting_failure(key_file, d)
+    assert code == 6, stderr
+    assert len(fatal) == 1 and str(d) in fatal[0], stderr
+    assert re.search(message, fatal[0]), fatal[0]
+    strip = lambda tree: {k: v for k, v in tree.items() if k != "queuekit.lock"}  # noqa: E731
+    assert strip(digest_tree(d)) == strip(before)  # nothing written
+
+
+def test_second_server_on_the_same_data_directory_is_refused(tmp_path, key_file):
+    d = tmp_path / "data"
+    server = ServerProc(tmp_path, key_file, "--data-dir", str(d))
+    code, fatal, stderr = start_expecting_failure(key_file, d)
+    assert code == 6 and "another queuekit server is using" in fatal[0], stderr
+    server.stop()
+
+
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists(SYSTEM_PYTHON),
+                    reason="needs root (to run the server as another user) and a python3 that user can run")
+def test_data_directory_not_writable_by_the_server_user(tmp_path):
+    base = Path(tempfile.mkdtemp(prefix="qk-perm-", dir="/tmp"))
+    try:
+        os.chmod(base, 0o755)
+        shutil.copytree(ROOT / "src", base / "src")  # readable by uid 65534, wherever the checkout is
+        key = write_key(base / "key")
+        os.chmod(key, 0o644)
+        d = base / "data"
+        d.mkdir(mode=0o755)  # owned by root: uid 65534 cannot write
+        env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(base / "src")}
+        code, fatal, stderr = start_expecting_failure(key, d, user=65534, python=SYSTEM_PYTHON, env=env)
+        assert code == 6 and "is not writable by uid 65534" in fatal[0], stderr
+        assert list(d.iterdir()) == []
+    finally:
+        shutil.rmtree(base)
