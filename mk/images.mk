@@ -74,7 +74,8 @@ base-image:
 # Built through Compose so that the build definitions live in one place (compose/compose.yaml);
 # Compose builds with BuildKit through the engine API, no buildx plugin needed.
 images: base-image
-	$(IMAGE_ENV) $(STACK) build
+	@echo "images: building queuekit-{server,consumer,producer}:$(QUEUEKIT_IMAGE_TAG) FROM $$(cat $(BASE_IMAGE_STAMP))"
+	@$(IMAGE_ENV) $(STACK) build
 
 secrets:
 	@install -d -m 0700 secrets
@@ -89,7 +90,8 @@ secrets:
 	@chmod 0644 secrets/queuekit_authkey
 
 up: secrets images
-	$(IMAGE_ENV) $(STACK) up -d --scale consumer=$(CONSUMERS)
+	@echo "up: starting the server, $(CONSUMERS) consumers and the demo producer"
+	@$(IMAGE_ENV) $(STACK) up -d --scale consumer=$(CONSUMERS)
 	@$(STACK) ps
 	@echo "queuekit is up: 'make logs' to follow, 'make stats' for queue counts, 'make down' to stop."
 
