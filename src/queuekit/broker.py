@@ -165,26 +165,31 @@ class Broker:
             first = self._next_id
             self._next_id += len(texts)
             tasks = [_Task(first + i, text, 0, now, not_before) for i, text in enumerate(texts)]
-            if self._durable:
-                seq = self._journal.append([("put", queue, t.id, t.payload, 0, now, not_before) for t in tasks])
-        if self._durable:
-            self._journal.wait(seq)  # raises JournalError: then nothing becomes visible
+            if not self._durable:
+                self._publish(queue, tasks, not_before)
+                return [t.id for t in tasks]
+            seq = self._journal.append([("put", queue, t.id, t.payload, 0, now, not_before) for t in tasks])
+        self._journal.wait(seq)  # raises JournalError: then nothing becomes visible
         with self._lock:
-            q = self._queue(queue)
-            live = q.live
-            for t in tasks:
-                live[t.id] = t
-            if not_before:
-                for t in tasks:
-                    self._delay(q, t, not_before)
-            else:
-                for t in tasks:
-                    t.state = READY
-                q.ready.extend(tasks)
-                q.n_ready += len(tasks)
-                q.cond.notify(len(tasks))
-            q.enqueued += len(tasks)
+            self._publish(queue, tasks, not_before)
         return [t.id for t in tasks]
+
+    def _publish(self, queue: str, tasks: list[_Task], not_before: float) -> None:
+        """Make new tasks visible to consumers (lock held)."""
+        q = self._queue(queue)
+        live = q.live
+        for t in tasks:
+            live[t.id] = t
+        if not_before:
+            for t in tasks:
+                self._delay(q, t, not_before)
+        else:
+            for t in tasks:
+                t.state = READY
+            q.ready.extend(tasks)
+            q.n_ready += len(tasks)
+            q.cond.notify(len(tasks))
+        q.enqueued += len(tasks)
 
     # -- consumer side ----------------------------------------------------------------------
 

@@ -104,15 +104,18 @@ class Client:
     # -- calls ------------------------------------------------------------------------------
 
     def call(self, method: str, *args: Any, wait: float = 0.0, retry: bool = True) -> Any:
-        """Call ``method`` on the server's API object; reconnect and retry on network errors."""
+        """Call ``method`` on the server's API object; reconnect and retry on network errors.
+
+        ``wait`` (at most ``MAX_WAIT_PER_CALL``) is how long the server may block before replying.
+        """
         deadline = time.monotonic() + self.connect_timeout
         delay = 0.05
         while True:
             conn = self._connection(deadline)
             try:
                 conn.send((transport.API_IDENT, method, args, {}))
-                if not conn.poll(self.call_timeout + wait):
-                    raise TimeoutError(f"no reply to {method} within {self.call_timeout + wait:.0f} s")
+                # No poll() per call (it costs a selector per round trip): the socket's receive
+                # timeout, set once per connection, bounds the wait for a reply instead.
                 kind, result = conn.recv()
             except (OSError, EOFError) as e:
                 self._drop(conn)
@@ -161,6 +164,7 @@ class Client:
                     kind, result = conn.recv()
                     if kind != "#RETURN":
                         raise ConnectionError(f"server refused the connection: {result}")
+                    conn.set_recv_timeout(self.call_timeout + MAX_WAIT_PER_CALL)
                 except BaseException:
                     conn.close()
                     raise
@@ -203,7 +207,8 @@ class Queue:
 
     def put(self, payload: Any, *, delay: float = 0.0) -> int:
         """Enqueue one JSON-compatible payload; returns its task id once the server committed it."""
-        return self.put_many([payload], delay=delay)[0]
+        text = encode_payload(payload, self.client.max_task_bytes)
+        return self.client.call("put_many", self.name, [text], delay)[0]
 
     def put_many(self, payloads: Iterable[Any], *, delay: float = 0.0) -> list[int]:
         """Enqueue many payloads, one round trip per chunk. Every payload is validated first:

@@ -35,6 +35,8 @@ LOCK_NAME = "queuekit.lock"
 SCHEMA_VERSION = 1
 APPLICATION_ID = 0x716B6A31  # "qkj1": marks the file as a queuekit journal
 VACUUM_EVERY = 10.0  # seconds between incremental vacuum passes
+TASK_COLUMNS = {"id", "queue", "payload", "attempts", "enqueued_at", "not_before", "dead", "last_error",
+                "lease_delivery", "lease_until"}
 _log = logs.get("journal")
 
 _SCHEMA = """
@@ -273,6 +275,12 @@ def _validate(db: sqlite3.Connection, path: str) -> None:
         tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     except sqlite3.DatabaseError as e:
         raise DataDirError(f"{where} is not an SQLite database or is corrupt ({e}): {hint}") from None
+    if app_id == APPLICATION_ID and {"tasks", "meta"} <= tables:
+        columns = {r[1] for r in db.execute("PRAGMA table_info(tasks)")}
+        missing = TASK_COLUMNS - columns
+        if missing and version <= SCHEMA_VERSION:
+            raise DataDirError(f"{where} lacks columns {sorted(missing)} of schema {SCHEMA_VERSION}: it was written by "
+                               f"a development build; {hint}")
     if app_id != APPLICATION_ID or not {"tasks", "meta"} <= tables:
         raise DataDirError(f"{where} is an SQLite database but not a queuekit journal "
                            f"(application_id={app_id:#x}, tables={sorted(tables)}): {hint}")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 import os
 import queue as stdqueue
+import select
 import signal
 import socket
 import threading
@@ -197,7 +198,7 @@ class QueuekitServer(managers.Server):
         self._tls = threading.local()
         self._conns: set[transport.Connection] = set()
         self._conns_lock = threading.Lock()
-        self._calls = 0
+        self._busy: dict[transport.Connection, bool] = {}  # connection -> a call is being handled
         self._stopped = threading.Event()
         self._accepter: threading.Thread | None = None
         compat = {}
@@ -230,7 +231,7 @@ class QueuekitServer(managers.Server):
         self.listener.close()
         self.broker.close()
         deadline = time.monotonic() + grace
-        while self._calls > 0 and time.monotonic() < deadline:
+        while any(list(self._busy.values())) and time.monotonic() < deadline:
             time.sleep(0.01)
         with self._conns_lock:
             conns = list(self._conns)
@@ -317,6 +318,7 @@ class QueuekitServer(managers.Server):
         tls.conn = conn
         tls.after_send = None
         id_to_obj = self.id_to_obj
+        busy = self._busy
         _log.info("client_connected", peer=conn.peer, client=name)
         reason = "closed"
         try:
@@ -330,8 +332,7 @@ class QueuekitServer(managers.Server):
                     if not self._reply(conn, ("#ERROR", ValueError(f"request could not be decoded: {e}"))):
                         break
                     continue
-                with self._conns_lock:
-                    self._calls += 1
+                busy[conn] = True  # a dict store is atomic: cheaper than a lock per call
                 try:
                     ident, methodname, args, kwds = request
                     obj, exposed, _ = id_to_obj[ident]
@@ -348,8 +349,7 @@ class QueuekitServer(managers.Server):
                 except Exception as e:
                     msg = _error_reply(e)
                 finally:
-                    with self._conns_lock:
-                        self._calls -= 1
+                    busy[conn] = False
                 hook, tls.after_send = tls.after_send, None
                 sent = self._reply(conn, msg)
                 if hook is not None:
@@ -359,6 +359,7 @@ class QueuekitServer(managers.Server):
                     break
         finally:
             tls.conn = None
+            busy.pop(conn, None)
             _log.info("client_disconnected", peer=conn.peer, client=name, reason=reason)
 
     def client_alive(self) -> bool:
@@ -366,9 +367,14 @@ class QueuekitServer(managers.Server):
         conn = getattr(self._tls, "conn", None)
         if self.stopping:
             return False
+        if conn is None:
+            return True
         try:
-            return conn is None or not conn.poll(0)
-        except (OSError, EOFError, ValueError):
+            # select() on the fd directly: Connection.poll() builds a selector per call, which
+            # costs more than the rest of a get (this runs on every wake-up of a waiting get).
+            readable, _, _ = select.select((conn.fileno(),), (), (), 0)
+            return not readable
+        except (OSError, ValueError):
             return False
 
     def after_send(self, hook: Callable[[bool], None]) -> None:

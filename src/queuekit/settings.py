@@ -170,6 +170,13 @@ def _address(default_port: int) -> Callable[[Any], Address]:
     return lambda text: Address.parse(str(text), default_port)
 
 
+def _server_address(text: Any) -> Address:
+    """Where a client connects: unlike a bind address, the host cannot be left out."""
+    if str(text).strip().startswith(":"):
+        raise ValueError("name the server's host, e.g. queue-host:50000")
+    return Address.parse(str(text), DEFAULT_PORT)
+
+
 def _optional_path(text: Any) -> str | None:
     text = str(text).strip()
     return text or None
@@ -257,7 +264,7 @@ class ClientSettings:
         src = _Sources(flags, env)
         authkey_file = src.get("authkey_file", "QUEUEKIT_AUTHKEY_FILE", DEFAULT_AUTHKEY_FILE, str)
         return cls(
-            server=src.get("server", "QUEUEKIT_SERVER", Address("localhost", DEFAULT_PORT), _address(DEFAULT_PORT)),
+            server=src.get("server", "QUEUEKIT_SERVER", Address("localhost", DEFAULT_PORT), _server_address),
             authkey_file=authkey_file,
             authkey=load_authkey(authkey_file),
             connect_timeout=src.get("connect_timeout", "QUEUEKIT_CONNECT_TIMEOUT", 30.0, _positive_float),

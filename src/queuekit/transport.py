@@ -19,6 +19,7 @@ and the socket setup, nothing else.
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import struct
 from multiprocessing import connection as mpc
@@ -34,6 +35,7 @@ USER_TIMEOUT_MS = 60_000
 # Private helpers of multiprocessing.connection, the same in CPython 3.11-3.13; using them keeps the
 # wire format byte-for-byte identical to the stock serializer.
 _loads = mpc._ForkingPickler.loads  # type: ignore[attr-defined]
+_dumps = pickle.dumps
 
 
 class MessageTooLarge(OSError):
@@ -53,6 +55,14 @@ class Connection(mpc.Connection):
         if buf is None:
             raise MessageTooLarge(f"message from {self.peer} exceeds {self.max_message_bytes} bytes")
         return _loads(buf.getbuffer())
+
+    def send(self, obj) -> None:
+        # Plain pickle.dumps writes the same bytes as ForkingPickler for the plain data queuekit
+        # sends (ForkingPickler only adds reducers for sockets, fds and the like), without a
+        # BytesIO and a pickler object per message.
+        self._check_closed()
+        self._check_writable()
+        self._send_bytes(_dumps(obj, pickle.DEFAULT_PROTOCOL))
 
     def set_recv_timeout(self, seconds: float | None) -> None:
         """Make blocking reads fail with ``BlockingIOError`` after ``seconds`` (None: wait forever)."""

@@ -33,6 +33,8 @@ from .client import Client, Queue
 from .errors import AuthenticationFailed, ConfigError, ExitCode, QueuekitError, ServerUnavailable
 from .message import Task
 
+MAX_SLICE = 64  # most tasks a handler thread takes from the buffer at once
+SLICE_BELOW_SECONDS = 0.001  # ...when tasks take less than this on average
 FETCH_WAIT = 1.0  # server-side wait per get: bounds ack latency on an idle queue and drain start
 _log = logs.get("consumer")
 
@@ -73,6 +75,8 @@ class Worker:
         self._running: dict[tuple[int, int], Task] = {}
         self._acks: list[Task] = []
         self._nacks: list[tuple[Task, float | None, str]] = []
+        self._task_seconds = 1.0  # assume slow until measured
+        self._unstarted: list[Task] = []  # taken by a handler thread when the drain began
         self._stop = threading.Event()  # set by signals: stop fetching and drain
         self._draining = False  # handlers stop taking buffered tasks
         self._done = threading.Event()  # heartbeat stops
@@ -142,6 +146,10 @@ class Worker:
         for t in handlers:
             t.join(timeout=max(0.0, deadline - time.monotonic()))
         with self._cond:
+            late, self._unstarted = self._unstarted, []
+        if late:
+            released = (released or 0) + (self._report(lambda: self.queue.release(late), "release") or 0)
+        with self._cond:
             overdue = list(self._running.values())
             self._nacks.extend((task, 0.0, "worker stopped: drain timeout exceeded") for task in overdue)
         self._flush_outcomes()
@@ -203,33 +211,52 @@ class Worker:
                     self._cond.notify_all()
 
     def _handle_loop(self) -> None:
+        """Take a slice of the buffer per lock round (not one task: a lock round and a wake-up per
+        task would cost more than a no-op handler), run it, report the outcomes in one round."""
         handler = self.handler
+        cond = self._cond
         while True:
-            with self._cond:
+            with cond:
                 while not self._buffer and not self._draining:
-                    self._cond.wait()
+                    cond.wait()
                 if self._draining:
                     return
-                task = self._buffer.popleft()
-                self._running[task.receipt] = task
-            try:
-                handler(task.payload)
-            except Exception as e:
-                error = f"{type(e).__name__}: {e}"
-                _log.error("task_failed", queue=task.queue, task=task.id, attempts=task.attempts + 1, error=error[:500],
-                           traceback=traceback.format_exc())
-                outcome = (task, None, error)
-            else:
-                outcome = None
-            with self._cond:
-                del self._running[task.receipt]
-                if outcome is None:
-                    self._acks.append(task)
-                    self.processed += 1
+                # Slow tasks are taken one by one so that no task waits behind another's slow work
+                # while a handler thread is idle; fast ones in slices.
+                share = 1 if self._task_seconds > SLICE_BELOW_SECONDS else \
+                    max(1, min(MAX_SLICE, len(self._buffer) // self.concurrency))
+                tasks = [self._buffer.popleft() for _ in range(share)]
+                for task in tasks:
+                    self._running[task.receipt] = task
+            done: list[Task] = []
+            failed: list[tuple[Task, float | None, str]] = []
+            unstarted: list[Task] = []
+            started = time.monotonic()
+            for i, task in enumerate(tasks):
+                if self._draining:  # drain began: what this thread has not started goes back
+                    unstarted = tasks[i:]
+                    break
+                try:
+                    handler(task.payload)
+                except Exception as e:
+                    error = f"{type(e).__name__}: {e}"
+                    _log.error("task_failed", queue=task.queue, task=task.id, attempts=task.attempts + 1,
+                               error=error[:500], traceback=traceback.format_exc())
+                    failed.append((task, None, error))
                 else:
-                    self._nacks.append(outcome)
-                    self.failed += 1
-                self._cond.notify_all()
+                    done.append(task)
+            ran = len(done) + len(failed)
+            if ran:  # moving average of one task's duration
+                self._task_seconds += ((time.monotonic() - started) / ran - self._task_seconds) * 0.2
+            with cond:
+                for task in tasks:
+                    del self._running[task.receipt]
+                self._acks.extend(done)
+                self._nacks.extend(failed)
+                self._unstarted.extend(unstarted)
+                self.processed += len(done)
+                self.failed += len(failed)
+                cond.notify_all()
 
     def _heartbeat_loop(self) -> None:
         interval = max(0.2, self.lease / 3)

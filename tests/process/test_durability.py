@@ -277,3 +277,19 @@ def test_data_directory_not_writable_by_the_server_user(tmp_path):
         assert list(d.iterdir()) == []
     finally:
         shutil.rmtree(base)
+
+
+def test_journal_from_a_development_schema_is_refused(tmp_path, key_file):
+    d = tmp_path / "data"
+    d.mkdir()
+    db = sqlite3.connect(d / "queuekit.db")
+    db.execute("PRAGMA application_id=1903454769")  # queuekit's, 0x716B6A31
+    db.execute("PRAGMA user_version=1")
+    db.execute("CREATE TABLE tasks (id INTEGER PRIMARY KEY, queue TEXT, payload TEXT)")
+    db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER)")
+    db.commit()
+    db.close()
+    before = digest_tree(d)
+    code, fatal, stderr = start_expecting_failure(key_file, d)
+    assert code == 6 and "lacks columns" in fatal[0], stderr
+    assert digest_tree(d) == before

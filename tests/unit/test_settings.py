@@ -101,3 +101,8 @@ def test_address_parsing(text, expected):
 def test_bad_addresses(text):
     with pytest.raises(ValueError):
         Address.parse(text)
+
+
+def test_client_needs_a_server_host(keyfile):
+    with pytest.raises(ConfigError, match="QUEUEKIT_SERVER"):
+        ClientSettings.load({}, env={"QUEUEKIT_AUTHKEY_FILE": keyfile, "QUEUEKIT_SERVER": ":50000"})

@@ -1,0 +1,292 @@
+#!/usr/bin/env python3
+"""Throughput of queuekit against the classic BaseManager + queue.Queue recipe, in one run.
+
+Every mode moves the same number of trivial tasks (small ints) from 1 producer process to 2
+consumer processes over loopback, and is run several times; the table shows the median and the
+ratios against the first two rows (the classic recipe, measured here, in this run):
+
+  1 classic, 1 item per put/get         stock BaseManager serving a queue.Queue (the recipe)
+  2 classic, lists of 100 per put/get   the same, batching by hand (no acks, no redelivery)
+  3 queuekit API, batch 1, acks         put / get(ack=previous): the ack rides on the next get
+  4 queuekit API, batch 100, acks       put_many / get_many(100, ack=previous batch)
+  5 end to end                          `queuekit produce` + 2 x `queuekit consume` (no-op handler)
+  6.. durable modes                     rows 3/4 against a server with --data-dir, sync normal/full
+
+Usage: PYTHONPATH=src python3 bench/throughput.py [--tasks 20000] [--runs 3] [--quick]
+Only loopback is used; every process is bounded by the task count and a timeout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import queue
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from multiprocessing.managers import BaseManager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+import queuekit  # noqa: E402
+
+AUTHKEY = b"benchmark-key-0123456789abcdef"
+TIMEOUT = 300.0  # no single run may take longer than this
+CONSUMERS = 2
+ctx = mp.get_context("spawn")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -- the classic recipe ---------------------------------------------------------------------
+
+class ClassicManager(BaseManager):
+    pass
+
+
+def _serve_classic(port: int) -> None:
+    q: queue.Queue = queue.Queue()
+    ClassicManager.register("get_task_queue", callable=lambda: q)
+    ClassicManager(address=("127.0.0.1", port), authkey=AUTHKEY).get_server().serve_forever()
+
+
+def _classic_queue(port: int):
+    ClassicManager.register("get_task_queue")
+    m = ClassicManager(address=("127.0.0.1", port), authkey=AUTHKEY)
+    for _ in range(100):
+        try:
+            m.connect()
+            break
+        except ConnectionRefusedError:
+            time.sleep(0.05)
+    return m.get_task_queue()
+
+
+def classic_producer(port, n, batch, ready, start):
+    q = _classic_queue(port)
+    ready.release()
+    start.wait()
+    if batch == 1:
+        for i in range(n):
+            q.put(i)
+    else:
+        for i in range(0, n, batch):
+            q.put(list(range(i, min(n, i + batch))))
+
+
+def classic_consumer(port, n, batch, ready, start, total):
+    q = _classic_queue(port)
+    ready.release()
+    start.wait()
+    deadline = time.monotonic() + TIMEOUT
+    while total.value < n and time.monotonic() < deadline:
+        try:
+            item = q.get(timeout=0.05)
+        except queue.Empty:
+            continue
+        with total.get_lock():
+            total.value += 1 if batch == 1 else len(item)
+
+
+# -- queuekit ---------------------------------------------------------------------------------
+
+def qk_producer(address, keyfile, n, batch, ready, start):
+    q = queuekit.connect(address, authkey_file=keyfile).queue("bench")
+    ready.release()
+    start.wait()
+    if batch == 1:
+        for i in range(n):
+            q.put(i)
+    else:
+        for i in range(0, n, batch):
+            q.put_many(range(i, min(n, i + batch)))
+
+
+def qk_consumer(address, keyfile, n, batch, ready, start, total):
+    q = queuekit.connect(address, authkey_file=keyfile).queue("bench")
+    ready.release()
+    start.wait()
+    deadline = time.monotonic() + TIMEOUT
+    held = []
+    while total.value < n and time.monotonic() < deadline:
+        held = q.get_many(batch, timeout=0.05, ack=held)  # acks of the previous batch ride along
+        if held:
+            with total.get_lock():
+                total.value += len(held)
+    if held:
+        q.ack(held)
+
+
+def timed_run(producer, consumer, conn_args: tuple, n: int, batch: int) -> float:
+    """Start 2 consumers and 1 producer, release them together, time until n tasks arrived."""
+    ready = ctx.Semaphore(0)
+    start = ctx.Event()
+    total = ctx.Value("q", 0)
+    consumers = [ctx.Process(target=consumer, args=(*conn_args, n, batch, ready, start, total))
+                 for _ in range(CONSUMERS)]
+    prod = ctx.Process(target=producer, args=(*conn_args, n, batch, ready, start))
+    procs = consumers + [prod]
+    for p in procs:
+        p.start()
+    for _ in procs:
+        if not ready.acquire(timeout=60):
+            raise RuntimeError("benchmark processes did not get ready")
+    t0 = time.perf_counter()
+    start.set()
+    for p in consumers:
+        p.join(TIMEOUT)
+    elapsed = time.perf_counter() - t0
+    prod.join(10)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    if total.value < n:
+        raise RuntimeError(f"only {total.value} of {n} tasks arrived")
+    return elapsed
+
+
+class QueuekitServer:
+    def __init__(self, keyfile: str, data_dir: str | None = None, sync: str = "normal"):
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        argv = [sys.executable, "-m", "queuekit", "server", "--bind", self.address, "--http", "off",
+                "--authkey-file", keyfile, "--log-level", "warning"]
+        if data_dir:
+            argv += ["--data-dir", data_dir, "--sync", sync]
+        env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+        self.proc = subprocess.Popen(argv, env=env)
+        queuekit.connect(self.address, authkey_file=keyfile, connect_timeout=20).close()
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(20)
+
+
+def end_to_end_run(keyfile: str, n: int) -> float:
+    server = QueuekitServer(keyfile)
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "QUEUEKIT_AUTHKEY_FILE": keyfile,
+           "QUEUEKIT_SERVER": server.address, "QUEUEKIT_LOG_LEVEL": "warning"}
+    consumers = [subprocess.Popen([sys.executable, "-m", "queuekit", "consume", "--handler", "queuekit.examples:noop",
+                                   "--queue", "e2e", "--prefetch", "300"], env=env) for _ in range(CONSUMERS)]
+    client = queuekit.connect(server.address, authkey_file=keyfile)
+    time.sleep(1.0)  # consumers connected and waiting
+    try:
+        t0 = time.perf_counter()
+        producer = subprocess.Popen([sys.executable, "-m", "queuekit", "produce", "--queue", "e2e", "--generate", str(n),
+                                     "--batch", "100"], env=env, stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline:
+            if client.stats()["queues"].get("e2e", {}).get("acked", 0) >= n:
+                break
+            time.sleep(0.01)
+        elapsed = time.perf_counter() - t0
+        if producer.wait(30) != 0:
+            raise RuntimeError("queuekit produce failed")
+        if client.stats()["queues"]["e2e"]["acked"] < n:
+            raise RuntimeError("end-to-end run did not finish")
+    finally:
+        for c in consumers:
+            c.send_signal(signal.SIGTERM)
+        for c in consumers:
+            c.wait(30)
+        client.close()
+        server.stop()
+    return elapsed
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", type=int, default=100000)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="skip the slow durable batch-1 sync=full row")
+    parser.add_argument("--only", help="comma-separated row numbers to run (rows 1 and 2 always run)")
+    args = parser.parse_args()
+    n = args.tasks
+    tmp = tempfile.mkdtemp(prefix="qk-bench-")
+    keyfile = os.path.join(tmp, "key")
+    Path(keyfile).write_bytes(AUTHKEY)
+
+    def classic(batch):
+        def run():
+            port = free_port()
+            server = ctx.Process(target=_serve_classic, args=(port,), daemon=True)
+            server.start()
+            try:
+                return timed_run(classic_producer, classic_consumer, (port,), n, batch)
+            finally:
+                server.kill()
+                server.join(5)
+        return run
+
+    def api(batch, durable=False, sync="normal"):
+        def run():
+            data_dir = tempfile.mkdtemp(dir=tmp) if durable else None
+            server = QueuekitServer(keyfile, data_dir, sync)
+            try:
+                return timed_run(qk_producer, qk_consumer, (server.address, keyfile), n, batch)
+            finally:
+                server.stop()
+                if data_dir:
+                    shutil.rmtree(data_dir, ignore_errors=True)
+        return run
+
+    rows = [
+        (1, "classic recipe, 1 item per put/get", classic(1)),
+        (2, "classic recipe, lists of 100 per put/get", classic(100)),
+        (3, "queuekit API, batch 1, with acks", api(1)),
+        (4, "queuekit API, batch 100, with acks", api(100)),
+        (5, "end to end: produce + 2 x consume (no-op handler)", lambda: end_to_end_run(keyfile, n)),
+        (6, "durable sync=normal, batch 1, with acks", api(1, True, "normal")),
+        (7, "durable sync=normal, batch 100, with acks", api(100, True, "normal")),
+        (8, "durable sync=full, batch 1, with acks", api(1, True, "full")),
+        (9, "durable sync=full, batch 100, with acks", api(100, True, "full")),
+    ]
+    wanted = {1, 2} | ({int(x) for x in args.only.split(",")} if args.only else {r[0] for r in rows})
+    if args.quick:
+        wanted.discard(8)
+    results = {}
+    print(f"{n} tasks per run, {args.runs} runs per mode, 1 producer + {CONSUMERS} consumer processes, loopback; "
+          f"python {sys.version.split()[0]}, {os.cpu_count()} cpus", flush=True)
+    try:
+        for number, name, run in rows:
+            if number not in wanted:
+                continue
+            times = [run() for _ in range(args.runs)]
+            rates = sorted(n / t for t in times)
+            results[number] = statistics.median(rates)
+            print(f"  measured {number}: {name}: " + ", ".join(f"{r:,.0f}" for r in rates) + " tasks/s", flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    base1, base2 = results[1], results[2]
+    print()
+    print(f"| # | mode | tasks/s (median of {args.runs}) | vs row 1 | vs row 2 |")
+    print("|---|---|---:|---:|---:|")
+    for number, name, _ in rows:
+        if number in results:
+            r = results[number]
+            print(f"| {number} | {name} | {r:,.0f} | {r / base1:.2f}x | {r / base2:.2f}x |")
+    print()
+    targets = [(3, 1, 1.0, "row 3 >= 1.0x row 1"), (4, 2, 0.5, "row 4 >= 0.5x row 2"),
+               (5, 1, 5.0, "row 5 >= 5x row 1"), (7, 4, 0.5, "row 7 >= 0.5x row 4")]
+    for row, base, factor, text in targets:
+        if row in results and base in results:
+            ratio = results[row] / results[base]
+            print(f"target {text}: {ratio:.2f}x {'met' if ratio >= factor else 'NOT met'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
