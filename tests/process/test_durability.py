@@ -20,6 +20,7 @@ import pytest
 import queuekit
 from handlers import read_record
 from queuekit.errors import ServerUnavailable
+from queuekit.journal_sqlite import APPLICATION_ID
 from support.procs import ROOT, Proc, ServerProc, base_env, write_key
 
 
@@ -283,7 +284,7 @@ def test_journal_from_a_development_schema_is_refused(tmp_path, key_file):
     d = tmp_path / "data"
     d.mkdir()
     db = sqlite3.connect(d / "queuekit.db")
-    db.execute("PRAGMA application_id=1903454769")  # queuekit's, 0x716B6A31
+X
     db.execute("PRAGMA user_version=1")
     db.execute("CREATE TABLE tasks (id INTEGER PRIMARY KEY, queue TEXT, payload TEXT)")
     db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER)")
