@@ -284,7 +284,7 @@ def test_journal_from_a_development_schema_is_refused(tmp_path, key_file):
     d = tmp_path / "data"
     d.mkdir()
     db = sqlite3.connect(d / "queuekit.db")
-X
+    db.execute(f"PRAGMA application_id={APPLICATION_ID}")
     db.execute("PRAGMA user_version=1")
     db.execute("CREATE TABLE tasks (id INTEGER PRIMARY KEY, queue TEXT, payload TEXT)")
     db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER)")
