@@ -52,6 +52,7 @@ def free_port() -> int:
 
 # -- the classic recipe ---------------------------------------------------------------------
 
+
 class ClassicManager(BaseManager):
     pass
 
@@ -102,6 +103,7 @@ def classic_consumer(port, n, batch, ready, start, total):
 
 # -- queuekit ---------------------------------------------------------------------------------
 
+
 def qk_producer(address, keyfile, n, batch, ready, start):
     q = queuekit.connect(address, authkey_file=keyfile).queue("bench")
     ready.release()
@@ -134,8 +136,9 @@ def timed_run(producer, consumer, conn_args: tuple, n: int, batch: int) -> float
     ready = ctx.Semaphore(0)
     start = ctx.Event()
     total = ctx.Value("q", 0)
-    consumers = [ctx.Process(target=consumer, args=(*conn_args, n, batch, ready, start, total))
-                 for _ in range(CONSUMERS)]
+    consumers = [
+        ctx.Process(target=consumer, args=(*conn_args, n, batch, ready, start, total)) for _ in range(CONSUMERS)
+    ]
     prod = ctx.Process(target=producer, args=(*conn_args, n, batch, ready, start))
     procs = consumers + [prod]
     for p in procs:
@@ -161,8 +164,20 @@ class QueuekitServer:
     def __init__(self, keyfile: str, data_dir: str | None = None, sync: str = "normal"):
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
-        argv = [sys.executable, "-m", "queuekit", "server", "--bind", self.address, "--http", "off",
-                "--authkey-file", keyfile, "--log-level", "warning"]
+        argv = [
+            sys.executable,
+            "-m",
+            "queuekit",
+            "server",
+            "--bind",
+            self.address,
+            "--http",
+            "off",
+            "--authkey-file",
+            keyfile,
+            "--log-level",
+            "warning",
+        ]
         if data_dir:
             argv += ["--data-dir", data_dir, "--sync", sync]
         env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
@@ -176,16 +191,40 @@ class QueuekitServer:
 
 def end_to_end_run(keyfile: str, n: int) -> float:
     server = QueuekitServer(keyfile)
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "QUEUEKIT_AUTHKEY_FILE": keyfile,
-           "QUEUEKIT_SERVER": server.address, "QUEUEKIT_LOG_LEVEL": "warning"}
-    consumers = [subprocess.Popen([sys.executable, "-m", "queuekit", "consume", "--handler", "queuekit.examples:noop",
-                                   "--queue", "e2e", "--prefetch", "300"], env=env) for _ in range(CONSUMERS)]
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT / "src"),
+        "QUEUEKIT_AUTHKEY_FILE": keyfile,
+        "QUEUEKIT_SERVER": server.address,
+        "QUEUEKIT_LOG_LEVEL": "warning",
+    }
+    consumers = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "queuekit",
+                "consume",
+                "--handler",
+                "queuekit.examples:noop",
+                "--queue",
+                "e2e",
+                "--prefetch",
+                "300",
+            ],
+            env=env,
+        )
+        for _ in range(CONSUMERS)
+    ]
     client = queuekit.connect(server.address, authkey_file=keyfile)
     time.sleep(1.0)  # consumers connected and waiting
     try:
         t0 = time.perf_counter()
-        producer = subprocess.Popen([sys.executable, "-m", "queuekit", "produce", "--queue", "e2e", "--generate", str(n),
-                                     "--batch", "100"], env=env, stdout=subprocess.DEVNULL)
+        producer = subprocess.Popen(
+            [sys.executable, "-m", "queuekit", "produce", "--queue", "e2e", "--generate", str(n), "--batch", "100"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + TIMEOUT
         while time.monotonic() < deadline:
             if client.stats()["queues"].get("e2e", {}).get("acked", 0) >= n:
@@ -228,6 +267,7 @@ def main() -> int:
             finally:
                 server.kill()
                 server.join(5)
+
         return run
 
     def api(batch, durable=False, sync="normal"):
@@ -240,6 +280,7 @@ def main() -> int:
                 server.stop()
                 if data_dir:
                     shutil.rmtree(data_dir, ignore_errors=True)
+
         return run
 
     rows = [
@@ -257,8 +298,11 @@ def main() -> int:
     if args.quick:
         wanted.discard(8)
     results = {}
-    print(f"{n} tasks per run, {args.runs} runs per mode, 1 producer + {CONSUMERS} consumer processes, loopback; "
-          f"python {sys.version.split()[0]}, {os.cpu_count()} cpus", flush=True)
+    print(
+        f"{n} tasks per run, {args.runs} runs per mode, 1 producer + {CONSUMERS} consumer processes, loopback; "
+        f"python {sys.version.split()[0]}, {os.cpu_count()} cpus",
+        flush=True,
+    )
     try:
         for number, name, run in rows:
             if number not in wanted:
@@ -279,8 +323,12 @@ def main() -> int:
             r = results[number]
             print(f"| {number} | {name} | {r:,.0f} | {r / base1:.2f}x | {r / base2:.2f}x |")
     print()
-    targets = [(3, 1, 1.0, "row 3 >= 1.0x row 1"), (4, 2, 0.5, "row 4 >= 0.5x row 2"),
-               (5, 1, 5.0, "row 5 >= 5x row 1"), (7, 4, 0.5, "row 7 >= 0.5x row 4")]
+    targets = [
+        (3, 1, 1.0, "row 3 >= 1.0x row 1"),
+        (4, 2, 0.5, "row 4 >= 0.5x row 2"),
+        (5, 1, 5.0, "row 5 >= 5x row 1"),
+        (7, 4, 0.5, "row 7 >= 0.5x row 4"),
+    ]
     for row, base, factor, text in targets:
         if row in results and base in results:
             ratio = results[row] / results[base]

@@ -18,5 +18,16 @@ from .errors import (  # noqa: E402
 )
 from .message import Task  # noqa: E402
 
-__all__ = ["__version__", "connect", "Client", "Queue", "Task", "QueuekitError", "ConfigError",
-           "AuthenticationFailed", "ServerUnavailable", "PayloadError", "PayloadTooLarge"]
+__all__ = [
+    "__version__",
+    "connect",
+    "Client",
+    "Queue",
+    "Task",
+    "QueuekitError",
+    "ConfigError",
+    "AuthenticationFailed",
+    "ServerUnavailable",
+    "PayloadError",
+    "PayloadTooLarge",
+]

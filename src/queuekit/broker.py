@@ -63,11 +63,27 @@ class Clock:
 
 
 class _Task:
-    __slots__ = ("id", "payload", "attempts", "enqueued_at", "state", "delivery", "lease_deadline",
-                 "not_before", "last_error")
+    __slots__ = (
+        "id",
+        "payload",
+        "attempts",
+        "enqueued_at",
+        "state",
+        "delivery",
+        "lease_deadline",
+        "not_before",
+        "last_error",
+    )
 
-    def __init__(self, task_id: int, payload: str, attempts: int, enqueued_at: float, not_before: float = 0.0,
-                 last_error: str | None = None):
+    def __init__(
+        self,
+        task_id: int,
+        payload: str,
+        attempts: int,
+        enqueued_at: float,
+        not_before: float = 0.0,
+        last_error: str | None = None,
+    ):
         self.id = task_id
         self.payload = payload
         self.attempts = attempts
@@ -80,8 +96,23 @@ class _Task:
 
 
 class _Queue:
-    __slots__ = ("name", "ready", "live", "dead", "leases", "delayed", "n_ready", "n_leased", "n_delayed",
-                 "enqueued", "acked", "nacked", "redelivered", "dead_lettered", "cond")
+    __slots__ = (
+        "name",
+        "ready",
+        "live",
+        "dead",
+        "leases",
+        "delayed",
+        "n_ready",
+        "n_leased",
+        "n_delayed",
+        "enqueued",
+        "acked",
+        "nacked",
+        "redelivered",
+        "dead_lettered",
+        "cond",
+    )
 
     def __init__(self, name: str, lock: threading.Lock):
         self.name = name
@@ -97,9 +128,18 @@ class _Queue:
 
 
 class Broker:
-    def __init__(self, *, journal: Journal | None = None, max_task_bytes: int = 1024 * 1024,
-                 max_attempts: int = 5, retry_base: float = 1.0, retry_max: float = 300.0,
-                 default_lease: float = 30.0, clock: Any = None, rng: random.Random | None = None):
+    def __init__(
+        self,
+        *,
+        journal: Journal | None = None,
+        max_task_bytes: int = 1024 * 1024,
+        max_attempts: int = 5,
+        retry_base: float = 1.0,
+        retry_max: float = 300.0,
+        default_lease: float = 30.0,
+        clock: Any = None,
+        rng: random.Random | None = None,
+    ):
         self._lock = threading.Lock()
         self._queues: dict[str, _Queue] = {}
         self._journal = journal or Journal()
@@ -193,8 +233,15 @@ class Broker:
 
     # -- consumer side ----------------------------------------------------------------------
 
-    def get_many(self, queue: str, max_n: int = 1, timeout: float = 0.0, lease: float | None = None,
-                 acks: Iterable[int] | None = None, alive: Callable[[], bool] | None = None) -> list[tuple]:
+    def get_many(
+        self,
+        queue: str,
+        max_n: int = 1,
+        timeout: float = 0.0,
+        lease: float | None = None,
+        acks: Iterable[int] | None = None,
+        alive: Callable[[], bool] | None = None,
+    ) -> list[tuple]:
         """Lease up to ``max_n`` ready tasks, waiting up to ``timeout`` seconds for the first.
 
         ``acks`` are applied first (a worker's acks ride on its next get: no extra round trip).
@@ -300,8 +347,16 @@ class Broker:
             raise InvalidRequest(f"limit must be a positive int, got {limit!r}")
         with self._lock:
             q = self._queue(queue)
-            return [{"id": t.id, "attempts": t.attempts, "enqueued_at": t.enqueued_at, "last_error": t.last_error,
-                     "payload": t.payload} for t in itertools.islice(q.dead.values(), limit)]
+            return [
+                {
+                    "id": t.id,
+                    "attempts": t.attempts,
+                    "enqueued_at": t.enqueued_at,
+                    "last_error": t.last_error,
+                    "payload": t.payload,
+                }
+                for t in itertools.islice(q.dead.values(), limit)
+            ]
 
     def dead_requeue(self, queue: str, ids: Iterable[int] | None = None) -> int:
         """Move dead tasks (all, or the given ids) back to ready with their attempts reset."""
@@ -351,9 +406,17 @@ class Broker:
             out = {}
             for name, q in self._queues.items():
                 self._service(q, now)
-                out[name] = {"ready": q.n_ready, "inflight": q.n_leased, "delayed": q.n_delayed, "dead": len(q.dead),
-                             "enqueued": q.enqueued, "acked": q.acked, "nacked": q.nacked,
-                             "redelivered": q.redelivered, "dead_lettered": q.dead_lettered}
+                out[name] = {
+                    "ready": q.n_ready,
+                    "inflight": q.n_leased,
+                    "delayed": q.n_delayed,
+                    "dead": len(q.dead),
+                    "enqueued": q.enqueued,
+                    "acked": q.acked,
+                    "nacked": q.nacked,
+                    "redelivered": q.redelivered,
+                    "dead_lettered": q.dead_lettered,
+                }
             return out
 
     def tick(self) -> None:
@@ -369,8 +432,12 @@ class Broker:
             return 0
         with self._lock:
             mono, wall = self._clock.monotonic(), self._clock.wall()
-            ops = [("lease", t.id, t.delivery, wall + (t.lease_deadline - mono))
-                   for q in self._queues.values() for t in q.live.values() if t.state is LEASED]
+            ops = [
+                ("lease", t.id, t.delivery, wall + (t.lease_deadline - mono))
+                for q in self._queues.values()
+                for t in q.live.values()
+                if t.state is LEASED
+            ]
             if ops:
                 self._journal.append(ops)
             return len(ops)
@@ -462,8 +529,14 @@ class Broker:
             q.dead[task.id] = task
             q.dead_lettered += 1
             not_before = 0.0
-            _log.warning("dead_lettered", queue=q.name, task=task.id, attempts=task.attempts, reason=reason,
-                         error=(task.last_error or "")[:200])
+            _log.warning(
+                "dead_lettered",
+                queue=q.name,
+                task=task.id,
+                attempts=task.attempts,
+                reason=reason,
+                error=(task.last_error or "")[:200],
+            )
         else:
             if delay is None:
                 delay = self.backoff(task.attempts) if reason == "nack" else 0.0
@@ -489,8 +562,14 @@ class Broker:
             for task, delivery in batch:
                 if task.state is LEASED and task.delivery == delivery and task.lease_deadline <= now:
                     q.redelivered += 1
-                    self._fail(q, task, now, None, "lease expired (consumer died, stalled or lost its connection)",
-                               "lease_expired")
+                    self._fail(
+                        q,
+                        task,
+                        now,
+                        None,
+                        "lease expired (consumer died, stalled or lost its connection)",
+                        "lease_expired",
+                    )
         delayed = q.delayed
         if delayed:
             wall = self._clock.wall()
@@ -536,8 +615,12 @@ def _items(items: Any, width: int, what: str) -> list[tuple]:
         raise InvalidRequest(f"{what} items must be a list of tuples, got {type(items).__name__}")
     out = []
     for item in items:
-        if type(item) not in (list, tuple) or len(item) != width or type(item[0]) is not int \
-                or type(item[1]) is not int:
+        if (
+            type(item) not in (list, tuple)
+            or len(item) != width
+            or type(item[0]) is not int
+            or type(item[1]) is not int
+        ):
             raise InvalidRequest(f"malformed {what} item {item!r}")
         out.append(tuple(item))
     return out

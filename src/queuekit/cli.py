@@ -19,11 +19,20 @@ _log = logs.get("cli")
 
 def _client_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("connection")
-    g.add_argument("--server", metavar="HOST:PORT", help="server address (env QUEUEKIT_SERVER, default localhost:50000)")
-    g.add_argument("--authkey-file", metavar="PATH",
-                   help="authkey file (env QUEUEKIT_AUTHKEY_FILE, default /run/secrets/queuekit_authkey)")
-    g.add_argument("--connect-timeout", type=float, metavar="S",
-                   help="give up reaching the server after S seconds (env QUEUEKIT_CONNECT_TIMEOUT, default 30)")
+    g.add_argument(
+        "--server", metavar="HOST:PORT", help="server address (env QUEUEKIT_SERVER, default localhost:50000)"
+    )
+    g.add_argument(
+        "--authkey-file",
+        metavar="PATH",
+        help="authkey file (env QUEUEKIT_AUTHKEY_FILE, default /run/secrets/queuekit_authkey)",
+    )
+    g.add_argument(
+        "--connect-timeout",
+        type=float,
+        metavar="S",
+        help="give up reaching the server after S seconds (env QUEUEKIT_CONNECT_TIMEOUT, default 30)",
+    )
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="env QUEUEKIT_LOG_LEVEL")
 
 
@@ -34,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("server", help="run the queue server")
     p.add_argument("--bind", metavar="HOST:PORT", help="manager address (env QUEUEKIT_BIND, default 0.0.0.0:50000)")
-    p.add_argument("--http", metavar="HOST:PORT|off", help="health/metrics port (env QUEUEKIT_HTTP, default 0.0.0.0:8080)")
+    p.add_argument(
+        "--http", metavar="HOST:PORT|off", help="health/metrics port (env QUEUEKIT_HTTP, default 0.0.0.0:8080)"
+    )
     p.add_argument("--authkey-file", metavar="PATH", help="env QUEUEKIT_AUTHKEY_FILE")
     p.add_argument("--data-dir", metavar="DIR", help="journal directory; unset = memory only (env QUEUEKIT_DATA_DIR)")
     p.add_argument("--sync", choices=("full", "normal"), help="journal fsync mode (env QUEUEKIT_SYNC, default full)")
@@ -64,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", nargs="?", default="-", metavar="FILE|-", help="JSON lines, one task each (default stdin)")
     p.add_argument("--queue", metavar="NAME", help="env QUEUEKIT_QUEUE (default tasks)")
     p.add_argument("--batch", type=int, default=100, metavar="N", help="tasks per round trip (default 100)")
-    p.add_argument("--generate", type=int, metavar="N", help="put N demo tasks {\"n\": i, \"ms\": MS} instead")
+    p.add_argument("--generate", type=int, metavar="N", help='put N demo tasks {"n": i, "ms": MS} instead')
     p.add_argument("--task-ms", type=int, default=0, metavar="MS", help="work time in generated tasks")
     p.add_argument("--rate", type=float, metavar="R", help="at most R tasks per second")
     _client_options(p)
@@ -114,8 +125,13 @@ def _client(flags: dict, name: str, settings: ClientSettings | None = None, conn
     from .client import Client
 
     s = settings or ClientSettings.load(flags)
-    return Client(s.server, s.authkey, connect_timeout=connect_timeout or s.connect_timeout, name=name,
-                  authkey_source=f"key file {s.authkey_file}")
+    return Client(
+        s.server,
+        s.authkey,
+        connect_timeout=connect_timeout or s.connect_timeout,
+        name=name,
+        authkey_source=f"key file {s.authkey_file}",
+    )
 
 
 def cmd_server(flags: dict) -> int:
@@ -161,8 +177,15 @@ def cmd_consume(flags: dict) -> int:
     settings = WorkerSettings.load(flags)
     handler = load_handler(settings.handler)
     client = _client(flags, f"consumer:{settings.queue}", settings.client)
-    worker = Worker(client, settings.queue, handler, concurrency=settings.concurrency, prefetch=settings.prefetch,
-                    lease=settings.lease_seconds, drain_timeout=settings.drain_timeout)
+    worker = Worker(
+        client,
+        settings.queue,
+        handler,
+        concurrency=settings.concurrency,
+        prefetch=settings.prefetch,
+        lease=settings.lease_seconds,
+        drain_timeout=settings.drain_timeout,
+    )
     worker.install_signal_handlers()
     try:
         return worker.run()
@@ -189,8 +212,12 @@ def cmd_produce(flags: dict) -> int:
             stream = sys.stdin if source == "-" else open(source, encoding="utf-8")
             try:
                 name = "stdin" if source == "-" else source
-                count = produce(queue, read_json_lines(stream, name, client.max_task_bytes), batch=flags["batch"],
-                                rate=flags.get("rate"))
+                count = produce(
+                    queue,
+                    read_json_lines(stream, name, client.max_task_bytes),
+                    batch=flags["batch"],
+                    rate=flags.get("rate"),
+                )
             finally:
                 if stream is not sys.stdin:
                     stream.close()
@@ -214,12 +241,20 @@ def cmd_stats(flags: dict) -> int:
 
 def _print_stats(stats: dict) -> None:
     cols = ("ready", "inflight", "delayed", "dead", "enqueued", "acked", "nacked", "redelivered", "dead_lettered")
-    rows = [("queue",) + cols] + [(name,) + tuple(str(v[c]) for c in cols) for name, v in sorted(stats["queues"].items())]
+    rows = [("queue",) + cols] + [
+        (name,) + tuple(str(v[c]) for c in cols) for name, v in sorted(stats["queues"].items())
+    ]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
-        print("  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))))
-    print(f"connections={stats['connections']} durable={str(stats['durable']).lower()} "
-          f"uptime={stats['uptime_seconds']:.0f}s")
+        print(
+            "  ".join(
+                cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+            )
+        )
+    print(
+        f"connections={stats['connections']} durable={str(stats['durable']).lower()} "
+        f"uptime={stats['uptime_seconds']:.0f}s"
+    )
 
 
 def cmd_dead(flags: dict) -> int:
@@ -241,6 +276,3 @@ def cmd_dead(flags: dict) -> int:
 def cmd_keygen(flags: dict) -> int:
     print(secrets.token_hex(32))
     return ExitCode.OK
-
-
-

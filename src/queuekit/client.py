@@ -43,9 +43,17 @@ class RemoteError(QueuekitError):
 
 
 class Client:
-    def __init__(self, address: Address | str | tuple, authkey: bytes | str | Secret, *,
-                 connect_timeout: float = 30.0, call_timeout: float = CALL_TIMEOUT,
-                 max_task_bytes: int | None = None, name: str = "queuekit-client", authkey_source: str = "authkey"):
+    def __init__(
+        self,
+        address: Address | str | tuple,
+        authkey: bytes | str | Secret,
+        *,
+        connect_timeout: float = 30.0,
+        call_timeout: float = CALL_TIMEOUT,
+        max_task_bytes: int | None = None,
+        name: str = "queuekit-client",
+        authkey_source: str = "authkey",
+    ):
         if isinstance(address, str):
             address = Address.parse(address, DEFAULT_PORT)
         elif isinstance(address, tuple):
@@ -120,7 +128,9 @@ class Client:
             except (OSError, EOFError) as e:
                 self._drop(conn)
                 if not retry or self._closed or time.monotonic() >= deadline:
-                    raise ServerUnavailable(f"queuekit server at {self.address}: {method} failed: {_describe(e)}") from e
+                    raise ServerUnavailable(
+                        f"queuekit server at {self.address}: {method} failed: {_describe(e)}"
+                    ) from e
                 _log.debug("call_retry", method=method, error=_describe(e))
             else:
                 if kind == "#RETURN":
@@ -155,8 +165,9 @@ class Client:
             attempt += 1
             remaining = deadline - time.monotonic()
             try:
-                conn = transport.Client(self.address.tuple(), authkey=self._authkey,
-                                        connect_timeout=max(0.5, min(remaining, 10.0)))
+                conn = transport.Client(
+                    self.address.tuple(), authkey=self._authkey, connect_timeout=max(0.5, min(remaining, 10.0))
+                )
                 try:
                     conn.send((None, "accept_connection", (self.name,), {}))
                     if not conn.poll(transport.HANDSHAKE_TIMEOUT):
@@ -224,8 +235,9 @@ class Queue:
         tasks = self.get_many(1, timeout, lease=lease, ack=ack)
         return tasks[0] if tasks else None
 
-    def get_many(self, max_n: int = 100, timeout: float = 0.0, *, lease: float | None = None,
-                 ack: Iterable[Task] = ()) -> list[Task]:
+    def get_many(
+        self, max_n: int = 100, timeout: float = 0.0, *, lease: float | None = None, ack: Iterable[Task] = ()
+    ) -> list[Task]:
         """Lease up to ``max_n`` tasks, waiting up to ``timeout`` s for the first one.
 
         ``ack``: tasks to acknowledge in the same round trip (they are acked even if none arrive).
@@ -294,9 +306,15 @@ def _describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
-def connect(address: Address | str | tuple = "localhost:50000", *, authkey: bytes | str | Secret | None = None,
-            authkey_file: str | None = None, connect_timeout: float = 30.0, name: str = "queuekit-client",
-            max_task_bytes: int | None = None) -> Client:
+def connect(
+    address: Address | str | tuple = "localhost:50000",
+    *,
+    authkey: bytes | str | Secret | None = None,
+    authkey_file: str | None = None,
+    connect_timeout: float = 30.0,
+    name: str = "queuekit-client",
+    max_task_bytes: int | None = None,
+) -> Client:
     """Connect to a queuekit server (retrying until ``connect_timeout``) and check the key.
 
     Pass ``authkey`` or ``authkey_file``. Raises :class:`AuthenticationFailed` for a wrong key,
@@ -308,8 +326,14 @@ def connect(address: Address | str | tuple = "localhost:50000", *, authkey: byte
     if authkey_file is not None:
         authkey = load_authkey(authkey_file)
         source = f"key file {authkey_file}"
-    client = Client(address, authkey, connect_timeout=connect_timeout, name=name, max_task_bytes=max_task_bytes,
-                    authkey_source=source)
+    client = Client(
+        address,
+        authkey,
+        connect_timeout=connect_timeout,
+        name=name,
+        max_task_bytes=max_task_bytes,
+        authkey_source=source,
+    )
     try:
         client.ping()
     except BaseException:

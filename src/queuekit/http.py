@@ -43,13 +43,17 @@ def render_metrics(stats: dict) -> str:
         lines += [f"# HELP {metric} {help_text}", f"# TYPE {metric} counter"]
         lines += [f'{metric}{{queue="{_label(q)}"}} {v[name]}' for q, v in sorted(queues.items())]
     lines += [
-        "# HELP queuekit_connections Open client connections.", "# TYPE queuekit_connections gauge",
+        "# HELP queuekit_connections Open client connections.",
+        "# TYPE queuekit_connections gauge",
         f"queuekit_connections {stats['connections']}",
-        "# HELP queuekit_durable 1 when tasks are journaled to disk.", "# TYPE queuekit_durable gauge",
+        "# HELP queuekit_durable 1 when tasks are journaled to disk.",
+        "# TYPE queuekit_durable gauge",
         f"queuekit_durable {int(stats['durable'])}",
-        "# HELP queuekit_ready 1 when the server accepts work.", "# TYPE queuekit_ready gauge",
+        "# HELP queuekit_ready 1 when the server accepts work.",
+        "# TYPE queuekit_ready gauge",
         f"queuekit_ready {int(stats['ready'])}",
-        "# HELP queuekit_uptime_seconds Seconds since the server started.", "# TYPE queuekit_uptime_seconds gauge",
+        "# HELP queuekit_uptime_seconds Seconds since the server started.",
+        "# TYPE queuekit_uptime_seconds gauge",
         f"queuekit_uptime_seconds {stats['uptime_seconds']}",
     ]
     return "\n".join(lines) + "\n"

@@ -35,8 +35,18 @@ LOCK_NAME = "queuekit.lock"
 SCHEMA_VERSION = 1
 APPLICATION_ID = 0x716B6A31  # "qkj1": marks the file as a queuekit journal
 VACUUM_EVERY = 10.0  # seconds between incremental vacuum passes
-TASK_COLUMNS = {"id", "queue", "payload", "attempts", "enqueued_at", "not_before", "dead", "last_error",
-                "lease_delivery", "lease_until"}
+TASK_COLUMNS = {
+    "id",
+    "queue",
+    "payload",
+    "attempts",
+    "enqueued_at",
+    "not_before",
+    "dead",
+    "last_error",
+    "lease_delivery",
+    "lease_until",
+}
 _log = logs.get("journal")
 
 _SCHEMA = """
@@ -96,10 +106,12 @@ class SqliteJournal(Journal):
             ).fetchall()
             next_id = (self._db.execute("SELECT value FROM meta WHERE key='next_id'").fetchone() or (0,))[0]
             with self._db:  # saved leases are restored once
-                self._db.execute("UPDATE tasks SET lease_delivery = NULL, lease_until = NULL "
-                                 "WHERE lease_until IS NOT NULL")
-        return Recovered([StoredTask(q, i, p, a, e, nb, bool(d), le, ld, lu) for q, i, p, a, e, nb, d, le, ld, lu in rows],
-                         next_id)
+                self._db.execute(
+                    "UPDATE tasks SET lease_delivery = NULL, lease_until = NULL WHERE lease_until IS NOT NULL"
+                )
+        return Recovered(
+            [StoredTask(q, i, p, a, e, nb, bool(d), le, ld, lu) for q, i, p, a, e, nb, d, le, ld, lu in rows], next_id
+        )
 
     def append(self, ops: list[tuple]) -> int:
         with self._cond:
@@ -175,22 +187,32 @@ class SqliteJournal(Journal):
             for kind, group in itertools.groupby(batch, key=itemgetter(0)):
                 rows = [op[1:] for op in group]
                 if kind == "put":
-                    db.executemany("INSERT INTO tasks (queue, id, payload, attempts, enqueued_at, not_before) "
-                                   "VALUES (?, ?, ?, ?, ?, ?)", rows)
+                    db.executemany(
+                        "INSERT INTO tasks (queue, id, payload, attempts, enqueued_at, not_before) "
+                        "VALUES (?, ?, ?, ?, ?, ?)",
+                        rows,
+                    )
                     max_id = max(max_id or 0, max(r[1] for r in rows))
                 elif kind == "upd":
-                    db.executemany("UPDATE tasks SET attempts = ?, not_before = ?, dead = ?, last_error = ? WHERE id = ?",
-                                   [(a, nb, int(dead), err, i) for i, a, nb, dead, err in rows])
+                    db.executemany(
+                        "UPDATE tasks SET attempts = ?, not_before = ?, dead = ?, last_error = ? WHERE id = ?",
+                        [(a, nb, int(dead), err, i) for i, a, nb, dead, err in rows],
+                    )
                 elif kind == "del":
                     db.executemany("DELETE FROM tasks WHERE id = ?", rows)
                 elif kind == "lease":
-                    db.executemany("UPDATE tasks SET lease_delivery = ?, lease_until = ? WHERE id = ?",
-                                   [(delivery, until, i) for i, delivery, until in rows])
+                    db.executemany(
+                        "UPDATE tasks SET lease_delivery = ?, lease_until = ? WHERE id = ?",
+                        [(delivery, until, i) for i, delivery, until in rows],
+                    )
                 else:
                     raise sqlite3.ProgrammingError(f"unknown journal op {kind!r}")
             if max_id is not None:
-                db.execute("INSERT INTO meta (key, value) VALUES ('next_id', ?) "
-                           "ON CONFLICT (key) DO UPDATE SET value = max(value, excluded.value)", (max_id + 1,))
+                db.execute(
+                    "INSERT INTO meta (key, value) VALUES ('next_id', ?) "
+                    "ON CONFLICT (key) DO UPDATE SET value = max(value, excluded.value)",
+                    (max_id + 1,),
+                )
         self.commits += 1
 
     def _maybe_vacuum(self) -> None:
@@ -208,14 +230,18 @@ class SqliteJournal(Journal):
 def _prepare_dir(data_dir: str) -> int:
     """Create/check the directory and take its lock. Returns the lock file descriptor."""
     if os.path.exists(data_dir) and not os.path.isdir(data_dir):
-        raise DataDirError(f"data directory {data_dir} is a file, not a directory: point QUEUEKIT_DATA_DIR at a directory")
+        raise DataDirError(
+            f"data directory {data_dir} is a file, not a directory: point QUEUEKIT_DATA_DIR at a directory"
+        )
     try:
         os.makedirs(data_dir, mode=0o700, exist_ok=True)
     except OSError as e:
         raise DataDirError(f"cannot create data directory {data_dir}: {e.strerror}") from None
     if not os.access(data_dir, os.W_OK | os.X_OK):
-        raise DataDirError(f"data directory {data_dir} is not writable by uid {os.getuid()}: fix its owner or mode "
-                           f"(the images run as uid 10001)")
+        raise DataDirError(
+            f"data directory {data_dir} is not writable by uid {os.getuid()}: fix its owner or mode "
+            f"(the images run as uid 10001)"
+        )
     db_path = os.path.join(data_dir, DB_NAME)
     if os.path.exists(db_path) and not os.path.isfile(db_path):
         raise DataDirError(f"{db_path} exists but is not a regular file; nothing was changed")
@@ -227,8 +253,9 @@ def _prepare_dir(data_dir: str) -> int:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         os.close(fd)
-        raise DataDirError(f"another queuekit server is using {data_dir} (its lock is held); "
-                           "two servers must never share a journal") from None
+        raise DataDirError(
+            f"another queuekit server is using {data_dir} (its lock is held); two servers must never share a journal"
+        ) from None
     return fd
 
 
@@ -254,8 +281,11 @@ def _open(path: str, sync: str) -> sqlite3.Connection:
                 db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         # Prove we can write (a read-only file or filesystem fails here, not at the first put).
         with db:
-            db.execute("INSERT INTO meta (key, value) VALUES ('opened_at', ?) "
-                       "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (int(time.time()),))
+            db.execute(
+                "INSERT INTO meta (key, value) VALUES ('opened_at', ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (int(time.time()),),
+            )
     except DataDirError:
         db.close()
         raise
@@ -279,14 +309,20 @@ def _validate(db: sqlite3.Connection, path: str) -> None:
         columns = {r[1] for r in db.execute("PRAGMA table_info(tasks)")}
         missing = TASK_COLUMNS - columns
         if missing and version <= SCHEMA_VERSION:
-            raise DataDirError(f"{where} lacks columns {sorted(missing)} of schema {SCHEMA_VERSION}: it was written by "
-                               f"a development build; {hint}")
+            raise DataDirError(
+                f"{where} lacks columns {sorted(missing)} of schema {SCHEMA_VERSION}: it was written by "
+                f"a development build; {hint}"
+            )
     if app_id != APPLICATION_ID or not {"tasks", "meta"} <= tables:
-        raise DataDirError(f"{where} is an SQLite database but not a queuekit journal "
-                           f"(application_id={app_id:#x}, tables={sorted(tables)}): {hint}")
+        raise DataDirError(
+            f"{where} is an SQLite database but not a queuekit journal "
+            f"(application_id={app_id:#x}, tables={sorted(tables)}): {hint}"
+        )
     if version > SCHEMA_VERSION:
-        raise DataDirError(f"{where} was written by a newer queuekit (schema {version}; this version reads up to "
-                           f"{SCHEMA_VERSION}): upgrade queuekit; nothing was changed")
+        raise DataDirError(
+            f"{where} was written by a newer queuekit (schema {version}; this version reads up to "
+            f"{SCHEMA_VERSION}): upgrade queuekit; nothing was changed"
+        )
     try:
         check = db.execute("PRAGMA quick_check").fetchall()
     except sqlite3.DatabaseError as e:

@@ -48,8 +48,7 @@ def _check_tree(value: Any, depth: int = 0) -> None:
                 _check_tree(item, depth + 1)
     elif kind not in _SCALARS:
         raise PayloadError(
-            f"payload must be JSON-compatible (dict, list, str, int, float, bool, None); "
-            f"got {kind.__name__}"
+            f"payload must be JSON-compatible (dict, list, str, int, float, bool, None); got {kind.__name__}"
         )
 
 
@@ -72,7 +71,9 @@ def check_size(text: str, max_bytes: int, index: int | None = None) -> None:
     size = len(text.encode("utf-8", "surrogatepass"))
     if size > max_bytes:
         where = "" if index is None else f" {index}"
-        raise PayloadTooLarge(f"payload{where} is {size} bytes encoded; the limit is {max_bytes} (QUEUEKIT_MAX_TASK_BYTES)")
+        raise PayloadTooLarge(
+            f"payload{where} is {size} bytes encoded; the limit is {max_bytes} (QUEUEKIT_MAX_TASK_BYTES)"
+        )
 
 
 def validate_texts(texts: Any, max_bytes: int) -> list[str]:

@@ -21,7 +21,6 @@ import os
 import queue as stdqueue
 import select
 import signal
-import socket
 import threading
 import time
 import traceback
@@ -36,8 +35,20 @@ from .message import decode_payload, encode_payload
 from .settings import ServerSettings
 
 API_IDENT = transport.API_IDENT
-API_METHODS = ("ping", "put_many", "get_many", "ack_many", "nack_many", "extend_many", "release_many",
-               "dead_list", "dead_requeue", "dead_purge", "stats", "qsize")
+API_METHODS = (
+    "ping",
+    "put_many",
+    "get_many",
+    "ack_many",
+    "nack_many",
+    "extend_many",
+    "release_many",
+    "dead_list",
+    "dead_requeue",
+    "dead_purge",
+    "stats",
+    "qsize",
+)
 COMPAT_METHODS = ("put", "put_nowait", "get", "get_nowait", "qsize", "empty", "full", "task_done")
 MAX_SERVER_WAIT = 60.0  # a single blocking get never holds its thread longer than this
 COMPAT_LEASE = 60.0
@@ -69,8 +80,12 @@ class QueueAPI:
         self._server = server
 
     def ping(self) -> dict:
-        return {"server": "queuekit", "version": __version__, "durable": self._server.status.durable,
-                "max_task_bytes": self._broker.max_task_bytes}
+        return {
+            "server": "queuekit",
+            "version": __version__,
+            "durable": self._server.status.durable,
+            "max_task_bytes": self._broker.max_task_bytes,
+        }
 
     def put_many(self, queue, texts, delay=0.0):
         return self._broker.put_many(queue, texts, delay)
@@ -242,7 +257,7 @@ class QueuekitServer(managers.Server):
         while not self._stopped.is_set():
             try:
                 conn = self.listener.accept()
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError as e:
                 if self._stopped.is_set():
@@ -255,8 +270,9 @@ class QueuekitServer(managers.Server):
                 if not full:
                     self._conns.add(conn)
             if full:
-                _log.warning("connection_refused", peer=conn.peer, reason="max_connections",
-                             limit=self.settings.max_connections)
+                _log.warning(
+                    "connection_refused", peer=conn.peer, reason="max_connections", limit=self.settings.max_connections
+                )
                 conn.close()
                 continue
             threading.Thread(target=self.handle_request, args=(conn,), name=f"conn {conn.peer}", daemon=True).start()
@@ -265,9 +281,13 @@ class QueuekitServer(managers.Server):
         return len(self._conns)
 
     def stats(self) -> dict:
-        return {"queues": self.broker.stats(), "connections": self.connection_count(),
-                "durable": self.status.durable, "ready": self.status.ready,
-                "uptime_seconds": round(time.monotonic() - self.status.started, 3)}
+        return {
+            "queues": self.broker.stats(),
+            "connections": self.connection_count(),
+            "durable": self.status.durable,
+            "ready": self.status.ready,
+            "uptime_seconds": round(time.monotonic() - self.status.started, 3),
+        }
 
     # -- per connection ---------------------------------------------------------------------
 
@@ -427,14 +447,29 @@ def run(settings: ServerSettings) -> int:
 
     journal = _open_journal(settings)
     status = Status(journal)
-    _log.info("server_starting", version=__version__, pid=os.getpid(), bind=settings.bind, http=settings.http or "off",
-              journal=journal.description, sync=settings.sync if journal.durable else None,
-              max_attempts=settings.max_attempts, max_task_bytes=settings.max_task_bytes)
+    _log.info(
+        "server_starting",
+        version=__version__,
+        pid=os.getpid(),
+        bind=settings.bind,
+        http=settings.http or "off",
+        journal=journal.description,
+        sync=settings.sync if journal.durable else None,
+        max_attempts=settings.max_attempts,
+        max_task_bytes=settings.max_task_bytes,
+    )
     if not journal.durable:
-        _log.warning("not_durable", detail="no --data-dir/QUEUEKIT_DATA_DIR: queued tasks are lost when the server stops")
-    broker = Broker(journal=journal, max_task_bytes=settings.max_task_bytes, max_attempts=settings.max_attempts,
-                    retry_base=settings.retry_base_seconds, retry_max=settings.retry_max_seconds,
-                    default_lease=settings.lease_seconds)
+        _log.warning(
+            "not_durable", detail="no --data-dir/QUEUEKIT_DATA_DIR: queued tasks are lost when the server stops"
+        )
+    broker = Broker(
+        journal=journal,
+        max_task_bytes=settings.max_task_bytes,
+        max_attempts=settings.max_attempts,
+        retry_base=settings.retry_base_seconds,
+        retry_max=settings.retry_max_seconds,
+        default_lease=settings.lease_seconds,
+    )
 
     from . import http
 
@@ -449,8 +484,12 @@ def run(settings: ServerSettings) -> int:
     started = time.monotonic()
     counts = broker.recover()
     if journal.durable:
-        _log.info("recovered", tasks=sum(counts.values()), seconds=round(time.monotonic() - started, 3),
-                  **{f"queue.{name}": n for name, n in sorted(counts.items())})
+        _log.info(
+            "recovered",
+            tasks=sum(counts.values()),
+            seconds=round(time.monotonic() - started, 3),
+            **{f"queue.{name}": n for name, n in sorted(counts.items())},
+        )
     try:
         server = QueuekitServer(broker, settings, status)
     except OSError as e:
@@ -460,8 +499,12 @@ def run(settings: ServerSettings) -> int:
     reaper.start()
     status.serving = True
     host, port = server.address[:2]
-    _log.info("server_ready", bind=transport.format_peer((host, port)),
-              http=transport.format_peer(web.server_address[:2]) if web else "off", durable=journal.durable)
+    _log.info(
+        "server_ready",
+        bind=transport.format_peer((host, port)),
+        http=transport.format_peer(web.server_address[:2]) if web else "off",
+        durable=journal.durable,
+    )
     while not stop.wait(0.5):
         pass
     t0 = time.monotonic()
@@ -473,7 +516,9 @@ def run(settings: ServerSettings) -> int:
     journal.close()
     if web:
         web.shutdown()
-    _log.info("server_stopped", seconds=round(time.monotonic() - t0, 3), leases_saved=saved if journal.durable else None)
+    _log.info(
+        "server_stopped", seconds=round(time.monotonic() - t0, 3), leases_saved=saved if journal.durable else None
+    )
     return ExitCode.OK
 
 
@@ -483,5 +528,3 @@ def _reap(broker: Broker, stop: threading.Event) -> None:
             broker.tick()
         except Exception as e:  # never let housekeeping die silently
             _log.error("reaper_failed", exc_info=e)
-
-

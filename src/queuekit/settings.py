@@ -68,7 +68,9 @@ def load_authkey(path: str) -> Secret:
     except OSError as e:
         raise AuthkeyFileError(f"authkey file {path} cannot be read ({e.strerror}): {KEYGEN_HINT}") from None
     if len(data) > MAX_AUTHKEY_FILE_BYTES:
-        raise AuthkeyFileError(f"authkey file {path} is larger than {MAX_AUTHKEY_FILE_BYTES} bytes: is it the right file?")
+        raise AuthkeyFileError(
+            f"authkey file {path} is larger than {MAX_AUTHKEY_FILE_BYTES} bytes: is it the right file?"
+        )
     if data.endswith(b"\r\n"):
         data = data[:-2]
     elif data.endswith(b"\n"):
@@ -226,14 +228,16 @@ class ServerSettings:
     log_level: str
 
     @classmethod
-    def load(cls, flags: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None,
-             *, need_authkey: bool = True) -> ServerSettings:
+    def load(
+        cls, flags: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None, *, need_authkey: bool = True
+    ) -> ServerSettings:
         src = _Sources(flags, env)
         authkey_file = src.get("authkey_file", "QUEUEKIT_AUTHKEY_FILE", DEFAULT_AUTHKEY_FILE, str)
         return cls(
             bind=src.get("bind", "QUEUEKIT_BIND", Address("0.0.0.0", DEFAULT_PORT), _address(DEFAULT_PORT)),
-            http=src.get("http", "QUEUEKIT_HTTP", Address("0.0.0.0", DEFAULT_HTTP_PORT),
-                         _optional_address(DEFAULT_HTTP_PORT)),
+            http=src.get(
+                "http", "QUEUEKIT_HTTP", Address("0.0.0.0", DEFAULT_HTTP_PORT), _optional_address(DEFAULT_HTTP_PORT)
+            ),
             authkey_file=authkey_file,
             authkey=load_authkey(authkey_file) if need_authkey else Secret(b""),
             data_dir=src.get("data_dir", "QUEUEKIT_DATA_DIR", None, _optional_path),
@@ -244,8 +248,9 @@ class ServerSettings:
             retry_max_seconds=src.get("retry_max", "QUEUEKIT_RETRY_MAX_SECONDS", 300.0, _non_negative_float),
             lease_seconds=src.get("lease", "QUEUEKIT_LEASE_SECONDS", 30.0, _positive_float),
             max_connections=src.get("max_connections", "QUEUEKIT_MAX_CONNECTIONS", 1024, _positive_int),
-            shutdown_grace_seconds=src.get("shutdown_grace", "QUEUEKIT_SHUTDOWN_GRACE_SECONDS", 2.0,
-                                           _non_negative_float),
+            shutdown_grace_seconds=src.get(
+                "shutdown_grace", "QUEUEKIT_SHUTDOWN_GRACE_SECONDS", 2.0, _non_negative_float
+            ),
             log_level=_log_level(src),
         )
 

@@ -93,8 +93,12 @@ def tune_socket(sock: socket.socket) -> None:
     if sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        for name, value in (("TCP_KEEPIDLE", KEEPALIVE_IDLE), ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL),
-                            ("TCP_KEEPCNT", KEEPALIVE_COUNT), ("TCP_USER_TIMEOUT", USER_TIMEOUT_MS)):
+        for name, value in (
+            ("TCP_KEEPIDLE", KEEPALIVE_IDLE),
+            ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL),
+            ("TCP_KEEPCNT", KEEPALIVE_COUNT),
+            ("TCP_USER_TIMEOUT", USER_TIMEOUT_MS),
+        ):
             if hasattr(socket, name):
                 sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
 
@@ -122,8 +126,16 @@ class Listener:
     accept loop can notice a shutdown request.
     """
 
-    def __init__(self, address=None, family=None, backlog=128, authkey=None, *,
-                 accept_timeout: float = 0.5, max_message_bytes: int | None = None):
+    def __init__(
+        self,
+        address=None,
+        family=None,
+        backlog=128,
+        authkey=None,
+        *,
+        accept_timeout: float = 0.5,
+        max_message_bytes: int | None = None,
+    ):
         if authkey is not None:
             raise ValueError("queuekit's Listener does not authenticate; the server does, per connection")
         host, port = address
@@ -155,8 +167,15 @@ class Listener:
         self.close()
 
 
-def Client(address, family=None, authkey=None, *, connect_timeout: float | None = HANDSHAKE_TIMEOUT,
-           handshake_timeout: float = HANDSHAKE_TIMEOUT, max_message_bytes: int | None = None) -> Connection:
+def Client(
+    address,
+    family=None,
+    authkey=None,
+    *,
+    connect_timeout: float | None = HANDSHAKE_TIMEOUT,
+    handshake_timeout: float = HANDSHAKE_TIMEOUT,
+    max_message_bytes: int | None = None,
+) -> Connection:
     """Connect, tune the socket and run the manager's HMAC handshake (mutual, like the stock Client).
 
     Raises ``OSError`` subclasses for network trouble, ``EOFError`` when the server drops the

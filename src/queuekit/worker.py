@@ -61,8 +61,17 @@ def load_handler(spec: str) -> Callable[[Any], Any]:
 
 
 class Worker:
-    def __init__(self, client: Client, queue: str, handler: Callable[[Any], Any], *, concurrency: int = 1,
-                 prefetch: int = 2, lease: float = 30.0, drain_timeout: float = 25.0):
+    def __init__(
+        self,
+        client: Client,
+        queue: str,
+        handler: Callable[[Any], Any],
+        *,
+        concurrency: int = 1,
+        prefetch: int = 2,
+        lease: float = 30.0,
+        drain_timeout: float = 25.0,
+    ):
         self.client = client
         self.queue: Queue = client.queue(queue)
         self.handler = handler
@@ -104,11 +113,21 @@ class Worker:
         """Consume until stopped; returns the exit code."""
         if not self._wait_for_server():
             return self._exit_code()
-        _log.info("consumer_started", queue=self.queue.name, server=self.client.address, pid=os.getpid(),
-                  concurrency=self.concurrency, capacity=self.capacity, lease=self.lease,
-                  drain_timeout=self.drain_timeout, handler=getattr(self.handler, "__qualname__", "?"))
-        handlers = [threading.Thread(target=self._handle_loop, name=f"handler-{i}", daemon=True)
-                    for i in range(self.concurrency)]
+        _log.info(
+            "consumer_started",
+            queue=self.queue.name,
+            server=self.client.address,
+            pid=os.getpid(),
+            concurrency=self.concurrency,
+            capacity=self.capacity,
+            lease=self.lease,
+            drain_timeout=self.drain_timeout,
+            handler=getattr(self.handler, "__qualname__", "?"),
+        )
+        handlers = [
+            threading.Thread(target=self._handle_loop, name=f"handler-{i}", daemon=True)
+            for i in range(self.concurrency)
+        ]
         fetcher = threading.Thread(target=self._fetch_loop, name="fetcher", daemon=True)
         heartbeat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         for t in (*handlers, fetcher, heartbeat):
@@ -134,8 +153,12 @@ class Worker:
     def _drain(self, fetcher: threading.Thread, handlers: list[threading.Thread]) -> int:
         started = time.monotonic()
         deadline = started + self.drain_timeout
-        _log.info("consumer_draining", running=len(self._running), buffered=len(self._buffer),
-                  drain_timeout=self.drain_timeout)
+        _log.info(
+            "consumer_draining",
+            running=len(self._running),
+            buffered=len(self._buffer),
+            drain_timeout=self.drain_timeout,
+        )
         fetcher.join(timeout=FETCH_WAIT + self.client.call_timeout)
         with self._cond:
             self._draining = True
@@ -155,8 +178,15 @@ class Worker:
         self._flush_outcomes()
         self._done.set()
         code = self._exit_code()
-        _log.info("consumer_stopped", processed=self.processed, failed=self.failed, released=released or 0,
-                  abandoned=len(overdue), seconds=round(time.monotonic() - started, 3), exit_code=int(code))
+        _log.info(
+            "consumer_stopped",
+            processed=self.processed,
+            failed=self.failed,
+            released=released or 0,
+            abandoned=len(overdue),
+            seconds=round(time.monotonic() - started, 3),
+            exit_code=int(code),
+        )
         return code
 
     def _exit_code(self) -> int:
@@ -223,8 +253,11 @@ class Worker:
                     return
                 # Slow tasks are taken one by one so that no task waits behind another's slow work
                 # while a handler thread is idle; fast ones in slices.
-                share = 1 if self._task_seconds > SLICE_BELOW_SECONDS else \
-                    max(1, min(MAX_SLICE, len(self._buffer) // self.concurrency))
+                share = (
+                    1
+                    if self._task_seconds > SLICE_BELOW_SECONDS
+                    else max(1, min(MAX_SLICE, len(self._buffer) // self.concurrency))
+                )
                 tasks = [self._buffer.popleft() for _ in range(share)]
                 for task in tasks:
                     self._running[task.receipt] = task
@@ -240,8 +273,14 @@ class Worker:
                     handler(task.payload)
                 except Exception as e:
                     error = f"{type(e).__name__}: {e}"
-                    _log.error("task_failed", queue=task.queue, task=task.id, attempts=task.attempts + 1,
-                               error=error[:500], traceback=traceback.format_exc())
+                    _log.error(
+                        "task_failed",
+                        queue=task.queue,
+                        task=task.id,
+                        attempts=task.attempts + 1,
+                        error=error[:500],
+                        traceback=traceback.format_exc(),
+                    )
                     failed.append((task, None, error))
                 else:
                     done.append(task)

@@ -78,9 +78,7 @@ def test_existing_secret_overlay_renders_in_place_without_key(kubectl):
     assert result.returncode == 0, result.stderr
     docs = k8slib.load_docs(result.stdout)
     assert not [d for d in docs if d["kind"] == "Secret"]
-    names = {
-        v["secret"]["secretName"] for w in workloads(docs) for v in pod_spec(w)["volumes"] if "secret" in v
-    }
+    names = {v["secret"]["secretName"] for w in workloads(docs) for v in pod_spec(w)["volumes"] if "secret" in v}
     assert names == {k8slib.SECRET_NAME}
 
 

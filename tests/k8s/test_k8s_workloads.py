@@ -101,9 +101,7 @@ MUTATIONS = {
     "token": (lambda s: s.update(automountServiceAccountToken=True), "automountServiceAccountToken"),
     "default-sa": (lambda s: s.update(serviceAccountName="default"), "ServiceAccount"),
     "init-container": (
-        lambda s: s.setdefault("initContainers", []).append(
-            {"name": "init", "image": "x", "securityContext": {}}
-        ),
+        lambda s: s.setdefault("initContainers", []).append({"name": "init", "image": "x", "securityContext": {}}),
         "container init",
     ),
 }
@@ -213,9 +211,7 @@ def test_authkey_is_a_read_only_file_from_the_secret_never_env(renders, name):
             assert env.get("QUEUEKIT_AUTHKEY_FILE", k8slib.AUTHKEY_PATH) == file_path
             # never through the environment
             for e in c.get("env") or []:
-                assert "secretKeyRef" not in (e.get("valueFrom") or {}), (
-                    f"{where}: env {e['name']} from a Secret"
-                )
+                assert "secretKeyRef" not in (e.get("valueFrom") or {}), f"{where}: env {e['name']} from a Secret"
                 assert key_text not in str(e.get("value")), f"{where}: the key is in env {e['name']}"
             for source_ref in c.get("envFrom") or []:
                 assert "secretRef" not in source_ref, f"{where}: envFrom a Secret"
@@ -295,9 +291,7 @@ def test_consumer_probes_run_queuekit_check_within_their_timeout(renders, name):
     # liveness slower to fire than readiness: a server restart should not restart every worker
     live, ready = c["livenessProbe"], c["readinessProbe"]
     assert live["periodSeconds"] * live["failureThreshold"] >= 60
-    assert (
-        live["periodSeconds"] * live["failureThreshold"] > ready["periodSeconds"] * ready["failureThreshold"]
-    )
+    assert live["periodSeconds"] * live["failureThreshold"] > ready["periodSeconds"] * ready["failureThreshold"]
 
 
 @pytest.mark.parametrize("name", ALL)

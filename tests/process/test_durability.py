@@ -16,9 +16,9 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from handlers import read_record
 
 import queuekit
-from handlers import read_record
 from queuekit.errors import ServerUnavailable
 from queuekit.journal_sqlite import APPLICATION_ID
 from support.procs import ROOT, Proc, ServerProc, base_env, write_key
@@ -55,8 +55,21 @@ class Producer(threading.Thread):
 def start_consumers(tmp_path, address, key_file, count=2):
     procs = []
     for i in range(count):
-        argv = ["consume", "--server", address, "--authkey-file", str(key_file), "--handler", "handlers:record",
-                "--concurrency", "2", "--prefetch", "8", "--lease", "5"]
+        argv = [
+            "consume",
+            "--server",
+            address,
+            "--authkey-file",
+            str(key_file),
+            "--handler",
+            "handlers:record",
+            "--concurrency",
+            "2",
+            "--prefetch",
+            "8",
+            "--lease",
+            "5",
+        ]
         env = base_env(QK_RECORD=str(tmp_path / "record"), QUEUEKIT_CONNECT_TIMEOUT="120")
         procs.append(Proc(f"consumer{i}", argv, tmp_path, env))
     for p in procs:
@@ -105,8 +118,10 @@ def test_sigkill_at_random_moments_loses_nothing_acknowledged(tmp_path, key_file
     client = queuekit.connect(server.address, authkey_file=str(key_file))
     drain(tmp_path, client, producer.acked)
     lost, unexpected, duplicated, delivered = classify(tmp_path, producer)
-    print(f"\nsync={sync} kill_points={kills} acked_puts={len(producer.acked)} attempted={len(producer.attempted)} "
-          f"delivered={len(delivered)} lost={len(lost)} unexpected={len(unexpected)} duplicated={len(duplicated)}")
+    print(
+        f"\nsync={sync} kill_points={kills} acked_puts={len(producer.acked)} attempted={len(producer.attempted)} "
+        f"delivered={len(delivered)} lost={len(lost)} unexpected={len(unexpected)} duplicated={len(duplicated)}"
+    )
     assert kills >= 10 and len(producer.acked) > 500
     assert lost == set(), f"lost {len(lost)}: {sorted(lost)[:20]}"
     assert unexpected == set()
@@ -137,8 +152,10 @@ def test_graceful_restarts_lose_nothing_and_duplicate_nothing(tmp_path, key_file
     client = queuekit.connect(server.address, authkey_file=str(key_file))
     drain(tmp_path, client, producer.acked)
     lost, unexpected, duplicated, delivered = classify(tmp_path, producer)
-    print(f"\ngraceful restarts=3 acked_puts={len(producer.acked)} delivered={len(delivered)} lost={len(lost)} "
-          f"duplicated={len(duplicated)}")
+    print(
+        f"\ngraceful restarts=3 acked_puts={len(producer.acked)} delivered={len(delivered)} lost={len(lost)} "
+        f"duplicated={len(duplicated)}"
+    )
     assert len(producer.acked) > 200
     assert lost == set() and unexpected == set()
     assert duplicated == {}, f"duplicated: {dict(list(duplicated.items())[:20])}"
@@ -173,18 +190,40 @@ def test_journal_space_is_reclaimed_after_acks(tmp_path, key_file):
 
 # -- bad data directories: a clear one-line error, exit code 6, the files untouched --------------
 
+
 def digest_tree(path: Path) -> dict:
     if path.is_file():
         return {path.name: hashlib.sha256(path.read_bytes()).hexdigest()}
-    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-            for p in sorted(path.rglob("*"))}
+    return {
+        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+        for p in sorted(path.rglob("*"))
+    }
 
 
 def start_expecting_failure(key_file, data_dir, user=None, python=sys.executable, env=None):
-    argv = [python, "-m", "queuekit", "server", "--bind", "127.0.0.1:0", "--http", "off",
-            "--authkey-file", str(key_file), "--data-dir", str(data_dir)]
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=30, env=env or base_env(),
-                         cwd="/" if user else str(ROOT), user=user)
+    argv = [
+        python,
+        "-m",
+        "queuekit",
+        "server",
+        "--bind",
+        "127.0.0.1:0",
+        "--http",
+        "off",
+        "--authkey-file",
+        str(key_file),
+        "--data-dir",
+        str(data_dir),
+    ]
+    out = subprocess.run(
+        argv,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env or base_env(),
+        cwd="/" if user else str(ROOT),
+        user=user,
+    )
     lines = [line for line in out.stderr.splitlines() if "event=fatal" in line]
     return out.returncode, lines, out.stderr
 
@@ -219,16 +258,19 @@ def make_truncated_journal(d, key_file, tmp_path):
     server.stop()
     path = d / "queuekit.db"
     data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2] + os.urandom(4096) + data[len(data) // 2 + 4096:])
+    path.write_bytes(data[: len(data) // 2] + os.urandom(4096) + data[len(data) // 2 + 4096 :])
 
 
-@pytest.mark.parametrize("case, message", [
-    ("file", "is a file, not a directory"),
-    ("foreign", "not a queuekit journal"),
-    ("newer", "written by a newer queuekit"),
-    ("corrupt", "not an SQLite database or is corrupt"),
-    ("damaged", "corrupt|integrity check"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("file", "is a file, not a directory"),
+        ("foreign", "not a queuekit journal"),
+        ("newer", "written by a newer queuekit"),
+        ("corrupt", "not an SQLite database or is corrupt"),
+        ("damaged", "corrupt|integrity check"),
+    ],
+)
 def test_bad_data_directory_is_refused_and_left_untouched(tmp_path, key_file, case, message):
     d = tmp_path / "data"
     if case == "file":
@@ -261,8 +303,10 @@ def test_second_server_on_the_same_data_directory_is_refused(tmp_path, key_file)
 SYSTEM_PYTHON = "/usr/bin/python3"
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists(SYSTEM_PYTHON),
-                    reason="needs root (to run the server as another user) and a python3 that user can run")
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not os.path.exists(SYSTEM_PYTHON),
+    reason="needs root (to run the server as another user) and a python3 that user can run",
+)
 def test_data_directory_not_writable_by_the_server_user(tmp_path):
     base = Path(tempfile.mkdtemp(prefix="qk-perm-", dir="/tmp"))
     try:

@@ -16,7 +16,13 @@ from multiprocessing.managers import BaseManager, dispatch
 import pytest
 
 import queuekit
-from queuekit.errors import AuthenticationFailed, InvalidRequest, PayloadError, PayloadTooLarge, ServerUnavailable
+from queuekit.errors import (
+    AuthenticationFailed,
+    InvalidRequest,
+    PayloadError,
+    PayloadTooLarge,
+    ServerUnavailable,
+)
 from support.procs import ROOT, ServerProc, base_env, write_key
 
 
@@ -42,10 +48,17 @@ def test_blocking_get_waits_for_a_put_from_another_client(client, server, key_fi
     other = queuekit.connect(server.address, authkey_file=str(key_file))
     q = client.queue("wait")
     t0 = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-c", (
-        "import time, queuekit; time.sleep(0.5);"
-        f"queuekit.connect({server.address!r}, authkey_file={str(key_file)!r}).queue('wait').put('late')")],
-        env=base_env())
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import time, queuekit; time.sleep(0.5);"
+                f"queuekit.connect({server.address!r}, authkey_file={str(key_file)!r}).queue('wait').put('late')"
+            ),
+        ],
+        env=base_env(),
+    )
     task = q.get(timeout=10)
     assert task.payload == "late" and 0.4 < time.monotonic() - t0 < 5
     assert proc.wait(10) == 0
@@ -76,8 +89,13 @@ def test_wrong_authkey_is_a_clear_error_and_the_server_keeps_serving(server, cli
     with pytest.raises(AuthenticationFailed, match="rejected our authkey.*do not match"):
         queuekit.connect(server.address, authkey_file=str(wrong), connect_timeout=30)
     assert time.monotonic() - t0 < 3  # not retried
-    out = subprocess.run([sys.executable, "-m", "queuekit", "check", "--server", server.address,
-                          "--authkey-file", str(wrong)], env=base_env(), capture_output=True, text=True, timeout=30)
+    out = subprocess.run(
+        [sys.executable, "-m", "queuekit", "check", "--server", server.address, "--authkey-file", str(wrong)],
+        env=base_env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert out.returncode == 4 and "do not match" in out.stderr
     server.wait_for(r"event=auth_failed peer=127\.0\.0\.1:\d+", count=2)
     assert client.queue("still").put(1) > 0
@@ -93,7 +111,7 @@ def test_garbage_on_the_port_leaves_the_server_unaffected(server, client):
             try:
                 while s.recv(4096):
                     pass
-            except (ConnectionError, socket.timeout):
+            except (TimeoutError, ConnectionError):
                 pass
     idle = socket.create_connection(("127.0.0.1", server.port), timeout=5)  # says nothing at all
     server.wait_for("event=handshake_failed", count=3)
@@ -115,8 +133,10 @@ def test_clients_cannot_shut_the_server_down_or_create_objects(server, key_file)
 
 
 def test_client_that_vanishes_while_waiting_does_not_swallow_a_task(server, client, key_file):
-    script = (f"import queuekit; queuekit.connect({server.address!r}, authkey_file={str(key_file)!r})"
-              ".queue('vanish').get(timeout=60)")
+    script = (
+        f"import queuekit; queuekit.connect({server.address!r}, authkey_file={str(key_file)!r})"
+        ".queue('vanish').get(timeout=60)"
+    )
     waiter = subprocess.Popen([sys.executable, "-c", script], env=base_env())
     time.sleep(1.0)  # it is waiting on the server now
     waiter.kill()
@@ -133,10 +153,17 @@ def test_client_that_vanishes_while_waiting_does_not_swallow_a_task(server, clie
 def test_sigterm_exits_zero_quickly_even_with_clients_waiting(tmp_path, key_file):
     server = ServerProc(tmp_path, key_file)
     c = queuekit.connect(server.address, authkey_file=str(key_file))
-    waiter = subprocess.Popen([sys.executable, "-c", (
-        f"import queuekit; c = queuekit.connect({server.address!r}, authkey_file={str(key_file)!r}, "
-        "connect_timeout=2)\ntry:\n  c.queue('w').get(timeout=60)\nexcept queuekit.ServerUnavailable:\n  pass")],
-        env=base_env())
+    waiter = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                f"import queuekit; c = queuekit.connect({server.address!r}, authkey_file={str(key_file)!r}, "
+                "connect_timeout=2)\ntry:\n  c.queue('w').get(timeout=60)\nexcept queuekit.ServerUnavailable:\n  pass"
+            ),
+        ],
+        env=base_env(),
+    )
     time.sleep(0.5)
     t0 = time.monotonic()
     server.signal(signal.SIGTERM)
@@ -183,9 +210,25 @@ def test_server_refuses_to_start_without_a_usable_key(tmp_path):
         path = tmp_path / "k"
         if content is not None:
             path.write_bytes(content)
-        out = subprocess.run([sys.executable, "-m", "queuekit", "server", "--authkey-file", str(path), "--bind",
-                              "127.0.0.1:0", "--http", "off"], env=base_env(), capture_output=True, text=True,
-                             timeout=30, cwd=str(ROOT))
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "queuekit",
+                "server",
+                "--authkey-file",
+                str(path),
+                "--bind",
+                "127.0.0.1:0",
+                "--http",
+                "off",
+            ],
+            env=base_env(),
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd=str(ROOT),
+        )
         assert out.returncode == 3, out
         lines = out.stderr.strip().splitlines()
         assert len(lines) == 1 and message in lines[0] and str(path) in lines[0] and "queuekit keygen" in lines[0]
@@ -230,8 +273,16 @@ else:
 def test_stock_basemanager_clients_work_unmodified(server, key_file, tmp_path, client):
     script = tmp_path / "stock.py"
     script.write_text(STOCK_CLIENT)
-    run = lambda *a: subprocess.run([sys.executable, str(script), str(server.port), str(key_file), *a],  # noqa: E731
-                                    capture_output=True, text=True, timeout=60, env=base_env())
+
+    def run(*args):
+        return subprocess.run(
+            [sys.executable, str(script), str(server.port), str(key_file), *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=base_env(),
+        )
+
     out = run("put", "50")
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["put", "51"]

@@ -6,9 +6,9 @@ import sys
 import time
 
 import pytest
+from handlers import read_record
 
 import queuekit
-from handlers import read_record
 from support.procs import Proc, ServerProc, base_env
 
 
@@ -29,8 +29,19 @@ def wait_until(predicate, timeout=20.0, what="condition"):
 
 def test_consumer_killed_mid_task_its_task_goes_to_another(tmp_path, server, key_file, client):
     record = tmp_path / "record"
-    victim = consumer(tmp_path, server, key_file, "--handler", "handlers:record", "--lease", "2", "--prefetch", "0",
-                      name="victim", QK_HANG="1")
+    victim = consumer(
+        tmp_path,
+        server,
+        key_file,
+        "--handler",
+        "handlers:record",
+        "--lease",
+        "2",
+        "--prefetch",
+        "0",
+        name="victim",
+        QK_HANG="1",
+    )
     client.queue("tasks").put({"n": 42})
     wait_until(lambda: ("start", victim.pid, 42) in read_record(record), what="victim to start the task")
     victim.signal(signal.SIGKILL)
@@ -50,8 +61,9 @@ def test_sigterm_drains_in_flight_and_releases_the_rest(tmp_path, server, key_fi
     record = tmp_path / "record"
     q = client.queue("tasks")
     q.put_many([{"n": n, "ms": 1500} for n in range(10)])
-    worker = consumer(tmp_path, server, key_file, "--handler", "handlers:record", "--concurrency", "2",
-                      "--prefetch", "4")
+    worker = consumer(
+        tmp_path, server, key_file, "--handler", "handlers:record", "--concurrency", "2", "--prefetch", "4"
+    )
     wait_until(lambda: len([r for r in read_record(record) if r[0] == "start"]) == 2, what="two tasks started")
     assert client.stats()["queues"]["tasks"]["inflight"] == 6  # 2 running + 4 prefetched
     t0 = time.monotonic()
@@ -82,8 +94,13 @@ def test_second_sigterm_exits_at_once(tmp_path, server, key_file, client):
 
 
 def test_failing_handler_retries_then_dead_letters(tmp_path, key_file):
-    server = ServerProc(tmp_path, key_file, "--max-attempts", "2",
-                        env=base_env(QUEUEKIT_RETRY_BASE_SECONDS="0.05", QUEUEKIT_RETRY_MAX_SECONDS="0.1"))
+    server = ServerProc(
+        tmp_path,
+        key_file,
+        "--max-attempts",
+        "2",
+        env=base_env(QUEUEKIT_RETRY_BASE_SECONDS="0.05", QUEUEKIT_RETRY_MAX_SECONDS="0.1"),
+    )
     worker = consumer(tmp_path, server, key_file, "--handler", "handlers:always_fail")
     c = queuekit.connect(server.address, authkey_file=str(key_file))
     c.queue("tasks").put({"n": 7})
@@ -94,10 +111,13 @@ def test_failing_handler_retries_then_dead_letters(tmp_path, key_file):
     cli = [sys.executable, "-m", "queuekit", "dead", "--server", server.address, "--authkey-file", str(key_file)]
     out = subprocess.run(cli + ["list", "--queue", "tasks"], capture_output=True, text=True, env=base_env(), timeout=30)
     assert out.returncode == 0 and '"attempts": 3' in out.stdout and "handler refuses" in out.stdout
-    out = subprocess.run(cli + ["purge", "--queue", "tasks"], capture_output=True, text=True, env=base_env(), timeout=30)
+    out = subprocess.run(
+        cli + ["purge", "--queue", "tasks"], capture_output=True, text=True, env=base_env(), timeout=30
+    )
     assert out.returncode != 0 and "--yes" in out.stderr
-    out = subprocess.run(cli + ["requeue", "--queue", "tasks"], capture_output=True, text=True, env=base_env(),
-                         timeout=30)
+    out = subprocess.run(
+        cli + ["requeue", "--queue", "tasks"], capture_output=True, text=True, env=base_env(), timeout=30
+    )
     assert out.stdout.strip() == "requeued=1 queue=tasks"
     wait_until(lambda: c.stats()["queues"]["tasks"]["dead_lettered"] == 2, what="second dead letter")
     assert worker.stop() == 0
@@ -121,8 +141,7 @@ def test_consumer_started_before_the_server_connects_when_it_comes(tmp_path, key
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
     s.close()
-    argv = ["consume", "--server", f"127.0.0.1:{port}", "--authkey-file", str(key_file), "--handler",
-            "handlers:record"]
+    argv = ["consume", "--server", f"127.0.0.1:{port}", "--authkey-file", str(key_file), "--handler", "handlers:record"]
     worker = Proc("early", argv, tmp_path, base_env(QK_RECORD=str(tmp_path / "record")))
     time.sleep(1.5)
     server = ServerProc(tmp_path, key_file, port=port)
@@ -146,26 +165,80 @@ def test_worker_reconnects_after_a_server_restart(tmp_path, key_file):
 
 def test_produce_reports_the_bad_line_and_what_was_enqueued(tmp_path, server, key_file, client):
     lines = '{"a": 1}\n\n[2]\n"three"\n{bad json}\n{"never": true}\n'
-    out = subprocess.run([sys.executable, "-m", "queuekit", "produce", "--server", server.address, "--authkey-file",
-                          str(key_file), "--queue", "in", "--batch", "2", "-"], input=lines, capture_output=True,
-                         text=True, env=base_env(), timeout=30)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "queuekit",
+            "produce",
+            "--server",
+            server.address,
+            "--authkey-file",
+            str(key_file),
+            "--queue",
+            "in",
+            "--batch",
+            "2",
+            "-",
+        ],
+        input=lines,
+        capture_output=True,
+        text=True,
+        env=base_env(),
+        timeout=30,
+    )
     assert out.returncode == 7
     assert "stdin line 5" in out.stderr and "3 tasks from the lines before it were enqueued" in out.stderr
     assert [t.payload for t in client.queue("in").get_many(10)] == [{"a": 1}, [2], "three"]
 
 
 def test_produce_generate_prints_the_count(server, key_file, client):
-    out = subprocess.run([sys.executable, "-m", "queuekit", "produce", "--server", server.address, "--authkey-file",
-                          str(key_file), "--generate", "250", "--task-ms", "5"], capture_output=True, text=True,
-                         env=base_env(), timeout=30)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "queuekit",
+            "produce",
+            "--server",
+            server.address,
+            "--authkey-file",
+            str(key_file),
+            "--generate",
+            "250",
+            "--task-ms",
+            "5",
+        ],
+        capture_output=True,
+        text=True,
+        env=base_env(),
+        timeout=30,
+    )
     assert out.returncode == 0 and out.stdout.strip() == "produced=250 queue=tasks"
     tasks = client.queue("tasks").get_many(1000)
     assert [t.payload for t in tasks] == [{"n": n, "ms": 5} for n in range(250)]
 
 
-@pytest.mark.parametrize("spec, message", [("nocolon", "pkg.module:function"), ("no_such_mod:f", "cannot import"),
-                                           ("handlers:missing", "no attribute")])
+@pytest.mark.parametrize(
+    "spec, message",
+    [("nocolon", "pkg.module:function"), ("no_such_mod:f", "cannot import"), ("handlers:missing", "no attribute")],
+)
 def test_bad_handler_is_a_config_error(tmp_path, server, key_file, spec, message):
-    out = subprocess.run([sys.executable, "-m", "queuekit", "consume", "--server", server.address, "--authkey-file",
-                          str(key_file), "--handler", spec], capture_output=True, text=True, env=base_env(), timeout=30)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "queuekit",
+            "consume",
+            "--server",
+            server.address,
+            "--authkey-file",
+            str(key_file),
+            "--handler",
+            spec,
+        ],
+        capture_output=True,
+        text=True,
+        env=base_env(),
+        timeout=30,
+    )
     assert out.returncode == 3 and message in out.stderr

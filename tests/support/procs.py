@@ -38,8 +38,13 @@ class Proc:
         self.name = name
         self.log_path = log_dir / f"{name}.{len(Proc.all)}.log"
         self._log = open(self.log_path, "wb")
-        self.popen = subprocess.Popen([sys.executable, "-m", "queuekit", *args], stdout=self._log,
-                                      stderr=subprocess.STDOUT, env=env or base_env(), cwd=str(ROOT))
+        self.popen = subprocess.Popen(
+            [sys.executable, "-m", "queuekit", *args],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env or base_env(),
+            cwd=str(ROOT),
+        )
         Proc.all.append(self)
 
     @property
@@ -56,7 +61,9 @@ class Proc:
             if len(matches) >= count:
                 return matches[count - 1]
             if self.popen.poll() is not None and len(list(re.finditer(pattern, self.log()))) < count:
-                raise AssertionError(f"{self.name} exited ({self.popen.returncode}) before logging {pattern!r}:\n{self.log()}")
+                raise AssertionError(
+                    f"{self.name} exited ({self.popen.returncode}) before logging {pattern!r}:\n{self.log()}"
+                )
             if time.monotonic() > deadline:
                 raise AssertionError(f"{self.name} did not log {pattern!r} within {timeout}s:\n{self.log()[-4000:]}")
             time.sleep(0.02)
@@ -86,10 +93,19 @@ class Proc:
 class ServerProc(Proc):
     """``queuekit server`` on 127.0.0.1 (ephemeral ports unless given)."""
 
-    def __init__(self, log_dir: Path, key_file: Path, *args: str, port: int = 0, http: bool = True,
-                 env: dict | None = None):
-        argv = ["server", "--bind", f"127.0.0.1:{port}", "--http", "127.0.0.1:0" if http else "off",
-                "--authkey-file", str(key_file), *args]
+    def __init__(
+        self, log_dir: Path, key_file: Path, *args: str, port: int = 0, http: bool = True, env: dict | None = None
+    ):
+        argv = [
+            "server",
+            "--bind",
+            f"127.0.0.1:{port}",
+            "--http",
+            "127.0.0.1:0" if http else "off",
+            "--authkey-file",
+            str(key_file),
+            *args,
+        ]
         super().__init__("server", argv, log_dir, env)
         ready = self.wait_for(r"event=server_ready bind=127\.0\.0\.1:(\d+) http=(\S+)")
         self.port = int(ready.group(1))

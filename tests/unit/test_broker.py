@@ -23,8 +23,15 @@ def clock():
 
 @pytest.fixture
 def broker(clock):
-    return Broker(clock=clock, max_attempts=2, retry_base=1.0, retry_max=8.0, default_lease=10.0,
-                  rng=random.Random(7), max_task_bytes=1000)
+    return Broker(
+        clock=clock,
+        max_attempts=2,
+        retry_base=1.0,
+        retry_max=8.0,
+        default_lease=10.0,
+        rng=random.Random(7),
+        max_task_bytes=1000,
+    )
 
 
 def payloads(items):
@@ -172,8 +179,18 @@ def test_bad_queue_names_are_refused(broker, name):
         broker.put_many(name, texts(1))
 
 
-@pytest.mark.parametrize("kwargs", [{"max_n": 0}, {"max_n": 10**6}, {"max_n": "3"}, {"timeout": -1},
-                                    {"timeout": float("nan")}, {"lease": 0}, {"lease": 10**9}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"max_n": 0},
+        {"max_n": 10**6},
+        {"max_n": "3"},
+        {"timeout": -1},
+        {"timeout": float("nan")},
+        {"lease": 0},
+        {"lease": 10**9},
+    ],
+)
 def test_bad_get_arguments_are_refused(broker, kwargs):
     with pytest.raises(InvalidRequest):
         broker.get_many("q", **{"max_n": 1, **kwargs})

@@ -59,8 +59,15 @@ class Harness:
         self.broker.recover()
 
     def _new_broker(self):
-        return Broker(journal=self.journal, clock=self.clock, max_attempts=2, retry_base=10.0, retry_max=10.0,
-                      default_lease=5.0, rng=random.Random(1))
+        return Broker(
+            journal=self.journal,
+            clock=self.clock,
+            max_attempts=2,
+            retry_base=10.0,
+            retry_max=10.0,
+            default_lease=5.0,
+            rng=random.Random(1),
+        )
 
     def restart(self):
         self.store.close(self.journal)
@@ -76,8 +83,10 @@ def state(broker):
     """{queue: {"live": {id: attempts}, "dead": {id: attempts}}} (live = ready, leased or delayed)."""
     out = {}
     for name, q in broker._queues.items():
-        out[name] = {"live": {i: t.attempts for i, t in q.live.items()},
-                     "dead": {i: t.attempts for i, t in q.dead.items()}}
+        out[name] = {
+            "live": {i: t.attempts for i, t in q.live.items()},
+            "dead": {i: t.attempts for i, t in q.dead.items()},
+        }
     return out
 
 
@@ -95,7 +104,7 @@ def test_put_survives_restart_with_payload_and_order(store):
 
 def test_leased_tasks_come_back_ready_with_attempts_kept(store):
     h = Harness(store)
-    h.broker.put_many("q", ['1', '2', '3'])
+    h.broker.put_many("q", ["1", "2", "3"])
     a, b, c = h.broker.get_many("q", 3)
     h.broker.ack_many("q", [a[0]])
     h.broker.nack_many("q", [(b[0], b[1], 0, "failed once")])
@@ -131,25 +140,28 @@ def test_dead_letters_and_delays_survive_restart(store):
 
 def test_ids_keep_growing_across_restarts_even_when_everything_was_acked(store):
     h = Harness(store)
-    first = h.broker.put_many("q", ['1', '2'])
+    first = h.broker.put_many("q", ["1", "2"])
     h.broker.ack_many("q", first)
     h.clock.wall_time -= 3600  # even if the wall clock went backwards
     h.restart()
-    assert h.broker.put_many("q", ['3'])[0] > max(first)
+    assert h.broker.put_many("q", ["3"])[0] > max(first)
     h.close()
 
 
 # -- property: any sequence of operations, replayed after a restart, matches a reference model --
 
-OPS = st.lists(st.one_of(
-    st.tuples(st.just("put"), st.integers(1, 3)),
-    st.tuples(st.just("get"), st.integers(1, 3)),
-    st.tuples(st.just("ack"), st.integers(0, 50)),
-    st.tuples(st.just("nack"), st.integers(0, 50)),
-    st.tuples(st.just("expire"), st.just(0)),
-    st.tuples(st.just("requeue"), st.just(0)),
-    st.tuples(st.just("restart"), st.just(0)),
-), max_size=40)
+OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("put"), st.integers(1, 3)),
+        st.tuples(st.just("get"), st.integers(1, 3)),
+        st.tuples(st.just("ack"), st.integers(0, 50)),
+        st.tuples(st.just("nack"), st.integers(0, 50)),
+        st.tuples(st.just("expire"), st.just(0)),
+        st.tuples(st.just("requeue"), st.just(0)),
+        st.tuples(st.just("restart"), st.just(0)),
+    ),
+    max_size=40,
+)
 
 
 class Model:

@@ -9,24 +9,28 @@ from queuekit.message import Task, decode_payload, encode_payload, validate_text
 LIMIT = 1024 * 1024
 
 
-@pytest.mark.parametrize("value", [None, True, 0, -3, 1.5, "", "ünïcode ✓", [], {}, [1, [2, [3]]],
-                                   {"a": {"b": [None, False, 2.25, "x"]}}])
+@pytest.mark.parametrize(
+    "value", [None, True, 0, -3, 1.5, "", "ünïcode ✓", [], {}, [1, [2, [3]]], {"a": {"b": [None, False, 2.25, "x"]}}]
+)
 def test_round_trip_is_exact(value):
     text = encode_payload(value, LIMIT)
     assert decode_payload(text) == value
     assert type(decode_payload(text)) is type(value)
 
 
-@pytest.mark.parametrize("value, message", [
-    ((1, 2), "got tuple"),
-    ({1: "int key"}, "keys must be str"),
-    ({"a": {2: "nested int key"}}, "keys must be str"),
-    ([b"bytes"], "got bytes"),
-    ({1, 2}, "got set"),
-    (object(), "got object"),
-    (float("nan"), "not JSON-compatible"),
-    ([math.inf], "not JSON-compatible"),
-])
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ((1, 2), "got tuple"),
+        ({1: "int key"}, "keys must be str"),
+        ({"a": {2: "nested int key"}}, "keys must be str"),
+        ([b"bytes"], "got bytes"),
+        ({1, 2}, "got set"),
+        (object(), "got object"),
+        (float("nan"), "not JSON-compatible"),
+        ([math.inf], "not JSON-compatible"),
+    ],
+)
 def test_lossy_or_foreign_values_are_refused(value, message):
     with pytest.raises(PayloadError, match=message):
         encode_payload(value, LIMIT)
@@ -48,7 +52,7 @@ def test_size_limit_counts_encoded_utf8_bytes():
 
 
 def test_server_side_validation_names_the_bad_item():
-    assert validate_texts(('1', '"x"'), LIMIT) == ["1", '"x"']
+    assert validate_texts(("1", '"x"'), LIMIT) == ["1", '"x"']
     with pytest.raises(PayloadError, match="payload 2 is not valid JSON"):
         validate_texts(["1", "2", "{'single': 'quotes'}"], LIMIT)
     with pytest.raises(PayloadError, match="payload 0 must be JSON text"):

@@ -60,7 +60,13 @@ def test_settings_repr_never_shows_the_key(keyfile):
 def test_defaults(keyfile):
     s = ServerSettings.load({}, env={"QUEUEKIT_AUTHKEY_FILE": keyfile})
     assert (str(s.bind), str(s.http), s.data_dir, s.sync, s.max_task_bytes, s.max_attempts) == (
-        "0.0.0.0:50000", "0.0.0.0:8080", None, "full", 1048576, 5)
+        "0.0.0.0:50000",
+        "0.0.0.0:8080",
+        None,
+        "full",
+        1048576,
+        5,
+    )
     c = ClientSettings.load({}, env={"QUEUEKIT_AUTHKEY_FILE": keyfile})
     assert str(c.server) == "localhost:50000"
     w = WorkerSettings.load({"handler": "m:f"}, env={"QUEUEKIT_AUTHKEY_FILE": keyfile, "QUEUEKIT_CONCURRENCY": "3"})
@@ -78,9 +84,14 @@ def test_flag_wins_over_env(keyfile):
     assert str(s.bind) == "127.0.0.2:2" and s.http is None
 
 
-@pytest.mark.parametrize("env, source", [({"QUEUEKIT_BIND": "host:notaport"}, "QUEUEKIT_BIND"),
-                                          ({"QUEUEKIT_SYNC": "sometimes"}, "QUEUEKIT_SYNC"),
-                                          ({"QUEUEKIT_MAX_TASK_BYTES": "-1"}, "QUEUEKIT_MAX_TASK_BYTES")])
+@pytest.mark.parametrize(
+    "env, source",
+    [
+        ({"QUEUEKIT_BIND": "host:notaport"}, "QUEUEKIT_BIND"),
+        ({"QUEUEKIT_SYNC": "sometimes"}, "QUEUEKIT_SYNC"),
+        ({"QUEUEKIT_MAX_TASK_BYTES": "-1"}, "QUEUEKIT_MAX_TASK_BYTES"),
+    ],
+)
 def test_bad_values_name_their_source(keyfile, env, source):
     with pytest.raises(ConfigError, match=source):
         ServerSettings.load({}, env={"QUEUEKIT_AUTHKEY_FILE": keyfile, **env})
@@ -91,8 +102,9 @@ def test_consumer_needs_a_handler(keyfile):
         WorkerSettings.load({}, env={"QUEUEKIT_AUTHKEY_FILE": keyfile})
 
 
-@pytest.mark.parametrize("text, expected", [("h:1", ("h", 1)), ("[::1]:5", ("::1", 5)), (":7", ("0.0.0.0", 7)),
-                                            ("host", ("host", 50000))])
+@pytest.mark.parametrize(
+    "text, expected", [("h:1", ("h", 1)), ("[::1]:5", ("::1", 5)), (":7", ("0.0.0.0", 7)), ("host", ("host", 50000))]
+)
 def test_address_parsing(text, expected):
     assert Address.parse(text, 50000).tuple() == expected
 
