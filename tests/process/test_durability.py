@@ -96,22 +96,15 @@ def classify(tmp_path, producer):
     return lost, unexpected, duplicated, delivered
 
 
-@pytest.mark.parametrize("sync", ["full", "normal"])
-def test_sigkill_at_random_moments_loses_nothing_acknowledged(tmp_path, key_file, sync):
-    data = tmp_path / "data"
-    server = ServerProc(tmp_path, key_file, "--data-dir", str(data), "--sync", sync)
-    port = server.port
+def restarts_under_load(tmp_path, key_file, server_args, restarts, restart):
+    """Stream puts into a durable server while 2 consumers drain it; ``restart(server)`` returns
+    the next server, ``restarts`` times; then drain and classify what was delivered."""
+    server = ServerProc(tmp_path, key_file, *server_args)
     consumers = start_consumers(tmp_path, server.address, key_file)
     producer = Producer(server.address, key_file)
     producer.start()
-    rng = random.Random(int(os.environ.get("QK_CRASH_SEED", "20261126")))
-    kills = 0
-    for _ in range(12):
-        time.sleep(rng.uniform(0.1, 0.8))
-        server.signal(signal.SIGKILL)
-        server.wait(10)
-        kills += 1
-        server = ServerProc(tmp_path, key_file, "--data-dir", str(data), "--sync", sync, port=port)
+    for _ in range(restarts):
+        server = restart(server)
     time.sleep(0.5)
     producer.stop.set()
     producer.join(90)
@@ -119,51 +112,54 @@ def test_sigkill_at_random_moments_loses_nothing_acknowledged(tmp_path, key_file
     drain(tmp_path, client, producer.acked)
     lost, unexpected, duplicated, delivered = classify(tmp_path, producer)
     print(
-        f"\nsync={sync} kill_points={kills} acked_puts={len(producer.acked)} attempted={len(producer.attempted)} "
-        f"delivered={len(delivered)} lost={len(lost)} unexpected={len(unexpected)} duplicated={len(duplicated)}"
+        f"\n{' '.join(server_args[2:])} restarts={restarts} acked_puts={len(producer.acked)} "
+        f"attempted={len(producer.attempted)} delivered={len(delivered)} lost={len(lost)} "
+        f"unexpected={len(unexpected)} duplicated={len(duplicated)}"
     )
-    assert kills >= 10 and len(producer.acked) > 500
-    assert lost == set(), f"lost {len(lost)}: {sorted(lost)[:20]}"
-    assert unexpected == set()
     for c in consumers:
         assert c.stop() == 0
     client.close()
     server.stop()
+    return producer, lost, unexpected, duplicated
+
+
+@pytest.mark.parametrize("sync", ["full", "normal"])
+def test_sigkill_at_random_moments_loses_nothing_acknowledged(tmp_path, key_file, sync):
+    args = ("--data-dir", str(tmp_path / "data"), "--sync", sync)
+    rng = random.Random(int(os.environ.get("QK_CRASH_SEED", "20261126")))
+    kills = []
+
+    def crash(server):
+        time.sleep(rng.uniform(0.1, 0.8))
+        server.signal(signal.SIGKILL)
+        server.wait(10)
+        kills.append(server.port)
+        return ServerProc(tmp_path, key_file, *args, port=server.port)
+
+    producer, lost, unexpected, _ = restarts_under_load(tmp_path, key_file, args, 12, crash)
+    assert len(kills) >= 10 and len(producer.acked) > 500
+    assert lost == set(), f"lost {len(lost)}: {sorted(lost)[:20]}"
+    assert unexpected == set()
 
 
 def test_graceful_restarts_lose_nothing_and_duplicate_nothing(tmp_path, key_file):
-    data = tmp_path / "data"
-    server = ServerProc(tmp_path, key_file, "--data-dir", str(data))
-    port = server.port
-    consumers = start_consumers(tmp_path, server.address, key_file)
-    producer = Producer(server.address, key_file)
-    producer.start()
-    for _ in range(3):
+    args = ("--data-dir", str(tmp_path / "data"), "--sync", "full")
+
+    def graceful(server):
         time.sleep(1.0)
         t0 = time.monotonic()
         assert server.stop() == 0
         assert time.monotonic() - t0 < 5
         assert "leases_saved=" in server.log()
-        server = ServerProc(tmp_path, key_file, "--data-dir", str(data), port=port)
-        server.wait_for(r"event=recovered tasks=\d+")
-    time.sleep(0.5)
-    producer.stop.set()
-    producer.join(90)
-    client = queuekit.connect(server.address, authkey_file=str(key_file))
-    drain(tmp_path, client, producer.acked)
-    lost, unexpected, duplicated, delivered = classify(tmp_path, producer)
-    print(
-        f"\ngraceful restarts=3 acked_puts={len(producer.acked)} delivered={len(delivered)} lost={len(lost)} "
-        f"duplicated={len(duplicated)}"
-    )
+        restarted = ServerProc(tmp_path, key_file, *args, port=server.port)
+        restarted.wait_for(r"event=recovered tasks=\d+")
+        return restarted
+
+    producer, lost, unexpected, duplicated = restarts_under_load(tmp_path, key_file, args, 3, graceful)
     assert len(producer.acked) > 200
     assert lost == set() and unexpected == set()
     assert duplicated == {}, f"duplicated: {dict(list(duplicated.items())[:20])}"
     assert producer.attempted == producer.acked  # every put eventually succeeded: no put was lost either
-    for c in consumers:
-        assert c.stop() == 0
-    client.close()
-    server.stop()
 
 
 def test_journal_space_is_reclaimed_after_acks(tmp_path, key_file):

@@ -19,6 +19,12 @@ def consumer(tmp_path, server, key_file, *args, name="consumer", **env):
     return proc
 
 
+def cli(server, key_file, *args, input=None):
+    """Run `queuekit <args>` against the server; returns the CompletedProcess."""
+    argv = [sys.executable, "-m", "queuekit", *args, "--server", server.address, "--authkey-file", str(key_file)]
+    return subprocess.run(argv, input=input, capture_output=True, text=True, env=base_env(), timeout=30)
+
+
 def wait_until(predicate, timeout=20.0, what="condition"):
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -108,16 +114,11 @@ def test_failing_handler_retries_then_dead_letters(tmp_path, key_file):
     assert worker.log().count("event=task_failed") == 3  # max_attempts=2: three failures
     assert "handler refuses" in worker.log() and "traceback=" in worker.log()
     server.wait_for("event=dead_lettered queue=tasks")
-    cli = [sys.executable, "-m", "queuekit", "dead", "--server", server.address, "--authkey-file", str(key_file)]
-    out = subprocess.run(cli + ["list", "--queue", "tasks"], capture_output=True, text=True, env=base_env(), timeout=30)
+    out = cli(server, key_file, "dead", "list", "--queue", "tasks")
     assert out.returncode == 0 and '"attempts": 3' in out.stdout and "handler refuses" in out.stdout
-    out = subprocess.run(
-        cli + ["purge", "--queue", "tasks"], capture_output=True, text=True, env=base_env(), timeout=30
-    )
+    out = cli(server, key_file, "dead", "purge", "--queue", "tasks")
     assert out.returncode != 0 and "--yes" in out.stderr
-    out = subprocess.run(
-        cli + ["requeue", "--queue", "tasks"], capture_output=True, text=True, env=base_env(), timeout=30
-    )
+    out = cli(server, key_file, "dead", "requeue", "--queue", "tasks")
     assert out.stdout.strip() == "requeued=1 queue=tasks"
     wait_until(lambda: c.stats()["queues"]["tasks"]["dead_lettered"] == 2, what="second dead letter")
     assert worker.stop() == 0
@@ -165,54 +166,14 @@ def test_worker_reconnects_after_a_server_restart(tmp_path, key_file):
 
 def test_produce_reports_the_bad_line_and_what_was_enqueued(tmp_path, server, key_file, client):
     lines = '{"a": 1}\n\n[2]\n"three"\n{bad json}\n{"never": true}\n'
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "queuekit",
-            "produce",
-            "--server",
-            server.address,
-            "--authkey-file",
-            str(key_file),
-            "--queue",
-            "in",
-            "--batch",
-            "2",
-            "-",
-        ],
-        input=lines,
-        capture_output=True,
-        text=True,
-        env=base_env(),
-        timeout=30,
-    )
+    out = cli(server, key_file, "produce", "--queue", "in", "--batch", "2", "-", input=lines)
     assert out.returncode == 7
     assert "stdin line 5" in out.stderr and "3 tasks from the lines before it were enqueued" in out.stderr
     assert [t.payload for t in client.queue("in").get_many(10)] == [{"a": 1}, [2], "three"]
 
 
 def test_produce_generate_prints_the_count(server, key_file, client):
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "queuekit",
-            "produce",
-            "--server",
-            server.address,
-            "--authkey-file",
-            str(key_file),
-            "--generate",
-            "250",
-            "--task-ms",
-            "5",
-        ],
-        capture_output=True,
-        text=True,
-        env=base_env(),
-        timeout=30,
-    )
+    out = cli(server, key_file, "produce", "--generate", "250", "--task-ms", "5")
     assert out.returncode == 0 and out.stdout.strip() == "produced=250 queue=tasks"
     tasks = client.queue("tasks").get_many(1000)
     assert [t.payload for t in tasks] == [{"n": n, "ms": 5} for n in range(250)]
@@ -223,22 +184,5 @@ def test_produce_generate_prints_the_count(server, key_file, client):
     [("nocolon", "pkg.module:function"), ("no_such_mod:f", "cannot import"), ("handlers:missing", "no attribute")],
 )
 def test_bad_handler_is_a_config_error(tmp_path, server, key_file, spec, message):
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "queuekit",
-            "consume",
-            "--server",
-            server.address,
-            "--authkey-file",
-            str(key_file),
-            "--handler",
-            spec,
-        ],
-        capture_output=True,
-        text=True,
-        env=base_env(),
-        timeout=30,
-    )
+    out = cli(server, key_file, "consume", "--handler", spec)
     assert out.returncode == 3 and message in out.stderr
