@@ -250,7 +250,7 @@ class Queue:
             acks = None
             remaining -= wait
             if items or remaining <= 0:
-                return [Task.from_wire(self.name, item) for item in items]
+                return Task.many_from_wire(self.name, items)
 
     def ack(self, task: Task | Iterable[Task]) -> int:
         tasks = [task] if isinstance(task, Task) else list(task)

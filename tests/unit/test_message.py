@@ -65,4 +65,6 @@ def test_task_from_wire():
     task = Task.from_wire("q", (7, 2, 1, json.dumps({"k": "v"}), 123.0))
     assert task.payload == {"k": "v"} and task.receipt == (7, 2) and task.attempts == 1
     with pytest.raises(AttributeError):
-        task.id = 8  # frozen
+        task.id = 8  # immutable
+    batch = Task.many_from_wire("q", [(1, 1, 0, '{"a": [1, 2]}', 0.0), (2, 1, 0, '"x,y"', 0.0), (3, 1, 0, "null", 0.0)])
+    assert [t.payload for t in batch] == [{"a": [1, 2]}, "x,y", None]
