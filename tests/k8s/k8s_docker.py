@@ -406,7 +406,9 @@ class Pod:
         handlers = {k for k in ("exec", "httpGet", "tcpSocket", "grpc") if k in spec}
         if handlers == {"exec"}:
             code, output = self.exec(list(spec["exec"]["command"]), timeout)
-            return ProbeResult(code == 0, f"{kind} exec {spec['exec']['command']}: exit {code}: {output.strip()[-500:]}")
+            return ProbeResult(
+                code == 0, f"{kind} exec {spec['exec']['command']}: exit {code}: {output.strip()[-500:]}"
+            )
         if handlers == {"httpGet"}:
             return self._http_probe(kind, spec["httpGet"], timeout)
         raise NotModelled(f"pod {self.name}: {kind} with {sorted(handlers) or 'no handler'}")
@@ -634,7 +636,9 @@ class Namespace:
         if ":" in repo.rsplit("/", 1)[-1]:
             repo = repo.rsplit(":", 1)[0]
         if repo not in self.images:
-            raise PodConfigError(f"image {reference!r}: repository {repo!r} is not one of the test images {self.images}")
+            raise PodConfigError(
+                f"image {reference!r}: repository {repo!r} is not one of the test images {self.images}"
+            )
         return self.images[repo]
 
     def _env(self, pod: Pod) -> dict[str, str]:
@@ -873,7 +877,9 @@ class Namespace:
         sc = effective_security(pod.spec, c)
         psc = pod.spec.get("securityContext") or {}
         user = self._user(pod, sc, image_config)
-        groups = [str(g) for g in ([psc["fsGroup"]] if "fsGroup" in psc else []) + list(psc.get("supplementalGroups") or [])]
+        groups = [
+            str(g) for g in ([psc["fsGroup"]] if "fsGroup" in psc else []) + list(psc.get("supplementalGroups") or [])
+        ]
         caps = sc.get("capabilities") or {}
         security_opt = []
         if sc.get("allowPrivilegeEscalation") is False:
