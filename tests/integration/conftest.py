@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from support import dockerkit as dk
 
 dk.configure_env()  # before testcontainers is imported: it reads its settings at import time

@@ -19,9 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from support import dockerkit as dk
-
 import queuekit
+from support import dockerkit as dk
 
 QUEUE = "tasks"
 # One line per task, logged by queuekit.examples:handle AFTER the work (before the ack).
