@@ -19,6 +19,7 @@ host, so the directory must not be on a network filesystem (NFS, SMB).
 from __future__ import annotations
 
 import fcntl
+import functools
 import itertools
 import os
 import sqlite3
@@ -187,11 +188,9 @@ class SqliteJournal(Journal):
             for kind, group in itertools.groupby(batch, key=itemgetter(0)):
                 rows = [op[1:] for op in group]
                 if kind == "put":
-                    db.executemany(
-                        "INSERT INTO tasks (queue, id, payload, attempts, enqueued_at, not_before) "
-                        "VALUES (?, ?, ?, ?, ?, ?)",
-                        rows,
-                    )
+                    # Multi-row statements: one step per chunk instead of one per task.
+                    for chunk in _chunks(rows, 100):
+                        db.execute(_insert_sql(len(chunk)), [value for row in chunk for value in row])
                     max_id = max(max_id or 0, max(r[1] for r in rows))
                 elif kind == "upd":
                     db.executemany(
@@ -199,7 +198,8 @@ class SqliteJournal(Journal):
                         [(a, nb, int(dead), err, i) for i, a, nb, dead, err in rows],
                     )
                 elif kind == "del":
-                    db.executemany("DELETE FROM tasks WHERE id = ?", rows)
+                    for chunk in _chunks(rows, 500):
+                        db.execute(_delete_sql(len(chunk)), [row[0] for row in chunk])
                 elif kind == "lease":
                     db.executemany(
                         "UPDATE tasks SET lease_delivery = ?, lease_until = ? WHERE id = ?",
@@ -225,6 +225,22 @@ class SqliteJournal(Journal):
         if free > 256:
             # executescript steps the pragma to completion; execute() would free a single page.
             self._db.executescript("PRAGMA incremental_vacuum(4096);")
+
+
+def _chunks(rows: list, size: int):
+    for i in range(0, len(rows), size):
+        yield rows[i : i + size]
+
+
+@functools.lru_cache(maxsize=128)
+def _insert_sql(n: int) -> str:
+    values = ", ".join(["(?, ?, ?, ?, ?, ?)"] * n)
+    return f"INSERT INTO tasks (queue, id, payload, attempts, enqueued_at, not_before) VALUES {values}"
+
+
+@functools.lru_cache(maxsize=128)
+def _delete_sql(n: int) -> str:
+    return f"DELETE FROM tasks WHERE id IN ({', '.join(['?'] * n)})"
 
 
 def _prepare_dir(data_dir: str) -> int:

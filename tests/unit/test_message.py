@@ -68,3 +68,14 @@ def test_task_from_wire():
         task.id = 8  # immutable
     batch = Task.many_from_wire("q", [(1, 1, 0, '{"a": [1, 2]}', 0.0), (2, 1, 0, '"x,y"', 0.0), (3, 1, 0, "null", 0.0)])
     assert [t.payload for t in batch] == [{"a": [1, 2]}, "x,y", None]
+
+
+@pytest.mark.parametrize("text", ["1", " 1 ", '{"a": 1}', "[1, 2]\n", '"x"', "null", "-0.5e3"])
+def test_server_accepts_any_single_json_value(text):
+    assert validate_texts([text], LIMIT) == [text]
+
+
+@pytest.mark.parametrize("text", ["1 2", "[1", '"a"x', "NaN", "-Infinity", "", " ", "{}{}", "[1,]", "'a'"])
+def test_server_refuses_anything_but_one_json_value(text):
+    with pytest.raises(PayloadError, match="not valid JSON"):
+        validate_texts([text], LIMIT)
