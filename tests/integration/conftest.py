@@ -48,7 +48,7 @@ def pytest_terminal_summary(terminalreporter):
 
 
 def pytest_sessionfinish(session):
-    if dk._session_id is not None:  # only if this session touched Docker
+    if dk.session_active():  # only if this session touched Docker
         dk.sweep()
 
 
@@ -65,8 +65,9 @@ def docker_ready():
 
 @pytest.fixture(scope="session")
 def images(docker_ready) -> dict[str, str]:
-    """queuekit-{server,consumer,producer}:test-<sid>, built once from the repository root."""
-    refs = dk.build_images()
+    """queuekit-{server,consumer,producer}:test-<sid>, built once from the repository root (or from
+    $QUEUEKIT_TEST_BUILD_CONTEXT: another checkout, e.g. a deliberately broken one)."""
+    refs = dk.build_images(context=os.environ.get("QUEUEKIT_TEST_BUILD_CONTEXT") or None)
     yield refs
     dk.remove_images(refs.values())
 

@@ -168,7 +168,7 @@ class Stack:
         self._clients.append(c)
         return c
 
-    def stats(self, client=None) -> dict:
+    def stats(self) -> dict:
         """The ``tasks`` queue's counts, via HTTP ``/stats`` on the published port (no key needed)."""
         queues = http_json(self.port(8080))["queues"]
         return queues.get(

@@ -80,6 +80,11 @@ def session_id() -> str:
     return _session_id
 
 
+def session_active() -> bool:
+    """True once this process asked for its session id (so it may have created resources)."""
+    return _session_id is not None
+
+
 def labels(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """The labels every resource of this session carries (plus ``extra``)."""
     return {LABEL: session_id(), **(extra or {})}
@@ -124,20 +129,28 @@ def image_tag() -> str:
 
 
 def build_images(
-    names: Sequence[str] = IMAGE_NAMES, *, base_image: str | None = None, tag: str | None = None
+    names: Sequence[str] = IMAGE_NAMES,
+    *,
+    base_image: str | None = None,
+    tag: str | None = None,
+    context: Path | str | None = None,
 ) -> dict[str, str]:
-    """Build ``images/<name>/Dockerfile`` for each name (repository root as context) and return
-    ``{name: image reference}``. Idempotent within a session: the layer cache makes a rebuild cheap,
-    and an image already built under that reference in this session is not built again."""
+    """Build ``images/<name>/Dockerfile`` for each name and return ``{name: image reference}``.
+
+    The build context is the repository root, or ``context`` (another checkout, e.g. a deliberately
+    broken copy to check that the tests catch it). ``base_image`` defaults to ``$BASE_IMAGE``.
+    Idempotent within a session: an image already built under that reference is not built again.
+    """
     from testcontainers.core.image import DockerImage
 
     base = base_image or os.environ.get("BASE_IMAGE") or DEFAULT_BASE_IMAGE
+    root = Path(context) if context else ROOT
     refs: dict[str, str] = {}
     for name in names:
         ref = image_ref(name, tag)
         if ref not in _built_images:
             image = DockerImage(
-                path=str(ROOT),
+                path=str(root),
                 dockerfile_path=f"images/{name}/Dockerfile",
                 tag=ref,
                 clean_up=False,  # removed by remove_images()/sweep() at session end
