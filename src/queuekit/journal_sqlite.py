@@ -36,6 +36,7 @@ LOCK_NAME = "queuekit.lock"
 SCHEMA_VERSION = 1
 APPLICATION_ID = 0x716B6A31  # "qkj1": marks the file as a queuekit journal
 VACUUM_EVERY = 10.0  # seconds between incremental vacuum passes
+WRITE_BEHIND_DELAY = 0.002  # the writer thread lets a waiting producer lead before it commits
 TASK_COLUMNS = {
     "id",
     "queue",
@@ -88,6 +89,7 @@ class SqliteJournal(Journal):
         self._pending: list[tuple] = []
         self._seq = 0  # last sequence number handed out by append
         self._committed = 0
+        self._committing = False  # a thread is running a commit (the leader)
         self._error: BaseException | None = None
         self._closing = False
         self._next_vacuum = time.monotonic() + VACUUM_EVERY
@@ -122,11 +124,16 @@ class SqliteJournal(Journal):
             return self._seq
 
     def wait(self, seq: int, timeout: float | None = None) -> None:
+        """Return once ``seq`` is committed. If no commit is running, the caller runs it itself
+        (leader): a lone producer then pays no hand-off to the writer thread and back."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             while self._committed < seq:
                 if self._error is not None:
                     raise JournalError(f"journal commit failed, nothing was stored: {self._error}")
+                if not self._committing:
+                    self._lead()
+                    continue
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise JournalError(f"journal commit did not finish within {timeout} s")
@@ -156,30 +163,46 @@ class SqliteJournal(Journal):
     # -- writer -----------------------------------------------------------------------------
 
     def _write_loop(self) -> None:
-        while True:
-            with self._cond:
-                while not self._pending and not self._closing and time.monotonic() < self._next_vacuum:
+        """Commits what nobody waits for (acks, nacks: written behind) and vacuums."""
+        with self._cond:
+            while self._error is None:
+                if not self._pending and not self._closing and time.monotonic() < self._next_vacuum:
                     self._cond.wait(1.0)
+                    continue
                 if self._closing and not self._pending:
                     return
-                batch, self._pending = self._pending, []
-                upto = self._seq
-            # The commit (and its fsync) runs without the condition held: producers keep
-            # appending meanwhile, and their ops form the next group commit.
-            try:
-                with self._db_lock:
-                    if batch:
-                        self._commit(batch)
-                    self._maybe_vacuum()
-            except sqlite3.Error as e:
-                with self._cond:
-                    self._error = e
-                    self._cond.notify_all()
-                _log.error("journal_failed", path=self.path, error=f"{type(e).__name__}: {e}")
-                return
-            with self._cond:
-                self._committed = upto
-                self._cond.notify_all()
+                if self._pending and not self._closing:
+                    # Give a producer that is about to wait() the chance to lead this commit.
+                    self._cond.wait(WRITE_BEHIND_DELAY)
+                if not self._committing:
+                    self._lead()
+                else:
+                    self._cond.wait(WRITE_BEHIND_DELAY)
+
+    def _lead(self) -> None:
+        """Commit everything pending (called with the condition held; released meanwhile, so
+        producers keep appending and their ops form the next group commit)."""
+        batch, self._pending = self._pending, []
+        upto = self._seq
+        self._committing = True
+        self._cond.release()
+        try:
+            with self._db_lock:
+                if batch:
+                    self._commit(batch)
+                self._maybe_vacuum()
+            error = None
+        except sqlite3.Error as e:
+            error = e
+            _log.error("journal_failed", path=self.path, error=f"{type(e).__name__}: {e}")
+        finally:
+            self._cond.acquire()
+        self._committing = False
+        if error is None:
+            self._committed = max(self._committed, upto)
+        else:
+            self._error = error
+        self._cond.notify_all()
 
     def _commit(self, batch: list[tuple]) -> None:
         db = self._db

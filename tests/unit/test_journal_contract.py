@@ -281,3 +281,20 @@ def test_sqlite_vacuum_gives_pages_back_while_running(tmp_path):
     journal.wait(journal.append([("del", -1)]))
     assert journal._db.execute("PRAGMA freelist_count").fetchone()[0] < 100
     journal.close()
+
+
+def test_sqlite_commit_failure_is_reported_to_the_waiting_put_and_marks_the_journal_unhealthy(tmp_path):
+    from queuekit.journal import JournalError
+
+    journal = SqliteJournal(str(tmp_path / "d"), sync="normal")
+    broker = Broker(journal=journal)
+    broker.put_many("q", ['"stored"'])
+    journal._db.execute("PRAGMA query_only = ON")  # every write now fails, like a read-only disk
+    with pytest.raises(JournalError, match="commit failed"):
+        broker.put_many("q", ['"lost"'])
+    assert broker.qsize("q") == 1  # the failed put never became visible
+    assert not journal.healthy
+    with pytest.raises(JournalError):
+        broker.put_many("q", ['"also refused"'])
+    journal._db.execute("PRAGMA query_only = OFF")
+    journal.close()
