@@ -236,7 +236,10 @@ def cmd_stats(flags: dict) -> int:
             if not flags.get("watch"):
                 return ExitCode.OK
             sys.stdout.flush()
-            time.sleep(flags["watch"])
+            try:
+                time.sleep(flags["watch"])
+            except KeyboardInterrupt:  # the way to end --watch: not an error
+                return ExitCode.OK
 
 
 def _print_stats(stats: dict) -> None:
