@@ -13,7 +13,7 @@ from support import dockerkit as dk
 pytestmark = pytest.mark.integration
 
 
-def test_wrong_authkey_consumer_fails_fast_server_keeps_serving(stack):
+def test_wrong_authkey_consumer_fails_fast_server_keeps_serving(stack, metrics):
     stack.server()
     good = stack.consumer("good")
     queue = stack.client().queue("tasks")
@@ -33,6 +33,8 @@ def test_wrong_authkey_consumer_fails_fast_server_keeps_serving(stack):
     fatal = [line for line in text.splitlines() if "event=fatal" in line]
     assert fatal and "do not match" in fatal[0], f"no clear fatal line about the key:\n{text}"
     assert "event=consumer_started" not in text, text
+    reason = fatal[0].split("error=")[-1][:90]
+    metrics["wrong authkey"] = f"consumer exited {code} {took:.1f}s after its start: {reason}"
 
     dk.wait_for_log(stack.server_container, r"event=auth_failed peer=\S+", timeout=10)
     bad_ip = re.search(r"event=auth_failed peer=([\d.]+):", dk.logs(stack.server_container)).group(1)

@@ -99,7 +99,7 @@ def _check_hardening(container) -> None:
     assert dk.AUTHKEY_PATH in mounts and mounts[dk.AUTHKEY_PATH]["Type"] == "bind", mounts
 
 
-def test_compose_up_scale_consumer_3_processes_all_demo_tasks(compose_dir, projects):
+def test_compose_up_scale_consumer_3_processes_all_demo_tasks(compose_dir, projects, metrics):
     """Case 8: ``docker compose up -d --scale consumer=3`` of compose/compose.yaml, with the file
     secret; the demo producer's tasks are all processed, spread over the three consumers."""
     port, http_port = dk.free_port(), dk.free_port()
@@ -130,10 +130,10 @@ def test_compose_up_scale_consumer_3_processes_all_demo_tasks(compose_dir, proje
         f"127.0.0.1:{port}", authkey_file=str(compose_dir.parent / "secrets" / "queuekit_authkey"), connect_timeout=10
     ) as client:
         assert client.stats()["durable"] is True
-    print(f"compose: {DEMO_TASKS} demo tasks over 3 consumers: {per}")
+    metrics["compose --scale consumer=3"] = f"{DEMO_TASKS} demo tasks over 3 consumers: {sorted(per.values())}"
 
 
-def test_multi_host_split_server_and_workers_as_separate_projects(compose_dir, projects):
+def test_multi_host_split_server_and_workers_as_separate_projects(compose_dir, projects, metrics):
     """Case 9: compose.server.yaml and compose.workers.yaml as two Compose projects on two
     networks; the workers reach the server only through its published port, on the address of
     the engine's default bridge gateway (how another host would reach it)."""
@@ -173,4 +173,4 @@ def test_multi_host_split_server_and_workers_as_separate_projects(compose_dir, p
     _check_demo(workers.containers("producer"), consumers)
     assert stats["acked"] == DEMO_TASKS, stats
     assert "event=client_connected" in dk.logs(srv)
-    print(f"multi-host: workers reached {gateway}:{port}; stats {stats}")
+    metrics["compose multi-host"] = f"workers reached the server at {gateway}:{port}; acked {stats['acked']}"

@@ -20,7 +20,7 @@ def _missing(counts, expected) -> list[int]:
     return sorted(set(expected) - set(counts))
 
 
-def test_consumer_sigkill_mid_task_tasks_redelivered_after_lease(stack):
+def test_consumer_sigkill_mid_task_tasks_redelivered_after_lease(stack, metrics):
     """Case 3: ``docker kill`` (SIGKILL) of a consumer mid-task. Nothing is lost: the tasks it held
     are redelivered once their lease ran out (not before) and processed by the other consumers."""
     total, ms = 40, 100
@@ -59,9 +59,13 @@ def test_consumer_sigkill_mid_task_tasks_redelivered_after_lease(stack):
     assert len(twice) <= 2, f"more duplicates than the victim could hold unacknowledged: {sorted(twice)}"
     by_survivors = {d.n for c in survivors for d in done_tasks(c)}
     assert by_survivors >= set(range(total)) - {d.n for d in by_victim}, "survivors skipped tasks"
+    metrics["consumer SIGKILL"] = (
+        f"{held} held tasks redelivered {redelivered_after:.1f}s after the kill (lease {LEASE}s), "
+        f"{len(twice)} ran twice"
+    )
 
 
-def test_scale_down_sigterm_drains_in_flight_tasks(stack):
+def test_scale_down_sigterm_drains_in_flight_tasks(stack, metrics):
     """Case 4: ``docker stop`` (SIGTERM) of 2 of 4 consumers while tasks run: their in-flight tasks
     finish, the rest go back to the queue, nothing is lost or run twice, and they exit 0 well
     inside the grace period."""
@@ -97,6 +101,9 @@ def test_scale_down_sigterm_drains_in_flight_tasks(stack):
         assert int(stopped.group(1)) == len(done_tasks(v)), f"{name}: processed= disagrees with its log:\n{text}"
         assert "exit_code=0" in text[stopped.start() :], text
     assert running_total >= 1, "no consumer was mid-task at SIGTERM: the test proved nothing"
+    metrics["SIGTERM scale-down"] = (
+        f"stops took {', '.join(f'{d:.1f}s' for d in durations)} (grace {grace}s), {running_total} in-flight finished"
+    )
 
     stats = stack.wait_settled(total, timeout=60)
     counts = count_n(consumers)
@@ -114,7 +121,7 @@ def _finished_after(text: str, pos: int) -> int:
     return len(re.findall(r"event=example_task ", text[pos:]))
 
 
-def test_server_sigkill_and_restart_on_its_volume(stack):
+def test_server_sigkill_and_restart_on_its_volume(stack, metrics):
     """Case 5: the server container is SIGKILLed mid-stream and started again on its data volume
     (durable mode). Nothing acknowledged is lost: every task the producer was told was enqueued is
     processed, tasks acknowledged before the crash are not run again (beyond the few whose ack was
@@ -171,13 +178,13 @@ def test_server_sigkill_and_restart_on_its_volume(stack):
         assert after, f"{dk.name_of(c)} processed nothing after the restart:\n{dk.logs(c, tail=40)}"
         dk.raw(c).reload()
         assert dk.raw(c).attrs["RestartCount"] == 0 and dk.raw(c).status == "running", stack.dump()
-    print(
+    metrics["server SIGKILL + restart"] = (
         f"crash after {len(before)} tasks, server back in {restarted_at - crashed_at:.1f}s, "
-        f"recovered {recovered[-1]} tasks, {len(twice)} ran twice"
+        f"recovered {recovered[-1]} tasks, {len(twice)} of {total} ran twice (bound {bound})"
     )
 
 
-def test_network_cut_consumer_tasks_redelivered_and_reconnect_loses_nothing(stack):
+def test_network_cut_consumer_tasks_redelivered_and_reconnect_loses_nothing(stack, metrics):
     """Case 7: ``docker network disconnect`` of a consumer mid-task. Its tasks are redelivered to
     the others once their leases expire; after ``docker network connect`` it carries on, and
     nothing is lost."""
@@ -223,7 +230,7 @@ def test_network_cut_consumer_tasks_redelivered_and_reconnect_loses_nothing(stac
     assert set(counts) == set(range(first)) | set(second), "tasks nobody enqueued were processed"
     assert stats["dead"] == 0 and stats["enqueued"] == stats["acked"] == first + len(second), stats
     resumed = [d for d in done_tasks(victim) if d.ts > reconnected_at]
-    print(
+    metrics["network cut"] = (
         f"cut-off victim finished {sorted(cut_off)} unacknowledged; after the reconnect ({ip_before} -> "
         f"{ip_after}) it resumed in {min(d.ts for d in resumed) - reconnected_at:.1f}s and did {len(resumed)}"
     )
