@@ -280,7 +280,7 @@ def start_container(
     kwargs.update(docker_kwargs)
     kwargs["labels"] = labels(kwargs.get("labels"))
     kwargs.setdefault("name", short_name(hint))
-    kwargs.setdefault("hostname", hint[:63])
+    kwargs.setdefault("hostname", (re.sub(r"[^a-z0-9-]+", "-", hint.lower()).strip("-") or "box")[:63])
     container = DockerContainer(image, env=dict(env or {}), command=command, **kwargs)
     if network is not None:
         tc_net = TcNetwork()
