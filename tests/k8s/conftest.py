@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,3 +36,26 @@ def renders(kubectl: str, tmp_path_factory: pytest.TempPathFactory) -> Renders:
         text[name] = result.stdout
         docs[name] = k8slib.load_docs(result.stdout)
     return Renders(tree=tree, key=key, docs=docs, text=text)
+
+
+# --- Docker (test_manifests_on_docker.py) ------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def docker_images() -> Iterator[dict[str, str]]:
+    """This session's queuekit images, by repository name as the manifests write it
+    (``queuekit-server`` -> ``queuekit-server:test-<session>``), built by tests/support/dockerkit.py.
+
+    No Docker engine: skip locally, fail under CI=true. Everything labelled with the session is
+    removed at the end of the session, even after failures.
+    """
+    from support import dockerkit as dk
+
+    dk.configure_env()
+    reason = dk.docker_unavailable_reason()
+    if reason:
+        k8slib.missing_tool(f"{reason} (the manifests are executed on Docker)")
+    try:
+        yield {f"queuekit-{name}": ref for name, ref in dk.build_images().items()}
+    finally:
+        dk.sweep()

@@ -91,7 +91,7 @@ from typing import Any
 
 import k8slib
 
-NETWORK_LABEL_KEYS = ("queuekit.k8s.namespace", "queuekit.k8s.stack")
+from support import dockerkit as dk
 
 
 class NotModelled(NotImplementedError):
@@ -312,6 +312,7 @@ for t in threads:
 class ProbeResult:
     ok: bool
     detail: str
+    final: bool = False  # a failure that no amount of waiting can fix (e.g. the port does not exist)
 
     def __bool__(self) -> bool:
         return self.ok
@@ -338,19 +339,13 @@ class Pod:
         self.container.reload()
         return self.container.attrs
 
-    def state(self) -> dict:
-        return self.reload()["State"]
-
-    def restarts(self) -> int:
-        return int(self.reload().get("RestartCount") or 0)
-
     def crashed(self) -> str | None:
         """Why the container is not running normally (exited, restarting), or None."""
         attrs = self.reload()
         state = attrs["State"]
         restarts = int(attrs.get("RestartCount") or 0)
         if state.get("Restarting") or restarts:
-            return f"restarting (restarts={restarts}, last exit code {state.get('ExitCode')})"
+            return f"crashed and restarting (restarts={restarts}, status={state.get('Status')})"
         if not state.get("Running"):
             return f"not running: status={state.get('Status')} exit code {state.get('ExitCode')}"
         return None
@@ -418,7 +413,7 @@ class Pod:
             raise NotModelled(f"{kind}.httpGet.host")
         port = self.resolve_port(get["port"])
         if port is None:
-            return ProbeResult(False, f"{kind}: port {get['port']!r} is not a port of the container")
+            return ProbeResult(False, f"{kind}: port {get['port']!r} is not a port of the container", final=True)
         scheme = str(get.get("scheme", "HTTP")).lower()
         try:
             host_port = self.host_port(port)
@@ -447,9 +442,10 @@ class Pod:
             if crash:
                 return ProbeResult(False, f"{kind}: container {crash}; last probe: {last.detail}\n{self.tail()}")
             last = self.probe(kind)
-            if last or time.monotonic() >= deadline:
+            if last or last.final or time.monotonic() >= deadline:
                 if not last:
-                    last = ProbeResult(False, f"{last.detail} (still failing after {timeout}s)\n{self.tail()}")
+                    waited = "" if last.final else f" (still failing after {timeout}s)"
+                    last = ProbeResult(False, f"{last.detail}{waited}\n{self.tail()}", last.final)
                 return last
             time.sleep(interval)
 
@@ -463,21 +459,19 @@ class Pod:
 
 @dataclass
 class Namespace:
-    """One Kubernetes namespace's worth of rendered objects, run on one Docker network.
+    """One Kubernetes namespace's worth of rendered objects, run on its own Docker network.
 
-    ``docker``: a docker SDK client. ``images``: image repository (as written in the manifests,
-    e.g. ``queuekit-server``) -> local image reference to run. ``helper_image``: any image with
-    python3 (runs the Service forwarders; also used, never started, to fill volumes).
-    ``labels``: put on every Docker object created (the session's cleanup label).
+    ``docs``: the rendered objects. ``images``: image repository as written in the manifests
+    (e.g. ``queuekit-server``) -> local image reference to run. ``helper_image``: any image with
+    python3; it runs the Service forwarders and, never started, carries volumes to fill or read.
+    ``hint``: a short word for the Docker names (``qktest-<session>-<hint>-...``).
+    Everything is created through tests/support/dockerkit.py, so it carries the session label.
     """
 
-    docker: Any
     docs: list[dict]
     images: dict[str, str]
     helper_image: str
-    labels: dict[str, str]
-    prefix: str  # unique per namespace run, e.g. "qk-<session>-flow"
-    network_name: str
+    hint: str
     namespace: str = ""
     pods: list[Pod] = field(default_factory=list)
     services: dict[str, Any] = field(default_factory=dict)  # name -> forwarder container
@@ -485,6 +479,7 @@ class Namespace:
     containers: list[Any] = field(default_factory=list)
     volumes: list[Any] = field(default_factory=list)
     claims: dict[str, Any] = field(default_factory=dict)
+    _network: Any = None
 
     def __post_init__(self) -> None:
         if not self.namespace:
@@ -494,6 +489,21 @@ class Namespace:
                 raise NotModelled(f"objects in several namespaces: {sorted(namespaces)}")
             self.namespace = namespaces.pop() if namespaces else "default"
 
+    @property
+    def docker(self) -> Any:
+        return dk.client()
+
+    @property
+    def network(self) -> Any:
+        """The namespace's user-defined bridge network, created on first use (planning needs none)."""
+        if self._network is None:
+            self._network = dk.create_network(self.hint, labels={"queuekit.k8s.namespace": self.namespace})
+        return self._network
+
+    @property
+    def network_name(self) -> str:
+        return self.network.name
+
     # --- objects ---
 
     def find(self, kind: str, name: str) -> dict | None:
@@ -501,10 +511,10 @@ class Namespace:
         return found[0] if found else None
 
     def _docker_name(self, name: str) -> str:
-        return f"{self.prefix}-{name}"
+        return dk.short_name(f"{self.hint}-{name}")
 
     def _labels(self, **extra: str) -> dict[str, str]:
-        return {**self.labels, "queuekit.k8s.namespace": self.namespace, **extra}
+        return dk.labels({"queuekit.k8s.namespace": self.namespace, **extra})
 
     # --- pods planned before anything runs, so Services know their endpoints ---
 
@@ -579,9 +589,15 @@ class Namespace:
                 args.append(f"{int(port['port'])}={','.join(endpoints)}")
             aliases = [name, f"{name}.{self.namespace}", f"{name}.{self.namespace}.svc"]
             aliases.append(f"{name}.{self.namespace}.svc.cluster.local")
-            container = self.docker.containers.create(
+            forwarder = dk.start_container(
                 self.helper_image,
-                ["-c", FORWARDER_SOURCE, *args],
+                f"svc-{name}",
+                network=self.network,
+                aliases=aliases,
+                command=["-c", FORWARDER_SOURCE, *args],
+                wait_log=r"^service_ready$",
+                wait_timeout=20,
+                secure=False,
                 entrypoint=["python3"],
                 name=self._docker_name(f"svc-{name}"),
                 hostname=name[:63],
@@ -590,30 +606,20 @@ class Namespace:
                 read_only=True,
                 cap_drop=["ALL"],
                 security_opt=["no-new-privileges:true"],
-                network=self.network_name,
-                networking_config={self.network_name: self.docker.api.create_endpoint_config(aliases=aliases)},
                 restart_policy={"Name": "always"},
             )
+            container = dk.raw(forwarder)
             self.containers.append(container)
-            container.start()
             self.services[name] = container
-        deadline = time.monotonic() + 20
-        for name, container in self.services.items():
-            while b"service_ready" not in container.logs():
-                container.reload()
-                if container.status not in ("created", "running") or time.monotonic() > deadline:
-                    raise RuntimeError(f"Service/{name} forwarder did not start:\n{container.logs().decode()}")
-                time.sleep(0.05)
-            self.service_ips[name] = container.attrs["NetworkSettings"]["Networks"][self.network_name]["IPAddress"]
+            self.service_ips[name] = dk.ip_address(container, self.network)
 
     # --- pods ---
 
     def start(self, pod: Pod) -> Pod:
         """Create the pod's volumes and container and start it (PodConfigError if it cannot)."""
-        run = self._container_args(pod)
-        pod.container = self.docker.containers.create(**run)
+        image, run = self._container_args(pod)
+        pod.container = dk.raw(dk.start_container(image, pod.name, network=self.network, secure=False, **run))
         self.containers.append(pod.container)
-        pod.container.start()
         self.pods.append(pod)
         return pod
 
@@ -773,7 +779,7 @@ class Namespace:
             if not helper.put_archive("/mnt", buf.getvalue()):
                 raise RuntimeError(f"could not fill volume {volume.name}")
         finally:
-            helper.remove(force=True)
+            helper.remove(force=True, v=True)  # v: the image may declare VOLUMEs
 
     def _volume_mounts(self, pod: Pod) -> tuple[list[Any], dict[str, str]]:
         psc = pod.spec.get("securityContext") or {}
@@ -859,7 +865,7 @@ class Namespace:
             self._fill_volume(volume, [], 0o2775, fs_group)
         return volume
 
-    def _container_args(self, pod: Pod) -> dict[str, Any]:
+    def _container_args(self, pod: Pod) -> tuple[str, dict[str, Any]]:
         c = pod.container_spec
         image = self._image(c["image"])
         image_config = self.docker.images.get(image).attrs["Config"]
@@ -907,30 +913,30 @@ class Namespace:
         if "cpu" in requests:
             run["cpu_shares"] = max(2, int(quantity(requests["cpu"]) * 1024))
 
-        ports: dict[str, tuple[str, None]] = {}
+        publish: set[int] = set()
         for p in c.get("ports") or []:
             if p.get("protocol", "TCP") != "TCP" or p.get("hostPort"):
                 raise NotModelled(f"container port {p}")
-            ports[f"{int(p['containerPort'])}/tcp"] = ("127.0.0.1", None)
+            publish.add(int(p["containerPort"]))
         for kind in ("readinessProbe", "livenessProbe", "startupProbe"):
             get = (c.get(kind) or {}).get("httpGet")
             if get:
                 resolved = pod.resolve_port(get["port"])
                 if resolved is not None:
-                    ports[f"{resolved}/tcp"] = ("127.0.0.1", None)
+                    publish.add(resolved)
 
         mounts, tmpfs = self._volume_mounts(pod)
-        restart = {"Name": "no"} if pod.kind == "Job" else {"Name": "always"}
         if pod.kind != "Job" and pod.spec.get("restartPolicy", "Always") != "Always":
             raise PodConfigError(f"{pod.kind} pods must have restartPolicy Always")
-        hostname = pod.spec.get("hostname") or pod.name
         run.update(
-            image=image,
-            entrypoint=entrypoint,
+            aliases=self._aliases(pod),
+            env=env,
             command=cmd,
+            publish=sorted(publish),
+            tmpfs=tmpfs,
+            entrypoint=entrypoint,
             name=self._docker_name(pod.name),
-            hostname=hostname[:63],
-            environment=env,
+            hostname=(pod.spec.get("hostname") or pod.name)[:63],
             working_dir=c.get("workingDir"),
             user=user,
             group_add=groups or None,
@@ -940,8 +946,6 @@ class Namespace:
             privileged=bool(sc.get("privileged")),
             security_opt=security_opt or None,
             mounts=mounts,
-            tmpfs=tmpfs or None,
-            ports=ports or None,
             labels=self._labels(
                 **{
                     "queuekit.k8s.pod": pod.name,
@@ -949,14 +953,11 @@ class Namespace:
                 }
             ),
             stop_signal="SIGTERM",
-            stop_timeout=int(pod.spec.get("terminationGracePeriodSeconds", 30)),
-            restart_policy=restart,
+            restart_policy={"Name": "no"} if pod.kind == "Job" else {"Name": "always"},
             stdin_open=bool(c.get("stdin")),
             tty=bool(c.get("tty")),
-            network=self.network_name,
-            networking_config={self.network_name: self.docker.api.create_endpoint_config(aliases=self._aliases(pod))},
         )
-        return run
+        return image, run
 
     def _user(self, pod: Pod, sc: dict, image_config: dict) -> str | None:
         image_user = str(image_config.get("User") or "")
@@ -1038,7 +1039,7 @@ class Namespace:
             stream, _ = helper.get_archive("/mnt/vol")
             data = b"".join(stream)
         finally:
-            helper.remove(force=True)
+            helper.remove(force=True, v=True)  # v: the image may declare VOLUMEs
         with tarfile.open(fileobj=io.BytesIO(data)) as tar:
             return {m.name.split("/", 1)[1]: m for m in tar.getmembers() if "/" in m.name}
 
@@ -1063,6 +1064,12 @@ class Namespace:
                     time.sleep(0.1)
             else:
                 errors.append(f"volume {volume.name}: {last}")
+        if self._network is not None:
+            try:
+                self._network.remove()
+            except Exception as e:
+                if "not found" not in str(e).lower():
+                    errors.append(f"network {self._network.name}: {e}")
         return errors
 
 
