@@ -44,24 +44,29 @@ What a pod becomes
     ports              -> published on 127.0.0.1 (ephemeral) for the test's own clients and for
                           the httpGet probes, as the kubelet reaches a pod from the node
     probes             -> run on demand by :meth:`Pod.probe`: exec inside the container (as its
-                          user, timeoutSeconds), httpGet from the host through the published port
-                          (named ports resolved, 200-399 = success). Periods, delays and
-                          thresholds are NOT simulated: callers poll at their own pace.
-    terminationGracePeriodSeconds -> stop timeout; SIGTERM as the stop signal
+                          user; exceeding timeoutSeconds is a failure, as the kubelet enforces),
+                          httpGet from the host through the published port (named ports
+                          resolved, 200-399 = success). Periods, delays and thresholds are NOT
+                          simulated: callers poll at their own pace.
+    terminationGracePeriodSeconds -> :meth:`Pod.stop`: SIGTERM, SIGKILL after the grace period
     restartPolicy      -> Deployment/StatefulSet: Docker restart "always" (a crashing container
-                          shows up as restarts); Job pods: no restart, a new pod per retry up to
-                          backoffLimit, within activeDeadlineSeconds
+                          shows up as restarts); Job pods: no restart, a new pod per failure up
+                          to backoffLimit (also for OnFailure), within activeDeadlineSeconds
+    image VOLUMEs      -> what Docker does (an anonymous volume where no mount covers it), which
+                          is also containerd's default in a cluster
 
 What a Service becomes
     A ClusterIP Service is a small forwarding container (Python, the helper image) that carries
     the Service's name as network aliases (``name``, ``name.<ns>``, ``name.<ns>.svc``,
     ``name.<ns>.svc.cluster.local``), listens on every Service ``port`` and forwards each
-    connection to ``targetPort`` of one endpoint (round robin). Endpoints are the namespace's
-    pods whose labels match the Service's selector, with ``targetPort`` resolved per pod (a
+    connection to ``targetPort`` of one endpoint (round robin). Endpoints are the pods planned
+    before the Services start whose labels match the Service's selector (Job pods, planned
+    later, never are), with ``targetPort`` resolved per pod (a
     named port a pod does not declare leaves that pod out). No endpoint: the connection is reset,
     as kube-proxy rejects it. So port != targetPort, a renamed port or a selector that matches
     nothing behave as in a cluster. A headless Service (clusterIP: None) becomes network aliases
-    on its pods (``svc``, and ``<pod>.<svc>`` for a StatefulSet's governing Service).
+    on its pods (``svc``, and ``<pod>.<svc>`` for a StatefulSet's governing Service). There are
+    no DNS search domains: the short name and the aliases above resolve, nothing else.
 
 Not modelled (and so NOT proven by tests built on this): scheduling, resource requests as
 placement, node and pod affinity, PVC binding, StorageClasses, capacity and access modes,
@@ -156,6 +161,11 @@ CONTAINER_SECURITY_FIELDS = {
     "runAsNonRoot", "runAsUser", "runAsGroup", "allowPrivilegeEscalation", "privileged",
     "readOnlyRootFilesystem", "capabilities", "seccompProfile", "procMount",
 }  # fmt: skip
+SERVICE_SPEC_FIELDS = {
+    "type", "selector", "ports", "clusterIP", "clusterIPs", "ipFamilies", "ipFamilyPolicy",
+    "internalTrafficPolicy", "sessionAffinity",
+}  # fmt: skip
+SERVICE_PORT_FIELDS = {"name", "port", "targetPort", "protocol", "appProtocol"}
 WORKLOAD_SPEC_FIELDS = {
     "Deployment": {
         "replicas", "selector", "template", "strategy", "minReadySeconds", "revisionHistoryLimit",
@@ -352,6 +362,13 @@ class Pod:
 
     def logs(self) -> str:
         return self.container.logs(stdout=True, stderr=True).decode(errors="replace")
+
+    def stop(self) -> int:
+        """Terminate as the kubelet does: SIGTERM, SIGKILL after terminationGracePeriodSeconds;
+        returns the exit code."""
+        grace = int(self.spec.get("terminationGracePeriodSeconds", 30))
+        self.container.stop(timeout=grace)
+        return int(self.container.wait(timeout=grace + 10)["StatusCode"])
 
     def host_port(self, container_port: int) -> int:
         ports = self.reload()["NetworkSettings"]["Ports"] or {}
@@ -571,8 +588,15 @@ class Namespace:
         for svc in k8slib.objects(self.docs, "Service"):
             name = svc["metadata"]["name"]
             spec = svc["spec"]
+            _check_fields(f"Service/{name} spec", spec, SERVICE_SPEC_FIELDS)
+            for port in spec["ports"]:
+                _check_fields(f"Service/{name} port", port, SERVICE_PORT_FIELDS)
             if spec.get("type", "ClusterIP") != "ClusterIP":
                 raise NotModelled(f"Service/{name} of type {spec.get('type')}")
+            if spec.get("selector") is None:
+                raise NotModelled(f"Service/{name} without a selector (hand-made Endpoints)")
+            if spec.get("sessionAffinity", "None") != "None":
+                raise NotModelled(f"Service/{name}: sessionAffinity {spec['sessionAffinity']}")
             if spec.get("clusterIP") == "None":
                 continue  # headless: aliases on the pods (see _aliases)
             selected = [p for p in planned if selector_matches(spec.get("selector"), p.labels)]
