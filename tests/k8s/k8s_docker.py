@@ -90,7 +90,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -1004,7 +1004,7 @@ class Namespace:
 
     # --- controllers ---
 
-    def run_job(self, job: dict, timeout: float, on_pod: Callable[[Pod], None] | None = None) -> Pod:
+    def run_job(self, job: dict, timeout: float) -> Pod:
         """Run a Job to completion: a new pod per failure, up to backoffLimit; returns the pod
         that succeeded, or raises AssertionError with the last pod's logs."""
         spec = job["spec"]
@@ -1020,8 +1020,6 @@ class Namespace:
         for _ in range(attempts):
             (pod,) = self.plan(job)
             self.start(pod)
-            if on_pod:
-                on_pod(pod)
             last = pod
             try:
                 result = pod.container.wait(timeout=max(0.1, deadline - time.monotonic()))
