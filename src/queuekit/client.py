@@ -111,11 +111,34 @@ class Client:
 
     # -- calls ------------------------------------------------------------------------------
 
-    def call(self, method: str, *args: Any, wait: float = 0.0, retry: bool = True) -> Any:
+    def call(self, method: str, *args: Any, retry: bool = True) -> Any:
         """Call ``method`` on the server's API object; reconnect and retry on network errors.
 
-        ``wait`` (at most ``MAX_WAIT_PER_CALL``) is how long the server may block before replying.
+        A reply may take up to ``call_timeout + MAX_WAIT_PER_CALL`` seconds (the socket's receive
+        timeout), which covers a blocking get's server-side wait.
         """
+        # Fast path first: an open connection, one send, one receive.
+        conn = getattr(self._tls, "conn", None)
+        if conn is not None:
+            try:
+                conn.send((transport.API_IDENT, method, args, {}))
+                kind, result = conn.recv()
+            except (OSError, EOFError) as e:
+                self._drop(conn)
+                if not retry or self._closed:
+                    raise ServerUnavailable(
+                        f"queuekit server at {self.address}: {method} failed: {_describe(e)}"
+                    ) from e
+            else:
+                if kind == "#RETURN":
+                    return result
+                if kind != "#ERROR" or not isinstance(result, ServerShuttingDown) or not retry:
+                    raise result if kind == "#ERROR" else RemoteError(f"server error in {method}: {result}")
+                self._drop(conn)
+        return self._call_retrying(method, args, retry)
+
+    def _call_retrying(self, method: str, args: tuple, retry: bool) -> Any:
+        """The slow path: (re)connect with backoff until ``connect_timeout`` has passed."""
         deadline = time.monotonic() + self.connect_timeout
         delay = 0.05
         while True:
@@ -147,7 +170,7 @@ class Client:
 
     def _connection(self, deadline: float) -> transport.Connection:
         conn = getattr(self._tls, "conn", None)
-        if conn is not None and not conn.closed:
+        if conn is not None:
             return conn
         conn = self._connect(deadline)
         self._tls.conn = conn
@@ -246,7 +269,7 @@ class Queue:
         remaining = float(timeout)
         while True:
             wait = min(remaining, MAX_WAIT_PER_CALL)
-            items = self.client.call("get_many", self.name, max_n, wait, lease, acks, wait=wait)
+            items = self.client.call("get_many", self.name, max_n, wait, lease, acks)
             acks = None
             remaining -= wait
             if items or remaining <= 0:

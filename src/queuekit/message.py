@@ -14,13 +14,31 @@ error is raised where the bad value was made), and the server checks every JSON 
 from __future__ import annotations
 
 import json
+import json.encoder as _json_encoder
 import re
 from typing import Any, NamedTuple
 
 from .errors import InvalidRequest, PayloadError, PayloadTooLarge
 
 _SCALARS = (str, int, float, bool, type(None))
-_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"), check_circular=True)
+
+
+def _refuse(value: Any) -> Any:
+    raise TypeError(f"{type(value).__name__} is not JSON-compatible")
+
+
+# The C encoder json.dumps builds on every call, built once: compact, no NaN, no ASCII escaping.
+# No circular-reference markers: _check_tree has already walked every container (its depth
+# limit catches cycles) before anything reaches the encoder.
+if _json_encoder.c_make_encoder is not None:
+    _encode_chunks = _json_encoder.c_make_encoder(
+        None, _refuse, _json_encoder.encode_basestring, None, ":", ",", False, False, False
+    )
+
+    def _encode(value: Any) -> str:
+        return "".join(_encode_chunks(value, 0))
+else:  # pragma: no cover - CPython always has the C accelerator
+    _encode = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
 QUEUE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 
 
@@ -56,8 +74,8 @@ def encode_payload(value: Any, max_bytes: int) -> str:
     if type(value) not in _SCALARS:
         _check_tree(value)
     try:
-        text = _ENCODER.encode(value)
-    except ValueError as e:  # NaN/Infinity, circular reference
+        text = _encode(value)
+    except (ValueError, TypeError) as e:  # NaN/Infinity
         raise PayloadError(f"payload is not JSON-compatible: {e}") from None
     check_size(text, max_bytes)
     return text

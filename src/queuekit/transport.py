@@ -67,6 +67,11 @@ class Connection(mpc.Connection):
             rbuf += chunk
 
     def _recv_bytes(self, maxsize=None):
+        data = self._recv_frame(maxsize)
+        return None if data is None else io.BytesIO(data)
+
+    def _recv_frame(self, maxsize):
+        """The next message's bytes, or None when it is larger than ``maxsize`` (left unread)."""
         self._fill(4)
         (size,) = _HEADER.unpack_from(self._rbuf)
         start = 4
@@ -79,7 +84,7 @@ class Connection(mpc.Connection):
         self._fill(start + size)
         data = bytes(self._rbuf[start : start + size])
         del self._rbuf[: start + size]
-        return io.BytesIO(data)
+        return data
 
     def _poll(self, timeout):
         return bool(self._rbuf) or super()._poll(timeout)
@@ -87,10 +92,10 @@ class Connection(mpc.Connection):
     def recv(self):
         self._check_closed()
         self._check_readable()
-        buf = self._recv_bytes(self.max_message_bytes)
-        if buf is None:
+        data = self._recv_frame(self.max_message_bytes)
+        if data is None:
             raise MessageTooLarge(f"message from {self.peer} exceeds {self.max_message_bytes} bytes")
-        return _loads(buf.getbuffer())
+        return _loads(data)
 
     def send(self, obj) -> None:
         # Plain pickle.dumps writes the same bytes as ForkingPickler for the plain data queuekit
