@@ -35,7 +35,8 @@ from .message import Task
 
 MAX_SLICE = 64  # most tasks a handler thread takes from the buffer at once
 SLICE_BELOW_SECONDS = 0.001  # ...when tasks take less than this on average
-FETCH_WAIT = 1.0  # server-side wait per get: bounds ack latency on an idle queue and drain start
+FETCH_WAIT = 1.0  # server-side wait per get when this worker is idle: bounds the start of a drain
+BUSY_FETCH_WAIT = 0.05  # ...while handlers run: their acks ride on the next get, so keep it short
 _log = logs.get("consumer")
 
 
@@ -215,11 +216,13 @@ class Worker:
                     return
                 acks, self._acks = self._acks, []
                 nacks, self._nacks = self._nacks, []
+                # Outcomes of tasks still running will wait for the next get: do not park it long.
+                wait = BUSY_FETCH_WAIT if self._running or self._buffer else FETCH_WAIT
             try:
                 if nacks:
                     self.queue.nack_many(nacks)
                     nacks = []
-                tasks = self.queue.get_many(room, FETCH_WAIT, lease=self.lease, ack=acks)
+                tasks = self.queue.get_many(room, wait, lease=self.lease, ack=acks)
                 backoff = 0.1
             except AuthenticationFailed as e:
                 self._fail_fatally(e)
