@@ -269,3 +269,24 @@ def test_task_ids_never_repeat_across_broker_incarnations(clock):
     clock.advance(0.001)
     second = Broker(clock=clock).put_many("q", texts(1))
     assert second[0] > max(first)
+
+
+def test_lease_heap_does_not_keep_acked_tasks_alive(broker, clock):
+    """Acked tasks must not stay referenced by the lease heap until their deadline."""
+    for _ in range(50):
+        broker.put_many("q", texts(*range(200)))
+        items = broker.get_many("q", 200, lease=30)
+        broker.ack_many("q", [i[0] for i in items[:150]])
+        broker.release_many("q", [(i[0], i[1]) for i in items[150:]])
+        again = broker.get_many("q", 200, lease=30)
+        broker.ack_many("q", [i[0] for i in again])
+    q = broker._queues["q"]
+    slots = sum(len(batch) for _, _, batch in q.leases)
+    assert slots < 4096 + 400, slots  # 20,000 leases ended; the heap was compacted along the way
+    assert broker.stats()["q"]["inflight"] == 0
+    # Still correct after compactions: a live lease expires on time.
+    broker.put_many("q", texts("last"))
+    broker.get_many("q", 1, lease=5)
+    clock.advance(6)
+    broker.tick()
+    assert broker.stats()["q"]["ready"] == 1
