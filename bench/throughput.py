@@ -2,8 +2,9 @@
 """Throughput of queuekit against the classic BaseManager + queue.Queue recipe, in one run.
 
 Every mode moves the same number of trivial tasks (small ints) from 1 producer process to 2
-consumer processes over loopback, and is run several times; the table shows the median and the
-ratios against the first two rows (the classic recipe, measured here, in this run):
+consumer processes over loopback, and is run several times, the modes interleaved; the table
+shows the median and the ratios against the first two rows (the classic recipe, measured here,
+in this run):
 
   1 classic, 1 item per put/get         stock BaseManager serving a queue.Queue (the recipe)
   2 classic, lists of 100 per put/get   the same, batching by hand (no acks, no redelivery)
@@ -303,16 +304,20 @@ def main() -> int:
         f"python {sys.version.split()[0]}, {os.cpu_count()} cpus",
         flush=True,
     )
+    # Runs are interleaved (round 1 of every mode, then round 2, ...) so that a slow spell of
+    # the machine hits every mode alike instead of biasing the modes measured during it.
+    chosen = [row for row in rows if row[0] in wanted]
+    rates: dict[int, list[float]] = {number: [] for number, _, _ in chosen}
     try:
-        for number, name, run in rows:
-            if number not in wanted:
-                continue
-            times = [run() for _ in range(args.runs)]
-            rates = sorted(n / t for t in times)
-            results[number] = statistics.median(rates)
-            print(f"  measured {number}: {name}: " + ", ".join(f"{r:,.0f}" for r in rates) + " tasks/s", flush=True)
+        for round_ in range(args.runs):
+            for number, _, run in chosen:
+                rates[number].append(n / run())
+            print(f"  round {round_ + 1}/{args.runs} done", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    for number, name, _ in chosen:
+        results[number] = statistics.median(rates[number])
+        print(f"  measured {number}: {name}: " + ", ".join(f"{r:,.0f}" for r in sorted(rates[number])) + " tasks/s")
 
     base1, base2 = results[1], results[2]
     print()
