@@ -36,7 +36,7 @@ LOCK_NAME = "queuekit.lock"
 SCHEMA_VERSION = 1
 APPLICATION_ID = 0x716B6A31  # "qkj1": marks the file as a queuekit journal
 VACUUM_EVERY = 10.0  # seconds between incremental vacuum passes
-WRITE_BEHIND_DELAY = 0.002  # the writer thread lets a waiting producer lead before it commits
+WRITE_BEHIND_DELAY = 0.02  # write-behind ops wait this long for a put to carry them in its commit
 TASK_COLUMNS = {
     "id",
     "queue",
@@ -90,6 +90,7 @@ class SqliteJournal(Journal):
         self._seq = 0  # last sequence number handed out by append
         self._committed = 0
         self._committing = False  # a thread is running a commit (the leader)
+        self._writer_idle = False  # the writer thread sleeps until the next append
         self._error: BaseException | None = None
         self._closing = False
         self._next_vacuum = time.monotonic() + VACUUM_EVERY
@@ -120,7 +121,8 @@ class SqliteJournal(Journal):
         with self._cond:
             self._pending.extend(ops)
             self._seq += 1
-            self._cond.notify_all()
+            if self._writer_idle:  # otherwise it is busy or already counting down to a commit
+                self._cond.notify_all()
             return self._seq
 
     def wait(self, seq: int, timeout: float | None = None) -> None:
@@ -167,17 +169,21 @@ class SqliteJournal(Journal):
         with self._cond:
             while self._error is None:
                 if not self._pending and not self._closing and time.monotonic() < self._next_vacuum:
+                    self._writer_idle = True
                     self._cond.wait(1.0)
+                    self._writer_idle = False
                     continue
                 if self._closing and not self._pending:
                     return
-                if self._pending and not self._closing:
-                    # Give a producer that is about to wait() the chance to lead this commit.
+                # Let write-behind ops wait a little: usually a put's commit carries them along
+                # (one transaction instead of two).
+                until = time.monotonic() + WRITE_BEHIND_DELAY
+                while self._pending and not self._closing and (left := until - time.monotonic()) > 0:
+                    self._cond.wait(left)
+                if self._committing:
                     self._cond.wait(WRITE_BEHIND_DELAY)
-                if not self._committing:
+                elif self._pending or time.monotonic() >= self._next_vacuum:
                     self._lead()
-                else:
-                    self._cond.wait(WRITE_BEHIND_DELAY)
 
     def _lead(self) -> None:
         """Commit everything pending (called with the condition held; released meanwhile, so
