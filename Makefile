@@ -50,4 +50,4 @@ test-fast: dev
 	$(PYTHON) -m pytest -m "not integration and not k8s" $(PYTEST_ARGS)
 
 bench:
-	PYTHONPATH=src $(SYSTEM_PYTHON) bench/throughput.py
+	PYTHONPATH=src $(SYSTEM_PYTHON) bench/throughput.py $(BENCH_ARGS)

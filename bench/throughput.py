@@ -13,7 +13,7 @@ in this run):
   5 end to end                          `queuekit produce` + 2 x `queuekit consume` (no-op handler)
   6.. durable modes                     rows 3/4 against a server with --data-dir, sync normal/full
 
-Usage: PYTHONPATH=src python3 bench/throughput.py [--tasks 20000] [--runs 3] [--quick]
+Usage: PYTHONPATH=src python3 bench/throughput.py [--tasks 100000] [--runs 5] [--quick] [--only 3,4]
 Only loopback is used; every process is bounded by the task count and a timeout.
 """
 
@@ -249,7 +249,7 @@ def end_to_end_run(keyfile: str, n: int) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", type=int, default=100000)
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="skip the slow durable batch-1 sync=full row")
     parser.add_argument("--only", help="comma-separated row numbers to run (rows 1 and 2 always run)")
     args = parser.parse_args()
