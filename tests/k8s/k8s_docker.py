@@ -791,14 +791,7 @@ class Namespace:
                 info = tarfile.TarInfo("vol/" + path)
                 info.size, info.mode, info.uid, info.gid = len(content), mode, 0, gid
                 tar.addfile(info, io.BytesIO(content))
-        helper = self.docker.containers.create(
-            self.helper_image,
-            ["true"],
-            entrypoint=[],
-            labels=self._labels(),
-            network_mode="none",
-            mounts=[_mount("/mnt/vol", volume.name, read_only=False)],
-        )
+        helper = self._volume_helper(volume, read_only=False)
         try:
             if not helper.put_archive("/mnt", buf.getvalue()):
                 raise RuntimeError(f"could not fill volume {volume.name}")
@@ -1047,16 +1040,20 @@ class Namespace:
                     raise AssertionError(f"StatefulSet pod {pod.name} never became ready: {result.detail}")
         return pods
 
-    def read_volume(self, volume: Any) -> dict[str, tarfile.TarInfo]:
-        """Entries at the root of a Docker volume, read through an unstarted helper container."""
-        helper = self.docker.containers.create(
+    def _volume_helper(self, volume: Any, *, read_only: bool) -> Any:
+        """An unstarted container with ``volume`` at /mnt/vol, to copy files in or out of it."""
+        return self.docker.containers.create(
             self.helper_image,
             ["true"],
             entrypoint=[],
             labels=self._labels(),
             network_mode="none",
-            mounts=[_mount("/mnt/vol", volume.name, read_only=True)],
+            mounts=[_mount("/mnt/vol", volume.name, read_only=read_only)],
         )
+
+    def read_volume(self, volume: Any) -> dict[str, tarfile.TarInfo]:
+        """Entries at the root of a Docker volume, read through an unstarted helper container."""
+        helper = self._volume_helper(volume, read_only=True)
         try:
             stream, _ = helper.get_archive("/mnt/vol")
             data = b"".join(stream)
