@@ -206,11 +206,15 @@ class Broker:
             return []
         now = self._clock.wall()
         not_before = now + delay if delay > 0 else 0.0
+        # Built before taking the lock, numbered under it: less time holding the lock.
+        tasks = [_Task(0, text, 0, now, not_before) for text in texts]
         with self._lock:
             self._check_open()
-            first = self._next_id
-            self._next_id += len(texts)
-            tasks = [_Task(first + i, text, 0, now, not_before) for i, text in enumerate(texts)]
+            next_id = self._next_id
+            for t in tasks:
+                t.id = next_id
+                next_id += 1
+            self._next_id = next_id
             if not self._durable:
                 self._publish(queue, tasks, not_before)
                 return [t.id for t in tasks]

@@ -3,7 +3,8 @@ import math
 
 import pytest
 
-from queuekit.errors import PayloadError, PayloadTooLarge
+from queuekit import message
+from queuekit.errors import InvalidRequest, PayloadError, PayloadTooLarge
 from queuekit.message import Task, decode_payload, encode_payload, validate_texts
 
 LIMIT = 1024 * 1024
@@ -79,3 +80,16 @@ def test_server_accepts_any_single_json_value(text):
 def test_server_refuses_anything_but_one_json_value(text):
     with pytest.raises(PayloadError, match="not valid JSON"):
         validate_texts([text], LIMIT)
+
+
+def test_queue_name_check_caches_good_names_only_and_stays_bounded(monkeypatch):
+    monkeypatch.setattr(message, "_VALID_NAMES", set())
+    monkeypatch.setattr(message, "_VALID_NAMES_MAX", 3)
+    for name in ["a", "b", "c", "d", "a"]:
+        assert message.check_queue_name(name) == name
+    assert message._VALID_NAMES == {"a", "b", "c"}  # bounded: "d" was checked, not remembered
+    assert message.check_queue_name("d") == "d"
+    for bad in ["has space", ["a"], {"a": 1}, b"a", "-a"]:  # unhashable and look-alike names too
+        with pytest.raises(InvalidRequest, match="invalid queue name"):
+            message.check_queue_name(bad)
+    assert message._VALID_NAMES == {"a", "b", "c"}
