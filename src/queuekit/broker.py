@@ -210,11 +210,10 @@ class Broker:
         tasks = [_Task(0, text, 0, now, not_before) for text in texts]
         with self._lock:
             self._check_open()
-            next_id = self._next_id
-            for t in tasks:
-                t.id = next_id
-                next_id += 1
-            self._next_id = next_id
+            first = self._next_id
+            self._next_id = first + len(tasks)
+            for task_id, t in enumerate(tasks, first):
+                t.id = task_id
             if not self._durable:
                 self._publish(queue, tasks, not_before)
                 return [t.id for t in tasks]
