@@ -12,9 +12,12 @@ States and transitions (``attempts`` counts failed deliveries)::
     graceful restart (durable): leased ──▶ leased, same delivery and remaining lease (save_leases)
 
 Contract:
-- Thread-safe: one lock guards all queues; blocking ``get_many`` waits on a per-queue condition
-  that shares it, in slices of at most a second, and asks its ``alive`` callback between slices so
-  a client that went away stops pinning a thread and never gets handed a task.
+- Thread-safe: one lock guards all queues. Two ways to wait for a task: ``get_many`` blocks the
+  calling thread on a per-queue condition (in slices of at most a second, asking its ``alive``
+  callback between slices so a client that went away never gets handed a task); ``get_or_wait``
+  never blocks: it parks a :class:`Waiter`, and whoever makes tasks ready (a put, a nack, a lease
+  expiry) takes them for the oldest waiter and calls its ``deliver`` callback. The server's event
+  loop uses the second, so a waiting client costs no thread.
 - ``ack`` is by task id and accepted in any live state (the work is done, whoever reports it);
   ``nack``/``extend``/``release`` quote the delivery number of their lease and are ignored when it
   is stale, so a consumer whose lease expired cannot disturb the task's new holder.
@@ -54,6 +57,21 @@ _log = logs.get("broker")
 
 class ClientGone(Exception):
     """Raised out of a blocking get when the ``alive`` callback says the caller disconnected."""
+
+
+class Waiter:
+    """A parked ``get_or_wait``: ``deliver(items)`` is called exactly once, with the tasks taken
+    for it (already leased), or with ``[]`` when the broker closes; never after ``cancel`` said
+    True. It runs with the broker lock held, on whichever thread made the tasks ready, so it must
+    only hand the items over (append to a queue), never block or call the broker."""
+
+    __slots__ = ("queue", "max_n", "lease", "deliver")
+
+    def __init__(self, queue: _Queue, max_n: int, lease: float, deliver: Callable[[list], None]):
+        self.queue = queue
+        self.max_n = max_n
+        self.lease = lease
+        self.deliver = deliver
 
 
 class Clock:
@@ -114,6 +132,7 @@ class _Queue:
         "redelivered",
         "dead_lettered",
         "cond",
+        "waiters",
     )
 
     def __init__(self, name: str, lock: threading.Lock):
@@ -131,6 +150,7 @@ class _Queue:
         self.n_ready = self.n_leased = self.n_delayed = 0
         self.enqueued = self.acked = self.nacked = self.redelivered = self.dead_lettered = 0
         self.cond = threading.Condition(lock)
+        self.waiters: deque[Waiter] = deque()  # parked get_or_wait calls, oldest first
 
 
 class Broker:
@@ -237,7 +257,7 @@ class Broker:
                 t.state = READY
             q.ready.extend(tasks)
             q.n_ready += len(tasks)
-            q.cond.notify(len(tasks))
+            self._wake(q, len(tasks))
         q.enqueued += len(tasks)
 
     # -- consumer side ----------------------------------------------------------------------
@@ -256,11 +276,7 @@ class Broker:
         ``acks`` are applied first (a worker's acks ride on its next get: no extra round trip).
         Returns ``(id, delivery, attempts, payload, enqueued_at)`` tuples; ``[]`` on timeout.
         """
-        check_queue_name(queue)
-        if type(max_n) is not int or not 1 <= max_n <= MAX_BATCH:
-            raise InvalidRequest(f"max_n must be an int in 1..{MAX_BATCH}, got {max_n!r}")
-        timeout = _seconds(timeout, "timeout", 0.0, None)
-        lease = self.default_lease if lease is None else _seconds(lease, "lease", 0.001, MAX_LEASE_SECONDS)
+        timeout, lease = self._get_args(queue, max_n, timeout, lease)
         clock = self._clock
         with self._lock:
             q = self._queue(queue)
@@ -284,6 +300,50 @@ class Broker:
                     if q.n_ready:
                         break
             return self._take(q, max_n, now + lease)
+
+    def get_or_wait(
+        self,
+        queue: str,
+        max_n: int,
+        timeout: float,
+        lease: float | None,
+        acks: Iterable[int] | None,
+        deliver: Callable[[list], None],
+    ) -> list[tuple] | Waiter:
+        """``get_many`` that never blocks: the tasks (or ``[]`` when ``timeout`` is 0 or the
+        broker is closed), or a parked :class:`Waiter` that ``deliver`` will complete. The caller
+        owns the timeout: when it passes, ``cancel(waiter)``; True means answer ``[]``."""
+        timeout, lease = self._get_args(queue, max_n, timeout, lease)
+        with self._lock:
+            q = self._queue(queue)
+            if acks:
+                self._ack(q, acks)
+            if self._closed:
+                return []
+            now = self._clock.monotonic()
+            self._service(q, now)
+            if q.n_ready or timeout <= 0:
+                return self._take(q, max_n, now + lease)
+            waiter = Waiter(q, max_n, lease, deliver)
+            q.waiters.append(waiter)
+            return waiter
+
+    def cancel(self, waiter: Waiter) -> bool:
+        """Withdraw a parked waiter. False: it was already delivered (its ``deliver`` ran or runs)."""
+        with self._lock:
+            try:
+                waiter.queue.waiters.remove(waiter)
+            except ValueError:
+                return False
+            return True
+
+    def _get_args(self, queue: Any, max_n: Any, timeout: Any, lease: Any) -> tuple[float, float]:
+        check_queue_name(queue)
+        if type(max_n) is not int or not 1 <= max_n <= MAX_BATCH:
+            raise InvalidRequest(f"max_n must be an int in 1..{MAX_BATCH}, got {max_n!r}")
+        timeout = _seconds(timeout, "timeout", 0.0, None)
+        lease = self.default_lease if lease is None else _seconds(lease, "lease", 0.001, MAX_LEASE_SECONDS)
+        return timeout, lease
 
     def ack_many(self, queue: str, ids: Iterable[int]) -> int:
         check_queue_name(queue)
@@ -349,7 +409,7 @@ class Broker:
                 q.n_leased -= 1
                 self._make_ready(q, task, front=True)
             if released:
-                q.cond.notify(len(released))
+                self._wake(q, len(released))
                 q.lease_garbage += len(released)
                 self._maybe_compact(q)
             return len(released)
@@ -387,7 +447,7 @@ class Broker:
                 self._make_ready(q, task)
                 ops.append(("upd", task_id, 0, 0.0, False, None))
             if ops:
-                q.cond.notify(len(ops))
+                self._wake(q, len(ops))
                 if self._durable:
                     self._journal.append(ops)
             return len(chosen)
@@ -463,6 +523,8 @@ class Broker:
             self._closed = True
             for q in self._queues.values():
                 q.cond.notify_all()
+                while q.waiters:
+                    q.waiters.popleft().deliver([])
 
     # -- internals (lock held) --------------------------------------------------------------
 
@@ -475,6 +537,18 @@ class Broker:
         if q is None:
             q = self._queues[name] = _Queue(name, self._lock)
         return q
+
+    def _wake(self, q: _Queue, n: int) -> None:
+        """``n`` tasks became ready: hand them to parked waiters first (oldest first), then wake
+        threads blocked in ``get_many`` for what is left."""
+        waiters = q.waiters
+        if waiters:
+            now = self._clock.monotonic()
+            while waiters and q.n_ready:
+                waiter = waiters.popleft()
+                waiter.deliver(self._take(q, waiter.max_n, now + waiter.lease))
+        if q.n_ready:
+            q.cond.notify(n)
 
     def _make_ready(self, q: _Queue, task: _Task, front: bool = False) -> None:
         task.state = READY
@@ -561,7 +635,7 @@ class Broker:
                 self._delay(q, task, self._clock.wall() + delay)
             else:
                 self._make_ready(q, task)
-                q.cond.notify()
+                self._wake(q, 1)
             not_before = task.not_before if task.state is DELAYED else 0.0
         if self._durable:
             self._journal.append([("upd", task.id, task.attempts, not_before, task.state is DEAD, task.last_error)])
@@ -613,7 +687,7 @@ class Broker:
                     self._make_ready(q, task)
                     promoted += 1
             if promoted:
-                q.cond.notify(promoted)
+                self._wake(q, promoted)
 
     def _next_due(self, q: _Queue, now: float) -> float:
         """Seconds until this queue's next lease expiry or retry, so a waiter wakes for it."""

@@ -9,28 +9,28 @@ What a client can reach, and nothing else:
 - of the manager's own requests only ``create``, ``accept_connection``, ``get_methods``,
   ``incref``, ``decref`` and ``dummy``: no ``shutdown``, no ``debug_info``.
 
-The per-connection code is ours (same wire protocol as the stock server) so that the server can
-time out handshakes, log authentication failures with the peer's address, tell a waiting ``get``
-that its client went away, run a hook once a reply was actually sent, and stop cleanly on SIGTERM.
+The per-connection code is ours (same wire protocol as the stock server): a short-lived thread
+per new connection runs the handshake (with a timeout, logging authentication failures with the
+peer's address) and answers its first request; a connection that asks to be served
+(``accept_connection``) then joins the event loop of :mod:`queuekit.loop`, where one thread serves
+every client, a waiting get costs no thread, and a hook runs once a reply was actually written.
 """
 
 from __future__ import annotations
 
-import itertools
 import os
 import queue as stdqueue
-import select
 import signal
 import threading
 import time
 import traceback
-from collections.abc import Callable
 from multiprocessing import AuthenticationError, managers
 from multiprocessing import connection as mpc
 
 from . import __version__, logs, transport
-from .broker import Broker, ClientGone
+from .broker import Broker
 from .errors import ConfigError, ExitCode, QueuekitError, ServerShuttingDown
+from .loop import Loop, Session
 from .message import decode_payload, encode_payload
 from .settings import ServerSettings
 
@@ -50,7 +50,7 @@ API_METHODS = (
     "qsize",
 )
 COMPAT_METHODS = ("put", "put_nowait", "get", "get_nowait", "qsize", "empty", "full", "task_done")
-MAX_SERVER_WAIT = 60.0  # a single blocking get never holds its thread longer than this
+MAX_SERVER_WAIT = 60.0  # one get_many call waits at most this long (the client library loops)
 COMPAT_LEASE = 60.0
 REAPER_INTERVAL = 0.2
 
@@ -73,11 +73,15 @@ class Status:
 
 
 class QueueAPI:
-    """The calls a queuekit client makes (``queuekit.client``). Arguments are validated by the broker."""
+    """The calls a queuekit client makes (``queuekit.client``). Arguments are validated by the broker.
+
+    Called on the loop thread; ``get_many`` may park and ``put_many`` (durable) runs on the commit
+    pool, both answering later."""
 
     def __init__(self, broker: Broker, server: QueuekitServer):
         self._broker = broker
         self._server = server
+        self._loop = server.loop
 
     def ping(self) -> dict:
         return {
@@ -88,12 +92,30 @@ class QueueAPI:
         }
 
     def put_many(self, queue, texts, delay=0.0):
+        if self._server.status.durable:  # waits for the journal to commit: not on the loop
+            return self._loop.defer(self._loop.current, self._broker.put_many, queue, texts, delay)
         return self._broker.put_many(queue, texts, delay)
 
     def get_many(self, queue, max_n=1, timeout=0.0, lease=None, acks=None):
         if type(timeout) in (int, float) and timeout > MAX_SERVER_WAIT:
             timeout = MAX_SERVER_WAIT  # the client library loops for longer waits
-        return self._broker.get_many(queue, max_n, timeout, lease, acks, alive=self._server.client_alive)
+        loop = self._loop
+        session = loop.current
+        result = self._broker.get_or_wait(queue, max_n, timeout, lease, acks, loop.deliverer(session))
+        if type(result) is list:
+            return self._answer(session, queue, result)
+        return loop.park(session, result, timeout, lambda items: self._answer(session, queue, items))
+
+    def _answer(self, session: Session, queue: str, items: list) -> list:
+        if items:
+            broker = self._broker
+
+            def release_unsent(sent: bool) -> None:
+                if not sent:  # the client never got them: ready again at once, no attempt charged
+                    broker.release_many(queue, [(item[0], item[1]) for item in items])
+
+            session.hook = release_unsent
+        return items
 
     def ack_many(self, queue, ids):
         return self._broker.ack_many(queue, ids)
@@ -127,7 +149,8 @@ class CompatQueue:
     """A ``queue.Queue`` look-alike over one named queue, for stock ``BaseManager`` clients.
 
     At-most-once: a task taken with ``get`` is acknowledged as soon as the reply carrying it has
-    been written to the client's socket (if that write fails it is released, not lost). Errors are
+    been written to the client's socket (if that write fails it is released, not lost). A blocking
+    ``get`` parks in the event loop like the queuekit API's (no thread, no time limit). Errors are
     builtin exceptions (``queue.Empty``, ``ValueError``, ``ConnectionError``) because a stock client
     cannot unpickle queuekit's own.
     """
@@ -138,6 +161,12 @@ class CompatQueue:
         self._name = name
 
     def put(self, item, block=True, timeout=None):
+        if self._server.status.durable:  # waits for the journal to commit: not on the loop
+            loop = self._server.loop
+            return loop.defer(loop.current, self._put, item)
+        return self._put(item)
+
+    def _put(self, item) -> None:
         try:
             text = encode_payload(item, self._broker.max_task_bytes)
             self._broker.put_many(self._name, [text])
@@ -147,24 +176,30 @@ class CompatQueue:
             raise ValueError(f"queuekit: {e}") from None
 
     def put_nowait(self, item):
-        self.put(item, block=False)
+        return self.put(item, block=False)
 
     def get(self, block=True, timeout=None):
         if not block:
-            waits = [0.0]
+            wait = 0.0
         elif timeout is None:
-            waits = itertools.repeat(MAX_SERVER_WAIT)
-        elif timeout < 0:
+            wait = None
+        elif type(timeout) not in (int, float) or not timeout >= 0:
             raise ValueError("'timeout' must be a non-negative number")
         else:
-            waits = _slices(float(timeout), MAX_SERVER_WAIT)
-        for wait in waits:
-            items = self._broker.get_many(self._name, 1, wait, COMPAT_LEASE, alive=self._server.client_alive)
-            if items:
-                break
+            wait = float(timeout)
+        loop = self._server.loop
+        session = loop.current
+        result = self._broker.get_or_wait(
+            self._name, 1, float("inf") if wait is None else wait, COMPAT_LEASE, None, loop.deliverer(session)
+        )
+        if type(result) is list:
+            return self._answer(session, result)
+        return loop.park(session, result, wait, lambda items: self._answer(session, items))
+
+    def _answer(self, session: Session, items: list):
+        if not items:
             if self._server.stopping:
                 raise ConnectionError("queuekit server is shutting down")
-        else:
             raise stdqueue.Empty
         task_id, delivery, _, text, _ = items[0]
         name, broker = self._name, self._broker
@@ -175,7 +210,7 @@ class CompatQueue:
             else:
                 broker.release_many(name, [(task_id, delivery)])
 
-        self._server.after_send(settle)
+        session.hook = settle
         return decode_payload(text)
 
     def get_nowait(self):
@@ -194,14 +229,6 @@ class CompatQueue:
         """Accepted for compatibility; delivery already acknowledged the task."""
 
 
-def _slices(total: float, step: float):
-    while True:
-        yield min(total, step)
-        total -= step
-        if total <= 0:
-            return
-
-
 class QueuekitServer(managers.Server):
     public = ["create", "accept_connection", "get_methods", "incref", "decref", "dummy"]
 
@@ -210,12 +237,12 @@ class QueuekitServer(managers.Server):
         self.settings = settings
         self.status = status
         self.stopping = False
-        self._tls = threading.local()
-        self._conns: set[transport.Connection] = set()
+        self._conns: set[transport.Connection] = set()  # connections still in their handshake
         self._conns_lock = threading.Lock()
-        self._busy: dict[transport.Connection, bool] = {}  # connection -> a call is being handled
         self._stopped = threading.Event()
         self._accepter: threading.Thread | None = None
+        self.loop = Loop(self.dispatch, _error_reply, broker)
+        self._loop_thread: threading.Thread | None = None
         compat = {}
 
         def compat_queue(name: str) -> CompatQueue:
@@ -234,20 +261,21 @@ class QueuekitServer(managers.Server):
     # -- life cycle -------------------------------------------------------------------------
 
     def start(self) -> None:
+        self._loop_thread = threading.Thread(target=self.loop.run, name="loop", daemon=True)
+        self._loop_thread.start()
         self._accepter = threading.Thread(target=self.accepter, name="accepter", daemon=True)
         self._accepter.start()
 
     def stop(self, grace: float) -> None:
-        """Stop accepting, wake waiting gets, give in-flight calls ``grace`` seconds, then hang up."""
+        """Stop accepting, answer waiting gets, give calls in progress ``grace`` seconds, hang up."""
         self.stopping = True
         self._stopped.set()
         if self._accepter is not None:
             self._accepter.join(timeout=2)
         self.listener.close()
-        self.broker.close()
-        deadline = time.monotonic() + grace
-        while any(list(self._busy.values())) and time.monotonic() < deadline:
-            time.sleep(0.01)
+        self.broker.close()  # parked gets are answered with nothing, new puts are refused
+        self.loop.stop(grace)
+        self.loop.wait_stopped(grace + 2.0)
         with self._conns_lock:
             conns = list(self._conns)
         for conn in conns:
@@ -266,7 +294,7 @@ class QueuekitServer(managers.Server):
                 time.sleep(0.05)  # e.g. EMFILE: do not spin
                 continue
             with self._conns_lock:
-                full = len(self._conns) >= self.settings.max_connections
+                full = self.connection_count() >= self.settings.max_connections
                 if not full:
                     self._conns.add(conn)
             if full:
@@ -278,7 +306,7 @@ class QueuekitServer(managers.Server):
             threading.Thread(target=self.handle_request, args=(conn,), name=f"conn {conn.peer}", daemon=True).start()
 
     def connection_count(self) -> int:
-        return len(self._conns)
+        return len(self._conns) + self.loop.session_count()
 
     def stats(self) -> dict:
         return {
@@ -292,7 +320,9 @@ class QueuekitServer(managers.Server):
     # -- per connection ---------------------------------------------------------------------
 
     def handle_request(self, conn: transport.Connection) -> None:
-        """Authenticate a new connection and answer its first request (the manager's protocol)."""
+        """Authenticate a new connection and answer its first request (the manager's protocol);
+        after ``accept_connection`` the connection is served by the loop."""
+        served = False
         try:
             try:
                 conn.set_recv_timeout(transport.HANDSHAKE_TIMEOUT)
@@ -320,7 +350,8 @@ class QueuekitServer(managers.Server):
                 return
             if funcname == "accept_connection":
                 if self._reply(conn, ("#RETURN", None)):
-                    self.serve_client(conn, str(args[0]) if args else "?")
+                    self.loop.add(conn, str(args[0]) if args else "?")
+                    served = True
                 return
             try:
                 msg = ("#RETURN", getattr(self, funcname)(conn, *args, **kwds))
@@ -330,76 +361,18 @@ class QueuekitServer(managers.Server):
         finally:
             with self._conns_lock:
                 self._conns.discard(conn)
-            conn.close()
+            if not served:
+                conn.close()
 
-    def serve_client(self, conn: transport.Connection, name: str = "?") -> None:
-        """Answer requests on one connection until it closes."""
-        tls = self._tls
-        tls.conn = conn
-        tls.after_send = None
-        id_to_obj = self.id_to_obj
-        busy = self._busy
-        _log.info("client_connected", peer=conn.peer, client=name)
-        reason = "closed"
-        try:
-            while not self.stopping:
-                try:
-                    request = conn.recv()
-                except (EOFError, OSError) as e:
-                    reason = "closed" if isinstance(e, EOFError) else f"error:{type(e).__name__}"
-                    break
-                except Exception as e:  # the bytes arrived but do not unpickle: answer, keep going
-                    if not self._reply(conn, ("#ERROR", ValueError(f"request could not be decoded: {e}"))):
-                        break
-                    continue
-                busy[conn] = True  # a dict store is atomic: cheaper than a lock per call
-                try:
-                    ident, methodname, args, kwds = request
-                    obj, exposed, _ = id_to_obj[ident]
-                    if methodname not in exposed:
-                        if methodname in ("__str__", "__repr__"):
-                            msg = ("#RETURN", f"<queuekit {type(obj).__name__}>")
-                        else:
-                            raise AttributeError(f"method {methodname!r} is not exposed by {type(obj).__name__}")
-                    else:
-                        msg = ("#RETURN", getattr(obj, methodname)(*args, **kwds))
-                except ClientGone:
-                    reason = "gone_while_waiting"
-                    break
-                except Exception as e:
-                    msg = _error_reply(e)
-                finally:
-                    busy[conn] = False
-                hook, tls.after_send = tls.after_send, None
-                sent = self._reply(conn, msg)
-                if hook is not None:
-                    hook(sent)
-                if not sent:
-                    reason = "send_failed"
-                    break
-        finally:
-            tls.conn = None
-            busy.pop(conn, None)
-            _log.info("client_disconnected", peer=conn.peer, client=name, reason=reason)
-
-    def client_alive(self) -> bool:
-        """False when the current thread's client hung up (or sent something while it should wait)."""
-        conn = getattr(self._tls, "conn", None)
-        if self.stopping:
-            return False
-        if conn is None:
-            return True
-        try:
-            # select() on the fd directly: Connection.poll() builds a selector per call, which
-            # costs more than the rest of a get (this runs on every wake-up of a waiting get).
-            readable, _, _ = select.select((conn.fileno(),), (), (), 0)
-            return not readable
-        except (OSError, ValueError):
-            return False
-
-    def after_send(self, hook: Callable[[bool], None]) -> None:
-        """Run ``hook(sent)`` after the current call's reply was (or failed to be) written."""
-        self._tls.after_send = hook
+    def dispatch(self, session: Session, request) -> object:
+        """Answer one request of a served connection (on the loop thread)."""
+        ident, methodname, args, kwds = request
+        obj, exposed, _ = self.id_to_obj[ident]
+        if methodname not in exposed:
+            if methodname in ("__str__", "__repr__"):
+                return f"<queuekit {type(obj).__name__}>"
+            raise AttributeError(f"method {methodname!r} is not exposed by {type(obj).__name__}")
+        return getattr(obj, methodname)(*args, **kwds)
 
     @staticmethod
     def _reply(conn: transport.Connection, msg: tuple) -> bool:

@@ -1,0 +1,420 @@
+"""The connection loop: one thread serves every authenticated connection.
+
+Why one thread: with a thread per connection, every request wakes its own thread and every
+waiting get sleeps on a condition that a put must wake, so each task crossed three threads, and on
+CPython those threads spend most of the server's time handing the GIL to each other (futex calls
+outnumbered reads and writes ten to one). Here one thread waits on a selector, reads requests,
+calls the API and writes replies; a get that has to wait parks a :class:`~queuekit.broker.Waiter`
+in the broker, which costs no thread, and the thread that makes a task ready hands it over.
+
+What runs elsewhere: the handshake of a new connection (its own short-lived thread, because the
+HMAC challenge is a blocking exchange with a timeout; the connection joins the loop after
+``accept_connection``), and calls that wait for the journal to commit (a durable ``put``) on a
+small pool, so that one commit never stalls every other client.
+
+Per connection the protocol is strictly request/response (the manager's). While a request is
+being answered (a parked get, a put committing on the pool, a reply not yet fully written) the
+loop reads nothing more from that connection, except that a parked get keeps watching for the
+client hanging up: its waiter is then withdrawn, so a task is never handed to a client that is
+gone. A client that sends anything while its get is parked is breaking the protocol and is
+disconnected.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import os
+import pickle
+import selectors
+import struct
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from . import logs, transport
+
+_log = logs.get("server")
+_HEADER = struct.Struct("!i")
+_HEADER64 = struct.Struct("!Q")
+_loads = transport._loads
+_dumps = pickle.dumps
+READ_SIZE = 65536
+COMMIT_THREADS = 32
+
+
+class _Pending:
+    def __repr__(self) -> str:
+        return "PENDING"
+
+
+PENDING = _Pending()  # returned by a call that will be answered later (parked, or on the pool)
+
+
+class Session:
+    """One authenticated connection in the loop: its buffers and the request being answered."""
+
+    __slots__ = ("conn", "fd", "peer", "name", "rbuf", "wbuf", "hook", "waiter", "finish", "busy", "events", "closed")
+
+    def __init__(self, conn: transport.Connection, name: str):
+        self.conn = conn
+        self.fd = conn.fileno()
+        self.peer = conn.peer
+        self.name = name
+        # Bytes the handshake thread already read past accept_connection belong to us.
+        self.rbuf = bytearray(conn._rbuf)
+        conn._rbuf.clear()
+        self.wbuf: memoryview | None = None  # the unwritten rest of the current reply
+        self.hook: Callable[[bool], None] | None = None  # runs once the reply was (not) written
+        self.waiter: Any = None  # the broker Waiter of a parked get
+        self.finish: Callable[[list], Any] | None = None  # turns delivered items into the result
+        self.busy = False  # a request is being answered
+        self.events = 0  # selector events registered
+        self.closed = False
+
+
+class Loop:
+    """Serves sessions until :meth:`stop`. ``dispatch(session, request)`` answers one request:
+    it returns the result (sent as ``#RETURN``), raises (sent as an error reply built by
+    ``error_reply``) or returns :data:`PENDING` after :meth:`park` or :meth:`defer`."""
+
+    def __init__(
+        self,
+        dispatch: Callable[[Session, Any], Any],
+        error_reply: Callable[[BaseException], tuple],
+        broker: Any,
+    ):
+        self._dispatch = dispatch
+        self._error_reply = error_reply
+        self._broker = broker
+        self._sel = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._sel.register(self._wake_r, selectors.EVENT_READ, None)
+        self._inbox: deque[tuple] = deque()  # work handed over by other threads
+        self._sessions: dict[int, Session] = {}
+        self._timers: list[tuple[float, int, Session, Any]] = []  # (deadline, seq, session, waiter)
+        self._timer_seq = itertools.count()
+        self._pool: ThreadPoolExecutor | None = None
+        self._thread_id: int | None = None
+        self._stop_at: float | None = None  # monotonic deadline once stop() was called
+        self._done = threading.Event()
+        self.current: Session | None = None  # the session whose request is being dispatched
+
+    # -- other threads ----------------------------------------------------------------------
+
+    def add(self, conn: transport.Connection, name: str) -> None:
+        """Hand over an authenticated connection (called by the handshake thread)."""
+        self._post(("add", conn, name))
+
+    def stop(self, grace: float) -> None:
+        """Stop reading requests; answer the ones in progress for up to ``grace`` s; hang up."""
+        self._post(("stop", time.monotonic() + grace))
+
+    def wait_stopped(self, timeout: float) -> bool:
+        return self._done.wait(timeout)
+
+    def session_count(self) -> int:
+        return len(self._sessions)
+
+    def _post(self, item: tuple) -> None:
+        self._inbox.append(item)
+        if threading.get_ident() != self._thread_id:
+            try:
+                os.write(self._wake_w, b"\0")
+            except BlockingIOError:
+                pass  # the pipe is full of wake-ups already
+
+    # -- called by dispatch (loop thread) ---------------------------------------------------
+
+    def deliverer(self, session: Session) -> Callable[[list], None]:
+        """The ``deliver`` callback of a waiter parked for ``session``."""
+        return lambda items: self._post(("items", session, items))
+
+    def park(self, session: Session, waiter: Any, timeout: float | None, finish: Callable[[list], Any]) -> Any:
+        """Answer ``session`` later: with ``finish(items)`` when the waiter is delivered, or
+        ``finish([])`` when ``timeout`` passes first (None: no timeout)."""
+        session.waiter = waiter
+        session.finish = finish
+        if timeout is not None:
+            heapq.heappush(self._timers, (time.monotonic() + timeout, next(self._timer_seq), session, waiter))
+        return PENDING
+
+    def defer(self, session: Session, fn: Callable, *args: Any) -> Any:
+        """Answer ``session`` with ``fn(*args)`` run on the commit pool (calls that wait for the journal)."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(COMMIT_THREADS, thread_name_prefix="commit")
+        self._set_events(session, 0)
+        future = self._pool.submit(fn, *args)
+        future.add_done_callback(lambda f: self._post(("done", session, f)))
+        return PENDING
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def run(self) -> None:
+        self._thread_id = threading.get_ident()
+        try:
+            while True:
+                timeout = self._next_timeout()
+                for key, mask in self._sel.select(timeout):
+                    session = key.data
+                    if session is None:
+                        self._drain_wakeups()
+                        continue
+                    try:
+                        if mask & selectors.EVENT_WRITE:
+                            self._flush(session)
+                        if mask & selectors.EVENT_READ and not session.closed:
+                            self._read(session)
+                    except Exception as e:
+                        self._failed(session, e)
+                self._run_inbox()
+                if self._timers:
+                    self._expire(time.monotonic())
+                if self._stop_at is not None and self._stopped():
+                    return
+        finally:
+            for session in list(self._sessions.values()):
+                self._close(session, "server_stopping")
+            self._sel.close()
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            if self._pool is not None:
+                self._pool.shutdown(wait=False, cancel_futures=True)
+            self._done.set()
+
+    def _next_timeout(self) -> float | None:
+        if self._inbox:
+            return 0
+        timeout = None
+        if self._timers:
+            timeout = max(0.0, self._timers[0][0] - time.monotonic())
+        if self._stop_at is not None:
+            timeout = min(timeout if timeout is not None else 0.05, 0.05)
+        return timeout
+
+    def _stopped(self) -> bool:
+        if time.monotonic() >= self._stop_at:
+            return True
+        return not any(s.busy for s in self._sessions.values())
+
+    def _drain_wakeups(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _run_inbox(self) -> None:
+        inbox = self._inbox
+        while inbox:
+            item = inbox.popleft()
+            try:
+                self._run_item(item)
+            except Exception as e:
+                self._failed(item[1] if isinstance(item[1], Session) else None, e)
+
+    def _failed(self, session: Session | None, e: Exception) -> None:
+        """A bug, not a client's doing: log it, drop the connection involved, keep serving the rest."""
+        _log.error("loop_error", exc_info=e, peer=session.peer if session else None, error=repr(e)[:200])
+        if session is not None:
+            try:
+                self._close(session, "server_error")
+            except Exception as e2:
+                _log.error("loop_error", exc_info=e2, peer=session.peer, error=repr(e2)[:200])
+
+    def _run_item(self, item: tuple) -> None:
+        kind = item[0]
+        if kind == "items":
+            self._delivered(item[1], item[2])
+        elif kind == "done":
+            session, future = item[1], item[2]
+            session.busy = False
+            if session.closed:
+                return
+            try:
+                msg = ("#RETURN", future.result())
+            except Exception as e:
+                msg = self._error_reply(e)
+            self._send(session, msg)
+        elif kind == "process":
+            self._process(item[1])
+        elif kind == "add":
+            self._open(item[1], item[2])
+        elif kind == "stop":
+            self._begin_stop(item[1])
+
+    def _open(self, conn: transport.Connection, name: str) -> None:
+        if self._stop_at is not None:
+            conn.close()
+            return
+        session = Session(conn, name)
+        os.set_blocking(session.fd, False)
+        self._sessions[session.fd] = session
+        _log.info("client_connected", peer=session.peer, client=name)
+        self._set_events(session, selectors.EVENT_READ)
+        if session.rbuf:
+            self._process(session)
+
+    def _begin_stop(self, deadline: float) -> None:
+        self._stop_at = deadline
+        for session in self._sessions.values():
+            if not session.busy:
+                self._set_events(session, 0)  # read nothing more: clients see the hang-up later
+
+    def _set_events(self, session: Session, events: int) -> None:
+        if events == session.events:
+            return
+        if session.events == 0:
+            self._sel.register(session.fd, events, session)
+        elif events == 0:
+            self._sel.unregister(session.fd)
+        else:
+            self._sel.modify(session.fd, events, session)
+        session.events = events
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def _read(self, session: Session) -> None:
+        try:
+            data = os.read(session.fd, READ_SIZE)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            self._close(session, f"error:{type(e).__name__}")
+            return
+        if not data:
+            self._close(session, "gone_while_waiting" if session.waiter is not None else "closed")
+            return
+        if session.waiter is not None:
+            self._close(session, "protocol_error:request_while_waiting")
+            return
+        session.rbuf += data
+        self._process(session)
+
+    def _process(self, session: Session) -> None:
+        """Answer the complete requests in the read buffer, one at a time."""
+        rbuf = session.rbuf
+        while not session.busy and not session.closed and len(rbuf) >= 4:
+            (size,) = _HEADER.unpack_from(rbuf)
+            start = 4
+            if size == -1:
+                if len(rbuf) < 12:
+                    return
+                (size,) = _HEADER64.unpack_from(rbuf, 4)
+                start = 12
+            limit = session.conn.max_message_bytes
+            if size > limit or size < 0:
+                _log.warning("message_too_large", peer=session.peer, bytes=size, limit=limit)
+                self._close(session, "message_too_large")
+                return
+            end = start + size
+            if len(rbuf) < end:
+                return
+            data = bytes(rbuf[start:end])
+            del rbuf[:end]
+            self._handle(session, data)
+
+    def _handle(self, session: Session, data: bytes) -> None:
+        session.busy = True
+        try:
+            request = _loads(data)
+        except Exception as e:  # the bytes arrived but do not unpickle: answer, keep going
+            self._send(session, ("#ERROR", ValueError(f"request could not be decoded: {e}")))
+            return
+        self.current = session
+        try:
+            result = self._dispatch(session, request)
+        except Exception as e:
+            msg = self._error_reply(e)
+        else:
+            if result is PENDING:
+                return
+            msg = ("#RETURN", result)
+        finally:
+            self.current = None
+        self._send(session, msg)
+
+    # -- answering --------------------------------------------------------------------------
+
+    def _delivered(self, session: Session, items: list) -> None:
+        """The broker took tasks for a parked get (or closed): answer it."""
+        waiter, finish = session.waiter, session.finish
+        session.waiter = session.finish = None
+        if session.closed:
+            # The client hung up after the tasks were taken for it: nobody got them.
+            if items and waiter is not None:
+                self._broker.release_many(waiter.queue.name, [(item[0], item[1]) for item in items])
+            return
+        try:
+            msg = ("#RETURN", finish(items))
+        except Exception as e:
+            msg = self._error_reply(e)
+        self._send(session, msg)
+
+    def _expire(self, now: float) -> None:
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            _, _, session, waiter = heapq.heappop(timers)
+            if session.waiter is waiter and not session.closed and self._broker.cancel(waiter):
+                self._delivered(session, [])
+        # Timers of gets answered early stay until their deadline; rebuild when they pile up.
+        if len(timers) > 4096 and len(timers) > 4 * len(self._sessions):
+            self._timers = [t for t in timers if t[2].waiter is t[3]]
+            heapq.heapify(self._timers)
+
+    def _send(self, session: Session, msg: tuple) -> None:
+        try:
+            body = _dumps(msg, pickle.DEFAULT_PROTOCOL)
+        except Exception as e:  # the stock server answers results that do not pickle like this
+            body = _dumps(("#UNSERIALIZABLE", f"{type(e).__name__}: {e}"), pickle.DEFAULT_PROTOCOL)
+        n = len(body)
+        header = _HEADER.pack(n) if n <= 0x7FFFFFFF else _HEADER.pack(-1) + _HEADER64.pack(n)
+        session.wbuf = memoryview(header + body)
+        self._flush(session)
+
+    def _flush(self, session: Session) -> None:
+        try:
+            wbuf = session.wbuf
+            while wbuf:
+                wbuf = wbuf[os.write(session.fd, wbuf) :]
+                session.wbuf = wbuf
+        except BlockingIOError:
+            self._set_events(session, selectors.EVENT_WRITE)
+            return
+        except OSError as e:
+            self._close(session, f"send_failed:{type(e).__name__}")
+            return
+        session.wbuf = None
+        hook, session.hook = session.hook, None
+        session.busy = False
+        if hook is not None:
+            hook(True)
+        if self._stop_at is not None:
+            self._set_events(session, 0)
+            return
+        self._set_events(session, selectors.EVENT_READ)
+        if session.rbuf:
+            # More requests already arrived (a pipelining client): answer them from the loop, not
+            # from here, which may be deep inside _process already.
+            self._inbox.append(("process", session))
+
+    def _close(self, session: Session, reason: str) -> None:
+        if session.closed:
+            return
+        session.closed = True
+        waiter, session.waiter = session.waiter, None
+        if waiter is not None and not self._broker.cancel(waiter):
+            # Delivered but not yet answered: _delivered gives the tasks back when it sees this.
+            session.waiter = waiter
+        hook, session.hook = session.hook, None
+        if hook is not None:
+            hook(False)  # the reply did not (fully) reach the client
+        self._set_events(session, 0)
+        self._sessions.pop(session.fd, None)
+        session.conn.close()
+        _log.info("client_disconnected", peer=session.peer, client=session.name, reason=reason)
