@@ -290,3 +290,85 @@ def test_lease_heap_does_not_keep_acked_tasks_alive(broker, clock):
     clock.advance(6)
     broker.tick()
     assert broker.stats()["q"]["ready"] == 1
+
+
+# -- parked waiters (get_or_wait), what the server's event loop uses ---------------------------
+
+
+def park(broker, queue="q", max_n=1, timeout=30.0, lease=None, acks=None):
+    delivered = []
+    result = broker.get_or_wait(queue, max_n, timeout, lease, acks, delivered.append)
+    return result, delivered
+
+
+def test_get_or_wait_returns_ready_tasks_at_once_and_parks_otherwise(broker):
+    broker.put_many("q", texts("now"))
+    result, delivered = park(broker)
+    assert payloads(result) == ["now"] and delivered == []
+    waiter, delivered = park(broker, max_n=5, lease=3.0)
+    assert not isinstance(waiter, list) and delivered == []
+    assert park(broker, timeout=0)[0] == []  # no timeout: never parks
+
+
+def test_parked_waiters_are_served_oldest_first_with_their_own_batch_size_and_lease(broker, clock):
+    _, first = park(broker, max_n=2, lease=3.0)
+    _, second = park(broker, max_n=10)
+    broker.put_many("q", texts(1, 2, 3))
+    assert [payloads(batch) for batch in first] == [[1, 2]]
+    assert [payloads(batch) for batch in second] == [[3]]
+    clock.advance(3.5)  # the first waiter's 3 s lease ran out, the second's 10 s did not
+    broker.tick()
+    s = broker.stats()["q"]
+    assert (s["ready"], s["inflight"], s["redelivered"]) == (2, 1, 2)
+
+
+def test_waiters_are_served_by_nack_release_expiry_and_requeue(broker, clock):
+    broker.put_many("q", texts("t"))
+    (item,) = broker.get_many("q", 1, lease=5)
+    _, by_release = park(broker)
+    broker.release_many("q", [(item[0], item[1])])
+    assert payloads(by_release[0]) == ["t"]
+    item = by_release[0][0]
+    _, by_expiry = park(broker)
+    clock.advance(11)  # default lease 10 s
+    broker.tick()
+    assert payloads(by_expiry[0]) == ["t"] and by_expiry[0][0][2] == 1  # one attempt charged
+    item = by_expiry[0][0]
+    _, by_retry = park(broker)
+    broker.nack_many("q", [(item[0], item[1], 0.0, "boom")])  # attempts 2, not above max_attempts 2: retried
+    assert payloads(by_retry[0]) == ["t"]
+    item = by_retry[0][0]
+    broker.nack_many("q", [(item[0], item[1], 0.0, "boom again")])  # 3 > 2: dead
+    _, by_requeue = park(broker)
+    assert by_requeue == []
+    assert broker.dead_requeue("q") == 1
+    assert payloads(by_requeue[0]) == ["t"]
+
+
+def test_cancelled_waiter_gets_nothing_and_the_task_stays_ready(broker):
+    waiter, delivered = park(broker)
+    assert broker.cancel(waiter) is True
+    broker.put_many("q", texts("keep"))
+    assert delivered == []
+    assert broker.stats()["q"]["ready"] == 1
+    assert broker.cancel(waiter) is False  # already withdrawn
+
+
+def test_cancel_after_delivery_says_so(broker):
+    waiter, delivered = park(broker)
+    broker.put_many("q", texts("taken"))
+    assert broker.cancel(waiter) is False and payloads(delivered[0]) == ["taken"]
+
+
+def test_acks_ride_on_a_parked_get_too(broker):
+    broker.put_many("q", texts("a"))
+    (item,) = broker.get_many("q", 1)
+    waiter, _ = park(broker, acks=[item[0]])
+    assert broker.stats()["q"]["acked"] == 1 and not isinstance(waiter, list)
+
+
+def test_close_answers_parked_waiters_with_nothing(broker):
+    _, delivered = park(broker)
+    broker.close()
+    assert delivered == [[]]
+    assert park(broker)[0] == []  # closed: never parks again

@@ -1,0 +1,143 @@
+"""The server's event loop, seen from raw protocol clients: waiting gets cost no thread, requests
+are answered in order, a client that breaks the protocol or stops reading loses nobody's task and
+blocks nobody."""
+
+import json
+import os
+import pickle
+import struct
+import time
+from multiprocessing import connection as mpc
+
+import pytest
+
+import queuekit
+from queuekit.transport import API_IDENT
+
+
+def served(server, key_file, name="raw-test"):
+    """A raw authenticated connection in the server's loop (what a BaseManager proxy opens)."""
+    conn = mpc.Client(("127.0.0.1", server.port), authkey=key_file.read_bytes().strip())
+    conn.send((None, "accept_connection", (name,), {}))
+    assert conn.recv() == ("#RETURN", None)
+    return conn
+
+
+def call(conn, method, *args):
+    conn.send((API_IDENT, method, args, {}))
+
+
+def frame(obj) -> bytes:
+    body = pickle.dumps(obj)
+    return struct.pack("!i", len(body)) + body
+
+
+def threads_of(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return int(next(line for line in f if line.startswith("Threads:")).split()[1])
+
+
+def test_waiting_gets_cost_no_thread_and_each_gets_one_task(server, client, key_file):
+    idle_threads = threads_of(server.pid)
+    waiters = [served(server, key_file, f"waiter-{i}") for i in range(200)]
+    for conn in waiters:
+        call(conn, "get_many", "fanout", 1, 30.0, None, None)
+    deadline = time.monotonic() + 10
+    while client.stats()["connections"] < 201 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert client.stats()["connections"] >= 201
+    time.sleep(0.3)  # every get has reached the server and parked
+    assert threads_of(server.pid) <= idle_threads + 2  # not one thread per waiting client
+    ids = client.queue("fanout").put_many(range(200))
+    got = []
+    for conn in waiters:
+        assert conn.poll(10), "a waiting get was not answered"
+        kind, items = conn.recv()
+        assert kind == "#RETURN" and len(items) == 1
+        got.append(items[0][0])
+        conn.close()
+    assert sorted(got) == sorted(ids)  # each task to exactly one waiter
+    assert client.stats()["queues"]["fanout"]["inflight"] == 200
+
+
+def test_pipelined_requests_are_answered_in_order(server, key_file):
+    conn = served(server, key_file)
+    requests = [
+        (API_IDENT, "put_many", ("pipe", ['"a"', '"b"']), {}),
+        (API_IDENT, "qsize", ("pipe",), {}),
+        (API_IDENT, "no_such_method", (), {}),
+        (API_IDENT, "get_many", ("pipe", 5, 0.0, None, None), {}),
+    ]
+    os.write(conn.fileno(), b"".join(frame(r) for r in requests))  # one write, four requests
+    replies = [conn.recv() for _ in requests]
+    assert replies[0][0] == "#RETURN" and len(replies[0][1]) == 2
+    assert replies[1] == ("#RETURN", 2)
+    assert replies[2][0] == "#ERROR" and isinstance(replies[2][1], AttributeError)
+    assert replies[3][0] == "#RETURN" and [json.loads(item[3]) for item in replies[3][1]] == ["a", "b"]
+    conn.close()
+
+
+def test_undecodable_request_is_answered_and_the_connection_keeps_working(server, key_file):
+    conn = served(server, key_file)
+    conn.send_bytes(b"\x80\x05 this is not a pickle")
+    kind, error = conn.recv()
+    assert kind == "#ERROR" and "could not be decoded" in str(error)
+    call(conn, "qsize", "still")
+    assert conn.recv() == ("#RETURN", 0)
+    conn.close()
+
+
+def test_request_while_waiting_is_a_protocol_error_and_takes_nothing(server, client, key_file):
+    conn = served(server, key_file)
+    call(conn, "get_many", "strict", 1, 30.0, None, None)
+    time.sleep(0.3)
+    call(conn, "qsize", "strict")  # the manager protocol allows one outstanding request
+    assert conn.poll(5)
+    with pytest.raises(EOFError):
+        conn.recv()
+    server.wait_for("reason=protocol_error:request_while_waiting")
+    client.queue("strict").put("for someone who waits properly")
+    task = client.queue("strict").get(timeout=5)
+    assert task is not None and task.delivery == 1
+
+
+def test_client_that_stops_reading_blocks_nobody_and_gets_its_tasks_back(server, client, key_file):
+    big = "x" * 600_000  # 40 of them: a 24 MB reply, far more than the socket buffers hold
+    client.queue("big").put_many([big] * 40)
+    conn = served(server, key_file, "stops-reading")
+    call(conn, "get_many", "big", 40, 0.0, 60.0, None)  # leased for 60 s, then never read
+    time.sleep(0.5)
+    assert client.stats()["queues"]["big"]["inflight"] == 40
+
+    t0 = time.monotonic()  # the loop keeps serving everyone else meanwhile
+    other = client.queue("other")
+    other.put("hello")
+    assert other.get(timeout=5).payload == "hello"
+    assert time.monotonic() - t0 < 1.0
+
+    conn.close()  # unread data: the kernel resets the connection, the server's write fails
+    server.wait_for("reason=send_failed")
+    t0 = time.monotonic()
+    tasks = client.queue("big").get_many(40, timeout=5)
+    assert len(tasks) == 40 and time.monotonic() - t0 < 2  # released at once, not after the 60 s lease
+    assert {t.attempts for t in tasks} == {0}  # no attempt charged: the client never had them
+
+
+def test_stock_client_blocking_get_parks_without_a_thread_and_wakes_on_put(server, key_file, client):
+    conn = mpc.Client(("127.0.0.1", server.port), authkey=key_file.read_bytes().strip())
+    conn.send((None, "create", ("get_task_queue",), {}))  # what BaseManager does for a proxy
+    kind, (ident, exposed) = conn.recv()
+    conn.close()
+    assert kind == "#RETURN" and "get" in exposed
+    proxy_conn = served(server, key_file, "stock-like")
+    proxy_conn.send((ident, "get", (True, None), {}))  # block forever
+    time.sleep(0.3)
+    assert not proxy_conn.poll(0)
+    queuekit.connect(server.address, authkey_file=str(key_file)).queue("tasks").put({"job": 1})
+    assert proxy_conn.poll(5)
+    assert proxy_conn.recv() == ("#RETURN", {"job": 1})
+    deadline = time.monotonic() + 5  # acknowledged once the reply was written (at-most-once path)
+    while client.stats()["queues"]["tasks"]["acked"] < 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert client.stats()["queues"]["tasks"]["acked"] == 1
+    proxy_conn.close()
