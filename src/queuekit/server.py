@@ -75,8 +75,8 @@ class Status:
 class QueueAPI:
     """The calls a queuekit client makes (``queuekit.client``). Arguments are validated by the broker.
 
-    Called on the loop thread; ``get_many`` may park and ``put_many`` (durable) runs on the commit
-    pool, both answering later."""
+    Called on the loop thread; ``get_many`` may park and ``put_many`` may run on the commit pool
+    (``QueuekitServer.commit_off_loop``), both answering later."""
 
     def __init__(self, broker: Broker, server: QueuekitServer):
         self._broker = broker
@@ -92,7 +92,7 @@ class QueueAPI:
         }
 
     def put_many(self, queue, texts, delay=0.0):
-        if self._server.status.durable:  # waits for the journal to commit: not on the loop
+        if self._server.commit_off_loop:
             return self._loop.defer(self._loop.current, self._broker.put_many, queue, texts, delay)
         return self._broker.put_many(queue, texts, delay)
 
@@ -161,7 +161,7 @@ class CompatQueue:
         self._name = name
 
     def put(self, item, block=True, timeout=None):
-        if self._server.status.durable:  # waits for the journal to commit: not on the loop
+        if self._server.commit_off_loop:
             loop = self._server.loop
             return loop.defer(loop.current, self._put, item)
         return self._put(item)
@@ -242,6 +242,12 @@ class QueuekitServer(managers.Server):
         self._stopped = threading.Event()
         self._accepter: threading.Thread | None = None
         self.loop = Loop(self.dispatch, _error_reply, broker)
+        # A put returns once its journal commit is done. With sync=normal a commit is CPU and page
+        # cache writes (about 1 us per task), cheaper than handing the put to another thread and
+        # back, so it runs on the loop. With sync=full it waits for the device (fsync; from a
+        # fraction of a millisecond to many), which must not stall every other client: puts then
+        # wait on the commit pool and the loop serves the rest meanwhile.
+        self.commit_off_loop = status.durable and settings.sync == "full"
         self._loop_thread: threading.Thread | None = None
         compat = {}
 
