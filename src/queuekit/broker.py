@@ -280,12 +280,9 @@ class Broker:
         clock = self._clock
         with self._lock:
             q = self._queue(queue)
-            if acks:
-                self._ack(q, acks)
-            if self._closed:
+            now = self._start_get(q, acks)
+            if now is None:
                 return []
-            now = clock.monotonic()
-            self._service(q, now)
             if not q.n_ready and timeout > 0:
                 deadline = now + timeout
                 while True:
@@ -316,12 +313,9 @@ class Broker:
         timeout, lease = self._get_args(queue, max_n, timeout, lease)
         with self._lock:
             q = self._queue(queue)
-            if acks:
-                self._ack(q, acks)
-            if self._closed:
+            now = self._start_get(q, acks)
+            if now is None:
                 return []
-            now = self._clock.monotonic()
-            self._service(q, now)
             if q.n_ready or timeout <= 0:
                 return self._take(q, max_n, now + lease)
             waiter = Waiter(q, max_n, lease, deliver)
@@ -344,6 +338,17 @@ class Broker:
         timeout = _seconds(timeout, "timeout", 0.0, None)
         lease = self.default_lease if lease is None else _seconds(lease, "lease", 0.001, MAX_LEASE_SECONDS)
         return timeout, lease
+
+    def _start_get(self, q: _Queue, acks: Iterable[int] | None) -> float | None:
+        """Lock held: apply the acks riding on a get, then expire and promote what is due.
+        Returns the current monotonic time, or None when the broker is closed."""
+        if acks:
+            self._ack(q, acks)
+        if self._closed:
+            return None
+        now = self._clock.monotonic()
+        self._service(q, now)
+        return now
 
     def ack_many(self, queue: str, ids: Iterable[int]) -> int:
         check_queue_name(queue)
