@@ -38,7 +38,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import logs
 from .errors import InvalidRequest, ServerShuttingDown
@@ -72,6 +72,15 @@ class Waiter:
         self.max_n = max_n
         self.lease = lease
         self.deliver = deliver
+
+
+class PendingPut(NamedTuple):
+    """A put between ``begin_put`` and ``finish_put``: journaled as ``seq`` (0: not journaled)."""
+
+    queue: str
+    tasks: list
+    not_before: float
+    seq: int
 
 
 class Clock:
@@ -217,13 +226,23 @@ class Broker:
 
     def put_many(self, queue: str, texts: Any, delay: float = 0.0) -> list[int]:
         """Enqueue JSON texts; all or nothing. Returns the new task ids once they are committed."""
+        put = self.begin_put(queue, texts, delay)
+        if put.seq:
+            self.wait_committed(put.seq)  # raises JournalError: then nothing becomes visible
+        return self.finish_put(put)
+
+    def begin_put(self, queue: str, texts: Any, delay: float = 0.0) -> PendingPut:
+        """The first half of ``put_many``, which never waits: validate, number and journal the
+        tasks. Durable: nothing is visible until ``finish_put``, to be called once
+        ``wait_committed(put.seq)`` returned (the server's loop commits many puts at once).
+        Memory (``seq`` 0): the tasks are visible already."""
         check_queue_name(queue)
         texts = validate_texts(texts, self.max_task_bytes)
         if len(texts) > MAX_BATCH:
             raise InvalidRequest(f"at most {MAX_BATCH} tasks per put_many, got {len(texts)}")
         delay = _seconds(delay, "delay", 0.0, 366 * 86400.0)
         if not texts:
-            return []
+            return PendingPut(queue, [], 0.0, 0)
         now = self._clock.wall()
         not_before = now + delay if delay > 0 else 0.0
         # Built before taking the lock, numbered under it: less time holding the lock.
@@ -236,12 +255,20 @@ class Broker:
                 t.id = task_id
             if not self._durable:
                 self._publish(queue, tasks, not_before)
-                return [t.id for t in tasks]
+                return PendingPut(queue, tasks, not_before, 0)
             seq = self._journal.append([("put", queue, t.id, t.payload, 0, now, not_before) for t in tasks])
-        self._journal.wait(seq)  # raises JournalError: then nothing becomes visible
-        with self._lock:
-            self._publish(queue, tasks, not_before)
-        return [t.id for t in tasks]
+        return PendingPut(queue, tasks, not_before, seq)
+
+    def wait_committed(self, seq: int) -> None:
+        """Block until the journal committed everything up to ``seq`` (raises ``JournalError``)."""
+        self._journal.wait(seq)
+
+    def finish_put(self, put: PendingPut) -> list[int]:
+        """The second half of ``put_many``: make committed tasks visible. Returns their ids."""
+        if put.seq:
+            with self._lock:
+                self._publish(put.queue, put.tasks, put.not_before)
+        return [t.id for t in put.tasks]
 
     def _publish(self, queue: str, tasks: list[_Task], not_before: float) -> None:
         """Make new tasks visible to consumers (lock held)."""

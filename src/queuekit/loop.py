@@ -9,15 +9,21 @@ in the broker, which costs no thread, and the thread that makes a task ready han
 
 What runs elsewhere: the handshake of a new connection (its own short-lived thread, because the
 HMAC challenge is a blocking exchange with a timeout; the connection joins the loop after
-``accept_connection``), and calls that wait for the device (a ``put`` with ``sync=full``, whose
-commit fsyncs) on a small pool, so that one fsync never stalls every other client.
+``accept_connection``).
+
+Durable puts are answered after their journal commit, and the loop commits once per turn: the
+puts read in one turn are journaled as they come, then one group commit covers them all, then they
+become visible and are answered (the way an event-loop database syncs its log before it replies).
+Gets need no commit and are answered at once; a request that arrives during a commit (an fsync
+with ``sync=full``) waits for it, and is answered in the next turn together with everything else
+that arrived meanwhile.
 
 Per connection the protocol is strictly request/response (the manager's). While a request is
-being answered (a parked get, a put committing on the pool, a reply not yet fully written) the
-loop reads nothing more from that connection, except that a parked get keeps watching for the
-client hanging up: its waiter is then withdrawn, so a task is never handed to a client that is
-gone. A client that sends anything while its get is parked is breaking the protocol and is
-disconnected.
+being answered (a parked get, a put waiting for the commit, a reply not yet fully written) the
+loop answers nothing else from that connection; a pipelining client's next requests wait in its
+buffer. A parked get keeps watching for the client hanging up: its waiter is then withdrawn, so a
+task is never handed to a client that is gone. A client that sends anything while its get is
+parked is breaking the protocol and is disconnected.
 """
 
 from __future__ import annotations
@@ -32,7 +38,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from . import logs, transport
@@ -43,7 +48,6 @@ _HEADER64 = struct.Struct("!Q")
 _loads = transport._loads
 _dumps = pickle.dumps
 READ_SIZE = 65536
-COMMIT_THREADS = 32
 
 
 class _Pending:
@@ -51,7 +55,7 @@ class _Pending:
         return "PENDING"
 
 
-PENDING = _Pending()  # returned by a call that will be answered later (parked, or on the pool)
+PENDING = _Pending()  # returned by a call that will be answered later (parked, or after the commit)
 
 
 class Session:
@@ -79,7 +83,7 @@ class Session:
 class Loop:
     """Serves sessions until :meth:`stop`. ``dispatch(session, request)`` answers one request:
     it returns the result (sent as ``#RETURN``), raises (sent as an error reply built by
-    ``error_reply``) or returns :data:`PENDING` after :meth:`park` or :meth:`defer`."""
+    ``error_reply``) or returns :data:`PENDING` after :meth:`park` or :meth:`after_commit`."""
 
     def __init__(
         self,
@@ -99,7 +103,8 @@ class Loop:
         self._sessions: dict[int, Session] = {}
         self._timers: list[tuple[float, int, Session, Any]] = []  # (deadline, seq, session, waiter)
         self._timer_seq = itertools.count()
-        self._pool: ThreadPoolExecutor | None = None
+        self._uncommitted: list[tuple[Session, Callable[[BaseException | None], Any]]] = []
+        self._commit_seq = 0  # the journal sequence number this turn's commit must reach
         self._thread_id: int | None = None
         self._stop_at: float | None = None  # monotonic deadline once stop() was called
         self._done = threading.Event()
@@ -144,13 +149,12 @@ class Loop:
             heapq.heappush(self._timers, (time.monotonic() + timeout, next(self._timer_seq), session, waiter))
         return PENDING
 
-    def defer(self, session: Session, fn: Callable, *args: Any) -> Any:
-        """Answer ``session`` with ``fn(*args)`` run on the commit pool (calls that wait for the journal)."""
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(COMMIT_THREADS, thread_name_prefix="commit")
-        self._set_events(session, 0)
-        future = self._pool.submit(fn, *args)
-        future.add_done_callback(lambda f: self._post(("done", session, f)))
+    def after_commit(self, session: Session, seq: int, finish: Callable[[BaseException | None], Any]) -> Any:
+        """Answer ``session`` with ``finish(None)`` once the journal committed up to ``seq`` (at
+        the end of this turn), or with ``finish(error)`` if the commit failed. ``finish`` runs
+        even when the client hung up meanwhile: committed tasks must become visible."""
+        self._uncommitted.append((session, finish))
+        self._commit_seq = max(self._commit_seq, seq)
         return PENDING
 
     # -- the loop ---------------------------------------------------------------------------
@@ -173,6 +177,8 @@ class Loop:
                     except Exception as e:
                         self._failed(session, e)
                 self._run_inbox()
+                if self._uncommitted:
+                    self._commit()
                 if self._timers:
                     self._expire(time.monotonic())
                 if self._stop_at is not None and self._stopped():
@@ -183,8 +189,6 @@ class Loop:
             self._sel.close()
             os.close(self._wake_r)
             os.close(self._wake_w)
-            if self._pool is not None:
-                self._pool.shutdown(wait=False, cancel_futures=True)
             self._done.set()
 
     def _next_timeout(self) -> float | None:
@@ -231,16 +235,6 @@ class Loop:
         kind = item[0]
         if kind == "items":
             self._delivered(item[1], item[2])
-        elif kind == "done":
-            session, future = item[1], item[2]
-            session.busy = False
-            if session.closed:
-                return
-            try:
-                msg = ("#RETURN", future.result())
-            except Exception as e:
-                msg = self._error_reply(e)
-            self._send(session, msg)
         elif kind == "process":
             self._process(item[1])
         elif kind == "add":
@@ -355,6 +349,27 @@ class Loop:
         except Exception as e:
             msg = self._error_reply(e)
         self._send(session, msg)
+
+    def _commit(self) -> None:
+        """One group commit for the puts of this turn, then answer them."""
+        waiting, self._uncommitted = self._uncommitted, []
+        seq, self._commit_seq = self._commit_seq, 0
+        error = None
+        try:
+            self._broker.wait_committed(seq)
+        except Exception as e:  # JournalError: nothing of these puts becomes visible
+            error = e
+        for session, finish in waiting:
+            try:
+                msg = ("#RETURN", finish(error))
+            except Exception as e:
+                msg = self._error_reply(e)
+            if session.closed:
+                continue
+            try:
+                self._send(session, msg)
+            except Exception as e:
+                self._failed(session, e)
 
     def _expire(self, now: float) -> None:
         timers = self._timers

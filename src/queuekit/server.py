@@ -75,8 +75,8 @@ class Status:
 class QueueAPI:
     """The calls a queuekit client makes (``queuekit.client``). Arguments are validated by the broker.
 
-    Called on the loop thread; ``get_many`` may park and ``put_many`` may run on the commit pool
-    (``QueuekitServer.commit_off_loop``), both answering later."""
+    Called on the loop thread; ``get_many`` may park and a durable ``put_many`` is answered after
+    the loop's group commit."""
 
     def __init__(self, broker: Broker, server: QueuekitServer):
         self._broker = broker
@@ -92,9 +92,17 @@ class QueueAPI:
         }
 
     def put_many(self, queue, texts, delay=0.0):
-        if self._server.commit_off_loop:
-            return self._loop.defer(self._loop.current, self._broker.put_many, queue, texts, delay)
-        return self._broker.put_many(queue, texts, delay)
+        broker = self._broker
+        put = broker.begin_put(queue, texts, delay)
+        if not put.seq:  # memory mode: visible already
+            return broker.finish_put(put)
+
+        def finish(error: BaseException | None) -> list[int]:
+            if error is not None:
+                raise error
+            return broker.finish_put(put)
+
+        return self._loop.after_commit(self._loop.current, put.seq, finish)
 
     def get_many(self, queue, max_n=1, timeout=0.0, lease=None, acks=None):
         if type(timeout) in (int, float) and timeout > MAX_SERVER_WAIT:
@@ -161,19 +169,23 @@ class CompatQueue:
         self._name = name
 
     def put(self, item, block=True, timeout=None):
-        if self._server.commit_off_loop:
-            loop = self._server.loop
-            return loop.defer(loop.current, self._put, item)
-        return self._put(item)
-
-    def _put(self, item) -> None:
+        broker = self._broker
         try:
-            text = encode_payload(item, self._broker.max_task_bytes)
-            self._broker.put_many(self._name, [text])
+            put = broker.begin_put(self._name, [encode_payload(item, broker.max_task_bytes)])
         except ServerShuttingDown as e:
             raise ConnectionError(str(e)) from None
         except QueuekitError as e:
             raise ValueError(f"queuekit: {e}") from None
+        if not put.seq:
+            return None
+
+        def finish(error: BaseException | None) -> None:
+            if error is not None:  # the journal failed: a server problem, not bad input
+                raise OSError(f"queuekit: {error}")
+            broker.finish_put(put)
+
+        loop = self._server.loop
+        return loop.after_commit(loop.current, put.seq, finish)
 
     def put_nowait(self, item):
         return self.put(item, block=False)
@@ -242,12 +254,6 @@ class QueuekitServer(managers.Server):
         self._stopped = threading.Event()
         self._accepter: threading.Thread | None = None
         self.loop = Loop(self.dispatch, _error_reply, broker)
-        # A put returns once its journal commit is done. With sync=normal a commit is CPU and page
-        # cache writes (about 1 us per task), cheaper than handing the put to another thread and
-        # back, so it runs on the loop. With sync=full it waits for the device (fsync; from a
-        # fraction of a millisecond to many), which must not stall every other client: puts then
-        # wait on the commit pool and the loop serves the rest meanwhile.
-        self.commit_off_loop = status.durable and settings.sync == "full"
         self._loop_thread: threading.Thread | None = None
         compat = {}
 
