@@ -57,6 +57,7 @@ class Journal:
 
     durable = False
     description = "memory"
+    commits = 0  # transactions written so far (a durable journal counts them)
     healthy = True  # False once a commit failed: the server then reports not ready
 
     def load(self) -> Recovered:

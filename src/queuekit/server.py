@@ -325,6 +325,7 @@ class QueuekitServer(managers.Server):
             "queues": self.broker.stats(),
             "connections": self.connection_count(),
             "durable": self.status.durable,
+            "journal_commits": self.status.journal.commits,
             "ready": self.status.ready,
             "uptime_seconds": round(time.monotonic() - self.status.started, 3),
         }

@@ -184,6 +184,29 @@ def test_journal_space_is_reclaimed_after_acks(tmp_path, key_file):
     assert size < grown / 10 and (not wal.exists() or wal.stat().st_size == 0)
 
 
+def test_concurrent_producers_share_group_commits(tmp_path, key_file):
+    """Single puts from 6 producer processes at once: the server's loop commits once per turn for
+    every put it read in that turn, so there are far fewer commits (fsyncs) than puts."""
+    server = ServerProc(tmp_path, key_file, "--data-dir", str(tmp_path / "data"), "--sync", "full")
+    c = queuekit.connect(server.address, authkey_file=str(key_file))
+    before = c.stats()["journal_commits"]
+    argv = [sys.executable, "-m", "queuekit", "produce", "--queue", "grouped", "--generate", "150", "--batch", "1"]
+    argv += ["--server", server.address, "--authkey-file", str(key_file)]
+    producers = [subprocess.Popen(argv, env=base_env(), stdout=subprocess.DEVNULL) for _ in range(6)]
+    try:
+        assert [p.wait(60) for p in producers] == [0] * 6
+    finally:
+        for p in producers:
+            if p.poll() is None:
+                p.kill()
+    stats = c.stats()
+    commits = stats["journal_commits"] - before
+    print(f"\ngroup commit: 900 single puts from 6 producers in {commits} commits (sync=full)")
+    assert stats["queues"]["grouped"]["enqueued"] == 900
+    assert 0 < commits < 900 * 0.8
+    c.close()
+
+
 # -- bad data directories: a clear one-line error, exit code 6, the files untouched --------------
 
 

@@ -199,6 +199,7 @@ def test_http_endpoints(server, client):
     assert 'queuekit_tasks_inflight{queue="web"} 1' in body
     assert 'queuekit_tasks_enqueued_total{queue="web"} 3' in body
     assert "# TYPE queuekit_tasks_acked_total counter" in body
+    assert "queuekit_journal_commits_total 0" in body  # memory mode: nothing is committed
     status, ctype, body = http_get(server, "/stats")
     stats = json.loads(body)
     assert ctype == "application/json" and stats["queues"]["web"]["ready"] == 2 and stats["ready"] is True
