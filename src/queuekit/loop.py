@@ -114,6 +114,9 @@ class Loop:
 
     def add(self, conn: transport.Connection, name: str) -> None:
         """Hand over an authenticated connection (called by the handshake thread)."""
+        if self._done.is_set():
+            conn.close()
+            return
         self._post(("add", conn, name))
 
     def stop(self, grace: float) -> None:
@@ -187,8 +190,8 @@ class Loop:
             for session in list(self._sessions.values()):
                 self._close(session, "server_stopping")
             self._sel.close()
-            os.close(self._wake_r)
-            os.close(self._wake_w)
+            # The wake-up pipe stays open: a handshake thread may still post to it (a closed fd
+            # number could already belong to something else). The process is ending anyway.
             self._done.set()
 
     def _next_timeout(self) -> float | None:
