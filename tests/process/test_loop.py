@@ -5,7 +5,10 @@ blocks nobody."""
 import json
 import os
 import pickle
+import random
+import re
 import struct
+import threading
 import time
 from multiprocessing import connection as mpc
 
@@ -141,3 +144,74 @@ def test_stock_client_blocking_get_parks_without_a_thread_and_wakes_on_put(serve
         time.sleep(0.02)
     assert client.stats()["queues"]["tasks"]["acked"] == 1
     proxy_conn.close()
+
+
+def test_abusive_clients_during_traffic_lose_nothing_and_never_break_the_loop(server, client, key_file):
+    """Normal producers and consumers (2% of tasks never acked: redelivered after their lease)
+    while vandals (authenticated, so inside the loop) park gets and vanish, pipeline and reset,
+    send garbage frames and break the protocol: every task is acked in the end and the loop logs
+    no error."""
+    n, deadline = 3000, time.monotonic() + 15
+    vandals_until = time.monotonic() + 4  # while the producer is still putting
+    seen, lock = set(), threading.Lock()
+
+    def producer():
+        q = queuekit.connect(server.address, authkey_file=str(key_file)).queue("chaos")
+        for i in range(0, n, 50):
+            q.put_many([{"i": j} for j in range(i, i + 50)])
+            time.sleep(0.06)  # spread over about 4 s
+
+    def consumer():
+        rng = random.Random()
+        q = queuekit.connect(server.address, authkey_file=str(key_file)).queue("chaos")
+        held = []
+        while time.monotonic() < deadline and len(seen) < n:
+            got = q.get_many(rng.choice([1, 5, 50]), timeout=rng.choice([0, 0.01, 0.2]), ack=held, lease=1.0)
+            held = [t for t in got if rng.random() > 0.02]
+            with lock:
+                seen.update(t.payload["i"] for t in held)
+        if held:
+            q.ack(held)
+
+    def vandal():
+        rng = random.Random()
+        while time.monotonic() < vandals_until:
+            try:
+                conn = served(server, key_file, "vandal")
+                r = rng.random()
+                if r < 0.4:  # park a get, hang up before or after it is answered
+                    call(conn, "get_many", "chaos", 10, 5.0, 1.0, None)
+                    time.sleep(rng.random() * 0.05)
+                elif r < 0.6:  # five requests in one write, then reset with replies unread
+                    os.write(conn.fileno(), frame((API_IDENT, "qsize", ("chaos",), {})) * 5)
+                    time.sleep(0.01)
+                elif r < 0.8:  # a frame of garbage
+                    conn.send_bytes(os.urandom(rng.randint(1, 200)))
+                    time.sleep(0.01)
+                else:  # a second request while the first get waits
+                    call(conn, "get_many", "chaos", 1, 1.0, 1.0, None)
+                    time.sleep(0.02)
+                    call(conn, "qsize", "chaos")
+                    time.sleep(0.01)
+                conn.close()
+            except (OSError, EOFError):
+                pass
+
+    threads = [threading.Thread(target=producer)] + [threading.Thread(target=consumer) for _ in range(4)]
+    threads += [threading.Thread(target=vandal) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    q, held, drain_until = client.queue("chaos"), [], time.monotonic() + 30
+    while client.stats()["queues"]["chaos"]["acked"] < n and time.monotonic() < drain_until:
+        held = q.get_many(100, timeout=0.5, ack=held, lease=5.0)
+    if held:
+        q.ack(held)
+    stats = client.stats()["queues"]["chaos"]
+    log = server.log()
+    vandal_closes = len(re.findall(r"client=vandal reason=", log))
+    print(f"\nchaos: {stats['acked']} of {n} acked, {stats['redelivered']} redelivered, {vandal_closes} vandals")
+    assert (stats["enqueued"], stats["acked"], stats["ready"], stats["inflight"]) == (n, n, 0, 0)
+    assert vandal_closes > 100
+    assert "loop_error" not in log and "internal_error" not in log
