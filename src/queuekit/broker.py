@@ -731,6 +731,11 @@ class Broker:
         return max(due, 0.001)
 
 
+def receipts(items: list[tuple]) -> list[tuple[int, int]]:
+    """The ``(id, delivery)`` receipts of ``get_many`` items, as ``release_many`` takes them."""
+    return [(item[0], item[1]) for item in items]
+
+
 def _seconds(value: Any, name: str, low: float, high: float | None) -> float:
     if type(value) not in (int, float) or value != value or value < low or (high is not None and value > high):
         bound = f"{low}..{high}" if high is not None else f">= {low}"

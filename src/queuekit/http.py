@@ -51,7 +51,7 @@ def render_metrics(stats: dict) -> str:
         f"queuekit_durable {int(stats['durable'])}",
         "# HELP queuekit_journal_commits_total Journal transactions committed (group commits: many puts each).",
         "# TYPE queuekit_journal_commits_total counter",
-        f"queuekit_journal_commits_total {stats.get('journal_commits', 0)}",
+        f"queuekit_journal_commits_total {stats['journal_commits']}",
         "# HELP queuekit_ready 1 when the server accepts work.",
         "# TYPE queuekit_ready gauge",
         f"queuekit_ready {int(stats['ready'])}",

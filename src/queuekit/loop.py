@@ -31,9 +31,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import os
-import pickle
 import selectors
-import struct
 import threading
 import time
 from collections import deque
@@ -41,12 +39,9 @@ from collections.abc import Callable
 from typing import Any
 
 from . import logs, transport
+from .broker import receipts
 
 _log = logs.get("server")
-_HEADER = struct.Struct("!i")
-_HEADER64 = struct.Struct("!Q")
-_loads = transport._loads
-_dumps = pickle.dumps
 READ_SIZE = 65536
 
 
@@ -61,9 +56,23 @@ PENDING = _Pending()  # returned by a call that will be answered later (parked, 
 class Session:
     """One authenticated connection in the loop: its buffers and the request being answered."""
 
-    __slots__ = ("conn", "fd", "peer", "name", "rbuf", "wbuf", "hook", "waiter", "finish", "busy", "events", "closed")
+    __slots__ = (
+        "conn",
+        "fd",
+        "peer",
+        "name",
+        "rbuf",
+        "wbuf",
+        "hook",
+        "waiter",
+        "finish",
+        "deliver",
+        "busy",
+        "events",
+        "closed",
+    )
 
-    def __init__(self, conn: transport.Connection, name: str):
+    def __init__(self, conn: transport.Connection, name: str, deliver: Callable[[Session, list], None]):
         self.conn = conn
         self.fd = conn.fileno()
         self.peer = conn.peer
@@ -75,6 +84,7 @@ class Session:
         self.hook: Callable[[bool], None] | None = None  # runs once the reply was (not) written
         self.waiter: Any = None  # the broker Waiter of a parked get
         self.finish: Callable[[list], Any] | None = None  # turns delivered items into the result
+        self.deliver = lambda items: deliver(self, items)  # the deliver callback of its waiters
         self.busy = False  # a request is being answered
         self.events = 0  # selector events registered
         self.closed = False
@@ -138,10 +148,6 @@ class Loop:
                 pass  # the pipe is full of wake-ups already
 
     # -- called by dispatch (loop thread) ---------------------------------------------------
-
-    def deliverer(self, session: Session) -> Callable[[list], None]:
-        """The ``deliver`` callback of a waiter parked for ``session``."""
-        return lambda items: self._post(("items", session, items))
 
     def park(self, session: Session, waiter: Any, timeout: float | None, finish: Callable[[list], Any]) -> Any:
         """Answer ``session`` later: with ``finish(items)`` when the waiter is delivered, or
@@ -249,7 +255,7 @@ class Loop:
         if self._stop_at is not None:
             conn.close()
             return
-        session = Session(conn, name)
+        session = Session(conn, name, lambda s, items: self._post(("items", s, items)))
         os.set_blocking(session.fd, False)
         self._sessions[session.fd] = session
         _log.info("client_connected", peer=session.peer, client=name)
@@ -296,14 +302,11 @@ class Loop:
     def _process(self, session: Session) -> None:
         """Answer the complete requests in the read buffer, one at a time."""
         rbuf = session.rbuf
-        while not session.busy and not session.closed and len(rbuf) >= 4:
-            (size,) = _HEADER.unpack_from(rbuf)
-            start = 4
-            if size == -1:
-                if len(rbuf) < 12:
-                    return
-                (size,) = _HEADER64.unpack_from(rbuf, 4)
-                start = 12
+        while not session.busy and not session.closed:
+            bounds = transport.frame_bounds(rbuf)
+            if bounds is None:
+                return
+            start, size = bounds
             limit = session.conn.max_message_bytes
             if size > limit or size < 0:
                 _log.warning("message_too_large", peer=session.peer, bytes=size, limit=limit)
@@ -319,7 +322,7 @@ class Loop:
     def _handle(self, session: Session, data: bytes) -> None:
         session.busy = True
         try:
-            request = _loads(data)
+            request = transport.decode_message(data)
         except Exception as e:  # the bytes arrived but do not unpickle: answer, keep going
             self._send(session, ("#ERROR", ValueError(f"request could not be decoded: {e}")))
             return
@@ -345,7 +348,7 @@ class Loop:
         if session.closed:
             # The client hung up after the tasks were taken for it: nobody got them.
             if items and waiter is not None:
-                self._broker.release_many(waiter.queue.name, [(item[0], item[1]) for item in items])
+                self._broker.release_many(waiter.queue.name, receipts(items))
             return
         try:
             msg = ("#RETURN", finish(items))
@@ -387,12 +390,10 @@ class Loop:
 
     def _send(self, session: Session, msg: tuple) -> None:
         try:
-            body = _dumps(msg, pickle.DEFAULT_PROTOCOL)
+            data = transport.encode_message(msg)
         except Exception as e:  # the stock server answers results that do not pickle like this
-            body = _dumps(("#UNSERIALIZABLE", f"{type(e).__name__}: {e}"), pickle.DEFAULT_PROTOCOL)
-        n = len(body)
-        header = _HEADER.pack(n) if n <= 0x7FFFFFFF else _HEADER.pack(-1) + _HEADER64.pack(n)
-        session.wbuf = memoryview(header + body)
+            data = transport.encode_message(("#UNSERIALIZABLE", f"{type(e).__name__}: {e}"))
+        session.wbuf = memoryview(data)
         self._flush(session)
 
     def _flush(self, session: Session) -> None:

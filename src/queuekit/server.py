@@ -28,7 +28,7 @@ from multiprocessing import AuthenticationError, managers
 from multiprocessing import connection as mpc
 
 from . import __version__, logs, transport
-from .broker import Broker
+from .broker import Broker, receipts
 from .errors import ConfigError, ExitCode, QueuekitError, ServerShuttingDown
 from .loop import Loop, Session
 from .message import decode_payload, encode_payload
@@ -109,7 +109,7 @@ class QueueAPI:
             timeout = MAX_SERVER_WAIT  # the client library loops for longer waits
         loop = self._loop
         session = loop.current
-        result = self._broker.get_or_wait(queue, max_n, timeout, lease, acks, loop.deliverer(session))
+        result = self._broker.get_or_wait(queue, max_n, timeout, lease, acks, session.deliver)
         if type(result) is list:
             return self._answer(session, queue, result)
         return loop.park(session, result, timeout, lambda items: self._answer(session, queue, items))
@@ -120,7 +120,7 @@ class QueueAPI:
 
             def release_unsent(sent: bool) -> None:
                 if not sent:  # the client never got them: ready again at once, no attempt charged
-                    broker.release_many(queue, [(item[0], item[1]) for item in items])
+                    broker.release_many(queue, receipts(items))
 
             session.hook = release_unsent
         return items
@@ -202,7 +202,7 @@ class CompatQueue:
         loop = self._server.loop
         session = loop.current
         result = self._broker.get_or_wait(
-            self._name, 1, float("inf") if wait is None else wait, COMPAT_LEASE, None, loop.deliverer(session)
+            self._name, 1, float("inf") if wait is None else wait, COMPAT_LEASE, None, session.deliver
         )
         if type(result) is list:
             return self._answer(session, result)

@@ -12,8 +12,11 @@ What this module adds, all on the socket:
 - a maximum message size: a length prefix larger than the limit closes the connection instead of
   allocating whatever a peer claims.
 
-TLS and restricted unpickling belong here too when they come: they change ``Connection.recv``
-and the socket setup, nothing else.
+The framing and (un)pickling of messages live here too (``frame_bounds``, ``encode_message``,
+``decode_message``), shared by ``Connection`` and the server's event loop (``queuekit.loop``),
+which reads and writes non-blocking sockets itself. TLS and restricted unpickling belong here when
+they come: restricted unpickling changes ``decode_message``; TLS the socket setup and the loop's
+reads and writes.
 """
 
 from __future__ import annotations
@@ -39,6 +42,30 @@ _loads = mpc._ForkingPickler.loads  # type: ignore[attr-defined]
 _dumps = pickle.dumps
 _HEADER = struct.Struct("!i")
 _HEADER64 = struct.Struct("!Q")
+
+
+def frame_bounds(buf) -> tuple[int, int] | None:
+    """``(start, size)`` of the first message in ``buf``, or None while its header is incomplete."""
+    if len(buf) < 4:
+        return None
+    (size,) = _HEADER.unpack_from(buf)
+    if size != -1:
+        return 4, size
+    if len(buf) < 12:
+        return None
+    return 12, _HEADER64.unpack_from(buf, 4)[0]
+
+
+def encode_message(obj) -> bytes:
+    """A message as it goes on the wire: length header and pickle (the stock serializer's bytes)."""
+    body = _dumps(obj, pickle.DEFAULT_PROTOCOL)
+    n = len(body)
+    return (_HEADER.pack(n) if n <= 0x7FFFFFFF else _HEADER.pack(-1) + _HEADER64.pack(n)) + body
+
+
+def decode_message(data: bytes):
+    """The object in a message body (restricted unpickling, when it comes, goes here)."""
+    return _loads(data)
 
 
 class MessageTooLarge(OSError):
@@ -73,12 +100,11 @@ class Connection(mpc.Connection):
     def _recv_frame(self, maxsize):
         """The next message's bytes, or None when it is larger than ``maxsize`` (left unread)."""
         self._fill(4)
-        (size,) = _HEADER.unpack_from(self._rbuf)
-        start = 4
-        if size == -1:
+        bounds = frame_bounds(self._rbuf)
+        if bounds is None:
             self._fill(12)
-            (size,) = _HEADER64.unpack_from(self._rbuf, 4)
-            start = 12
+            bounds = frame_bounds(self._rbuf)
+        start, size = bounds
         if maxsize is not None and size > maxsize:
             return None
         self._fill(start + size)
@@ -95,7 +121,7 @@ class Connection(mpc.Connection):
         data = self._recv_frame(self.max_message_bytes)
         if data is None:
             raise MessageTooLarge(f"message from {self.peer} exceeds {self.max_message_bytes} bytes")
-        return _loads(data)
+        return decode_message(data)
 
     def send(self, obj) -> None:
         # Plain pickle.dumps writes the same bytes as ForkingPickler for the plain data queuekit
