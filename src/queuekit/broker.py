@@ -518,6 +518,7 @@ class Broker:
                     "inflight": q.n_leased,
                     "delayed": q.n_delayed,
                     "dead": len(q.dead),
+                    "waiting": len(q.waiters),
                     "enqueued": q.enqueued,
                     "acked": q.acked,
                     "nacked": q.nacked,
