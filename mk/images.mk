@@ -114,7 +114,7 @@ stats:
 # multi-host files require.
 lint-docker:
 	@command -v $(HADOLINT) >/dev/null || { echo "error: hadolint not found: pip install -r requirements/lint.txt" >&2; exit 1; }
-	$(HADOLINT) images/*/Dockerfile
+	$(HADOLINT) images/Dockerfile
 	@set -e; for f in $(COMPOSE_FILES); do \
 	  echo "docker compose config -q $$f"; \
 	  QUEUEKIT_SERVER=queuekit-server.invalid:50000 QUEUEKIT_PUBLISH_ADDR=127.0.0.1 \

@@ -44,7 +44,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 LABEL = "queuekit.test"
-IMAGE_NAMES = ("server", "consumer", "producer")
+IMAGE_NAMES = ("server", "consumer", "producer")  # the targets of DOCKERFILE
+DOCKERFILE = "images/Dockerfile"  # relative to the build context
 DEFAULT_BASE_IMAGE = "queuekit/base:trixie"
 AUTHKEY_PATH = "/run/secrets/queuekit_authkey"
 APP_USER = "10001:10001"
@@ -135,7 +136,7 @@ def build_images(
     tag: str | None = None,
     context: Path | str | None = None,
 ) -> dict[str, str]:
-    """Build ``images/<name>/Dockerfile`` for each name and return ``{name: image reference}``.
+    """Build target ``<name>`` of ``images/Dockerfile`` for each name and return ``{name: image reference}``.
 
     The build context is the repository root, or ``context`` (another checkout, e.g. a deliberately
     broken copy to check that the tests catch it). ``base_image`` defaults to ``$BASE_IMAGE``.
@@ -151,7 +152,8 @@ def build_images(
         if ref not in _built_images:
             image = DockerImage(
                 path=str(root),
-                dockerfile_path=f"images/{name}/Dockerfile",
+                dockerfile_path=DOCKERFILE,
+                target=name,
                 tag=ref,
                 clean_up=False,  # removed by remove_images()/sweep() at session end
                 buildargs={"BASE_IMAGE": base},
