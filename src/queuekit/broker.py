@@ -12,12 +12,12 @@ States and transitions (``attempts`` counts failed deliveries)::
     graceful restart (durable): leased ──▶ leased, same delivery and remaining lease (save_leases)
 
 Contract:
-- Thread-safe: one lock guards all queues. Two ways to wait for a task: ``get_many`` blocks the
-  calling thread on a per-queue condition (in slices of at most a second, asking its ``alive``
-  callback between slices so a client that went away never gets handed a task); ``get_or_wait``
-  never blocks: it parks a :class:`Waiter`, and whoever makes tasks ready (a put, a nack, a lease
-  expiry) takes them for the oldest waiter and calls its ``deliver`` callback. The server's event
-  loop uses the second, so a waiting client costs no thread.
+- The broker trusts its callers: arguments were checked where they entered the process
+  (:mod:`queuekit.api` for what clients send); here they are used as they are.
+- Thread-safe: one lock guards all queues. Nothing blocks waiting for a task: ``get_or_wait``
+  parks a :class:`Waiter` when nothing is ready, and whoever makes tasks ready (a put, a nack, a
+  release, a lease expiry) takes them for the oldest waiter and calls its ``deliver`` callback.
+  The server's event loop answers the client from there, so a waiting client costs no thread.
 - ``ack`` is by task id and accepted in any live state (the work is done, whoever reports it);
   ``nack``/``extend``/``release`` quote the delivery number of their lease and are ignored when it
   is stale, so a consumer whose lease expired cannot disturb the task's new holder.
@@ -41,22 +41,15 @@ from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 from . import logs
-from .errors import InvalidRequest, ServerShuttingDown
-from .journal import Journal, Recovered
-from .message import check_queue_name, validate_texts
+from .errors import ServerShuttingDown
+from .journal import DeleteOp, Journal, JournalOp, LeaseOp, PutOp, Recovered, UpdateOp
+from .message import Delivery, NackItem, WireDelivery
 
 READY, LEASED, DELAYED, DEAD, GONE = "ready", "leased", "delayed", "dead", "gone"
-MAX_BATCH = 10_000
-MAX_WAIT_SLICE = 1.0
-MAX_LEASE_SECONDS = 12 * 3600.0
 MAX_ERROR_CHARS = 2000
 COMPACT_MIN = 4096  # dead lease-heap slots tolerated before a compaction is considered
 
 _log = logs.get("broker")
-
-
-class ClientGone(Exception):
-    """Raised out of a blocking get when the ``alive`` callback says the caller disconnected."""
 
 
 class Waiter:
@@ -67,7 +60,7 @@ class Waiter:
 
     __slots__ = ("queue", "max_n", "lease", "deliver")
 
-    def __init__(self, queue: _Queue, max_n: int, lease: float, deliver: Callable[[list], None]):
+    def __init__(self, queue: _Queue, max_n: int, lease: float, deliver: Callable[[list[WireDelivery]], None]):
         self.queue = queue
         self.max_n = max_n
         self.lease = lease
@@ -78,7 +71,7 @@ class PendingPut(NamedTuple):
     """A put between ``begin_put`` and ``finish_put``: journaled as ``seq`` (0: not journaled)."""
 
     queue: str
-    tasks: list
+    tasks: list[_Task]
     not_before: float
     seq: int
 
@@ -140,11 +133,10 @@ class _Queue:
         "nacked",
         "redelivered",
         "dead_lettered",
-        "cond",
         "waiters",
     )
 
-    def __init__(self, name: str, lock: threading.Lock):
+    def __init__(self, name: str):
         self.name = name
         self.ready: deque[_Task] = deque()  # may hold stale entries of acked tasks; skipped on pop
         self.live: dict[int, _Task] = {}  # ready, leased and delayed tasks
@@ -158,7 +150,6 @@ class _Queue:
         self.delayed: list[tuple[float, int, _Task]] = []  # (not_before, id, task)
         self.n_ready = self.n_leased = self.n_delayed = 0
         self.enqueued = self.acked = self.nacked = self.redelivered = self.dead_lettered = 0
-        self.cond = threading.Condition(lock)
         self.waiters: deque[Waiter] = deque()  # parked get_or_wait calls, oldest first
 
 
@@ -224,23 +215,19 @@ class Broker:
 
     # -- producer side ----------------------------------------------------------------------
 
-    def put_many(self, queue: str, texts: Any, delay: float = 0.0) -> list[int]:
-        """Enqueue JSON texts; all or nothing. Returns the new task ids once they are committed."""
+    def put_many(self, queue: str, texts: list[str], delay: float = 0.0) -> list[int]:
+        """Enqueue JSON texts; all or nothing. Returns the new task ids once they are committed.
+        For in-process callers; the server's loop uses the two halves below."""
         put = self.begin_put(queue, texts, delay)
         if put.seq:
             self.wait_committed(put.seq)  # raises JournalError: then nothing becomes visible
         return self.finish_put(put)
 
-    def begin_put(self, queue: str, texts: Any, delay: float = 0.0) -> PendingPut:
-        """The first half of ``put_many``, which never waits: validate, number and journal the
-        tasks. Durable: nothing is visible until ``finish_put``, to be called once
+    def begin_put(self, queue: str, texts: list[str], delay: float = 0.0) -> PendingPut:
+        """The first half of ``put_many``, which never waits: number and journal the tasks.
+        Durable: nothing is visible until ``finish_put``, to be called once
         ``wait_committed(put.seq)`` returned (the server's loop commits many puts at once).
         Memory (``seq`` 0): the tasks are visible already."""
-        check_queue_name(queue)
-        texts = validate_texts(texts, self.max_task_bytes)
-        if len(texts) > MAX_BATCH:
-            raise InvalidRequest(f"at most {MAX_BATCH} tasks per put_many, got {len(texts)}")
-        delay = _seconds(delay, "delay", 0.0, 366 * 86400.0)
         if not texts:
             return PendingPut(queue, [], 0.0, 0)
         now = self._clock.wall()
@@ -256,7 +243,7 @@ class Broker:
             if not self._durable:
                 self._publish(queue, tasks, not_before)
                 return PendingPut(queue, tasks, not_before, 0)
-            seq = self._journal.append([("put", queue, t.id, t.payload, 0, now, not_before) for t in tasks])
+            seq = self._journal.append([PutOp(queue, first, texts, now, not_before)])
         return PendingPut(queue, tasks, not_before, seq)
 
     def wait_committed(self, seq: int) -> None:
@@ -284,45 +271,25 @@ class Broker:
                 t.state = READY
             q.ready.extend(tasks)
             q.n_ready += len(tasks)
-            self._wake(q, len(tasks))
+            self._wake(q)
         q.enqueued += len(tasks)
 
     # -- consumer side ----------------------------------------------------------------------
 
     def get_many(
-        self,
-        queue: str,
-        max_n: int = 1,
-        timeout: float = 0.0,
-        lease: float | None = None,
-        acks: Iterable[int] | None = None,
-        alive: Callable[[], bool] | None = None,
-    ) -> list[tuple]:
-        """Lease up to ``max_n`` ready tasks, waiting up to ``timeout`` seconds for the first.
+        self, queue: str, max_n: int = 1, lease: float | None = None, acks: Iterable[int] | None = None
+    ) -> list[WireDelivery]:
+        """Lease up to ``max_n`` ready tasks now (``[]`` when none is ready or the broker is closed).
 
         ``acks`` are applied first (a worker's acks ride on its next get: no extra round trip).
-        Returns ``(id, delivery, attempts, payload, enqueued_at)`` tuples; ``[]`` on timeout.
+        Returns :class:`~queuekit.message.Delivery`-shaped tuples.
         """
-        timeout, lease = self._get_args(queue, max_n, timeout, lease)
-        clock = self._clock
+        lease = self.default_lease if lease is None else lease
         with self._lock:
             q = self._queue(queue)
             now = self._start_get(q, acks)
             if now is None:
                 return []
-            if not q.n_ready and timeout > 0:
-                deadline = now + timeout
-                while True:
-                    remaining = deadline - now
-                    if remaining <= 0 or self._closed:
-                        return []
-                    q.cond.wait(min(remaining, MAX_WAIT_SLICE, self._next_due(q, now)))
-                    if alive is not None and not alive():
-                        raise ClientGone()
-                    now = clock.monotonic()
-                    self._service(q, now)
-                    if q.n_ready:
-                        break
             return self._take(q, max_n, now + lease)
 
     def get_or_wait(
@@ -332,12 +299,12 @@ class Broker:
         timeout: float,
         lease: float | None,
         acks: Iterable[int] | None,
-        deliver: Callable[[list], None],
-    ) -> list[tuple] | Waiter:
-        """``get_many`` that never blocks: the tasks (or ``[]`` when ``timeout`` is 0 or the
-        broker is closed), or a parked :class:`Waiter` that ``deliver`` will complete. The caller
-        owns the timeout: when it passes, ``cancel(waiter)``; True means answer ``[]``."""
-        timeout, lease = self._get_args(queue, max_n, timeout, lease)
+        deliver: Callable[[list[WireDelivery]], None],
+    ) -> list[WireDelivery] | Waiter:
+        """``get_many``, or when nothing is ready and ``timeout`` > 0, a parked :class:`Waiter`
+        that ``deliver`` will complete. The caller owns the timeout: when it passes,
+        ``cancel(waiter)``; True means answer ``[]``."""
+        lease = self.default_lease if lease is None else lease
         with self._lock:
             q = self._queue(queue)
             now = self._start_get(q, acks)
@@ -358,14 +325,6 @@ class Broker:
                 return False
             return True
 
-    def _get_args(self, queue: Any, max_n: Any, timeout: Any, lease: Any) -> tuple[float, float]:
-        check_queue_name(queue)
-        if type(max_n) is not int or not 1 <= max_n <= MAX_BATCH:
-            raise InvalidRequest(f"max_n must be an int in 1..{MAX_BATCH}, got {max_n!r}")
-        timeout = _seconds(timeout, "timeout", 0.0, None)
-        lease = self.default_lease if lease is None else _seconds(lease, "lease", 0.001, MAX_LEASE_SECONDS)
-        return timeout, lease
-
     def _start_get(self, q: _Queue, acks: Iterable[int] | None) -> float | None:
         """Lock held: apply the acks riding on a get, then expire and promote what is due.
         Returns the current monotonic time, or None when the broker is closed."""
@@ -378,43 +337,38 @@ class Broker:
         return now
 
     def ack_many(self, queue: str, ids: Iterable[int]) -> int:
-        check_queue_name(queue)
         with self._lock:
             return self._ack(self._queue(queue), ids)
 
-    def nack_many(self, queue: str, items: Iterable[tuple]) -> int:
-        """``items``: ``(id, delivery, delay_or_None, error_or_None)``. A nack charges an attempt;
-        ``delay=None`` means the server's exponential backoff with jitter."""
-        check_queue_name(queue)
+    def nack_many(self, queue: str, items: Iterable[NackItem]) -> int:
+        """A nack charges an attempt; ``delay=None`` means the server's exponential backoff with
+        jitter. Items quoting a stale delivery are ignored."""
         now = self._clock.monotonic()
         with self._lock:
             q = self._queue(queue)
             done = 0
-            for item in _items(items, 4, "nack"):
-                task_id, delivery, delay, error = item
-                task = q.live.get(task_id)
-                if task is None or task.state is not LEASED or task.delivery != delivery:
+            for item in items:
+                task = q.live.get(item.id)
+                if task is None or task.state is not LEASED or task.delivery != item.delivery:
                     continue
-                if delay is not None:
-                    delay = _seconds(delay, "delay", 0.0, 366 * 86400.0)
                 q.nacked += 1
                 q.lease_garbage += 1
-                self._fail(q, task, now, delay, None if error is None else str(error)[:MAX_ERROR_CHARS], "nack")
+                error = None if item.error is None else item.error[:MAX_ERROR_CHARS]
+                self._fail(q, task, now, item.delay, error, "nack")
                 done += 1
             self._maybe_compact(q)
             return done
 
-    def extend_many(self, queue: str, receipts: Iterable[tuple], lease: float | None = None) -> list[int]:
+    def extend_many(self, queue: str, receipts: Iterable[tuple[int, int]], lease: float | None = None) -> list[int]:
         """Renew the leases of ``(id, delivery)`` receipts. Returns the ids that are no longer ours."""
-        check_queue_name(queue)
-        lease = self.default_lease if lease is None else _seconds(lease, "lease", 0.001, MAX_LEASE_SECONDS)
+        lease = self.default_lease if lease is None else lease
         with self._lock:
             q = self._queue(queue)
             now = self._clock.monotonic()
             self._service(q, now)
             deadline = now + lease
             kept, lost = [], []
-            for task_id, delivery in _items(receipts, 2, "extend"):
+            for task_id, delivery in receipts:
                 task = q.live.get(task_id)
                 if task is None or task.state is not LEASED or task.delivery != delivery:
                     lost.append(task_id)
@@ -427,13 +381,12 @@ class Broker:
                 self._maybe_compact(q)
             return lost
 
-    def release_many(self, queue: str, receipts: Iterable[tuple]) -> int:
+    def release_many(self, queue: str, receipts: Iterable[tuple[int, int]]) -> int:
         """Give leased tasks back unstarted: to the front of the queue, no attempt charged."""
-        check_queue_name(queue)
         with self._lock:
             q = self._queue(queue)
             released = []
-            for task_id, delivery in _items(receipts, 2, "release"):
+            for task_id, delivery in receipts:
                 task = q.live.get(task_id)
                 if task is not None and task.state is LEASED and task.delivery == delivery:
                     released.append(task)
@@ -441,7 +394,7 @@ class Broker:
                 q.n_leased -= 1
                 self._make_ready(q, task, front=True)
             if released:
-                self._wake(q, len(released))
+                self._wake(q)
                 q.lease_garbage += len(released)
                 self._maybe_compact(q)
             return len(released)
@@ -449,9 +402,6 @@ class Broker:
     # -- dead letters -----------------------------------------------------------------------
 
     def dead_list(self, queue: str, limit: int = 100) -> list[dict]:
-        check_queue_name(queue)
-        if type(limit) is not int or limit < 1:
-            raise InvalidRequest(f"limit must be a positive int, got {limit!r}")
         with self._lock:
             q = self._queue(queue)
             return [
@@ -467,38 +417,35 @@ class Broker:
 
     def dead_requeue(self, queue: str, ids: Iterable[int] | None = None) -> int:
         """Move dead tasks (all, or the given ids) back to ready with their attempts reset."""
-        check_queue_name(queue)
         with self._lock:
             q = self._queue(queue)
-            chosen = list(q.dead) if ids is None else [i for i in _ids(ids) if i in q.dead]
-            ops = []
+            chosen = list(q.dead) if ids is None else [i for i in ids if i in q.dead]
+            ops: list[JournalOp] = []
             for task_id in chosen:
                 task = q.dead.pop(task_id)
                 task.attempts, task.not_before, task.last_error = 0, 0.0, None
                 q.live[task_id] = task
                 self._make_ready(q, task)
-                ops.append(("upd", task_id, 0, 0.0, False, None))
+                ops.append(UpdateOp(task_id, 0, 0.0, False, None))
             if ops:
-                self._wake(q, len(ops))
+                self._wake(q)
                 if self._durable:
                     self._journal.append(ops)
             return len(chosen)
 
     def dead_purge(self, queue: str, ids: Iterable[int] | None = None) -> int:
-        check_queue_name(queue)
         with self._lock:
             q = self._queue(queue)
-            chosen = list(q.dead) if ids is None else [i for i in _ids(ids) if i in q.dead]
+            chosen = list(q.dead) if ids is None else [i for i in ids if i in q.dead]
             for task_id in chosen:
                 q.dead.pop(task_id).state = GONE
             if chosen and self._durable:
-                self._journal.append([("del", task_id) for task_id in chosen])
+                self._journal.append([DeleteOp(chosen)])
             return len(chosen)
 
     # -- inspection and housekeeping --------------------------------------------------------
 
     def qsize(self, queue: str) -> int:
-        check_queue_name(queue)
         with self._lock:
             q = self._queues.get(queue)
             if q is None:
@@ -540,8 +487,8 @@ class Broker:
             return 0
         with self._lock:
             mono, wall = self._clock.monotonic(), self._clock.wall()
-            ops = [
-                ("lease", t.id, t.delivery, wall + (t.lease_deadline - mono))
+            ops: list[JournalOp] = [
+                LeaseOp(t.id, t.delivery, wall + (t.lease_deadline - mono))
                 for q in self._queues.values()
                 for t in q.live.values()
                 if t.state is LEASED
@@ -555,7 +502,6 @@ class Broker:
         with self._lock:
             self._closed = True
             for q in self._queues.values():
-                q.cond.notify_all()
                 while q.waiters:
                     q.waiters.popleft().deliver([])
 
@@ -568,20 +514,17 @@ class Broker:
     def _queue(self, name: str) -> _Queue:
         q = self._queues.get(name)
         if q is None:
-            q = self._queues[name] = _Queue(name, self._lock)
+            q = self._queues[name] = _Queue(name)
         return q
 
-    def _wake(self, q: _Queue, n: int) -> None:
-        """``n`` tasks became ready: hand them to parked waiters first (oldest first), then wake
-        threads blocked in ``get_many`` for what is left."""
+    def _wake(self, q: _Queue) -> None:
+        """Tasks became ready: hand them to parked waiters, oldest first."""
         waiters = q.waiters
         if waiters:
             now = self._clock.monotonic()
             while waiters and q.n_ready:
                 waiter = waiters.popleft()
                 waiter.deliver(self._take(q, waiter.max_n, now + waiter.lease))
-        if q.n_ready:
-            q.cond.notify(n)
 
     def _make_ready(self, q: _Queue, task: _Task, front: bool = False) -> None:
         task.state = READY
@@ -597,7 +540,7 @@ class Broker:
         heapq.heappush(q.delayed, (not_before, task.id, task))
         q.n_delayed += 1
 
-    def _take(self, q: _Queue, max_n: int, deadline: float) -> list[tuple]:
+    def _take(self, q: _Queue, max_n: int, deadline: float) -> list[WireDelivery]:
         ready = q.ready
         taken = []
         out = []
@@ -609,6 +552,7 @@ class Broker:
             task.delivery += 1
             task.lease_deadline = deadline
             taken.append((task, task.delivery))
+            # A plain tuple in Delivery's field order: what goes on the wire (see Delivery).
             out.append((task.id, task.delivery, task.attempts, task.payload, task.enqueued_at))
         if taken:
             n = len(taken)
@@ -620,7 +564,7 @@ class Broker:
     def _ack(self, q: _Queue, ids: Iterable[int]) -> int:
         live = q.live
         removed = []
-        for task_id in _ids(ids):
+        for task_id in ids:
             task = live.pop(task_id, None)
             if task is None:
                 continue
@@ -638,7 +582,7 @@ class Broker:
             self._maybe_compact(q)
             q.acked += len(removed)
             if self._durable:
-                self._journal.append([("del", task_id) for task_id in removed])
+                self._journal.append([DeleteOp(removed)])
         return len(removed)
 
     def _fail(self, q: _Queue, task: _Task, now: float, delay: float | None, error: str | None, reason: str) -> None:
@@ -668,10 +612,10 @@ class Broker:
                 self._delay(q, task, self._clock.wall() + delay)
             else:
                 self._make_ready(q, task)
-                self._wake(q, 1)
+                self._wake(q)
             not_before = task.not_before if task.state is DELAYED else 0.0
         if self._durable:
-            self._journal.append([("upd", task.id, task.attempts, not_before, task.state is DEAD, task.last_error)])
+            self._journal.append([UpdateOp(task.id, task.attempts, not_before, task.state is DEAD, task.last_error)])
 
     def _maybe_compact(self, q: _Queue) -> None:
         """Rebuild the lease heap without dead slots once they outnumber the live leases.
@@ -720,50 +664,9 @@ class Broker:
                     self._make_ready(q, task)
                     promoted += 1
             if promoted:
-                self._wake(q, promoted)
-
-    def _next_due(self, q: _Queue, now: float) -> float:
-        """Seconds until this queue's next lease expiry or retry, so a waiter wakes for it."""
-        due = MAX_WAIT_SLICE
-        if q.leases:
-            due = min(due, q.leases[0][0] - now)
-        if q.delayed:
-            due = min(due, q.delayed[0][0] - self._clock.wall())
-        return max(due, 0.001)
+                self._wake(q)
 
 
-def receipts(items: list[tuple]) -> list[tuple[int, int]]:
+def receipts(items: list[WireDelivery]) -> list[tuple[int, int]]:
     """The ``(id, delivery)`` receipts of ``get_many`` items, as ``release_many`` takes them."""
-    return [(item[0], item[1]) for item in items]
-
-
-def _seconds(value: Any, name: str, low: float, high: float | None) -> float:
-    if type(value) not in (int, float) or value != value or value < low or (high is not None and value > high):
-        bound = f"{low}..{high}" if high is not None else f">= {low}"
-        raise InvalidRequest(f"{name} must be a number of seconds in {bound}, got {value!r}")
-    return float(value)
-
-
-def _ids(ids: Any) -> Iterable[int]:
-    if type(ids) not in (list, tuple, set, frozenset):
-        raise InvalidRequest(f"task ids must be a list of ints, got {type(ids).__name__}")
-    for task_id in ids:
-        if type(task_id) is not int:
-            raise InvalidRequest(f"task ids must be ints, got {task_id!r}")
-    return ids
-
-
-def _items(items: Any, width: int, what: str) -> list[tuple]:
-    if type(items) not in (list, tuple):
-        raise InvalidRequest(f"{what} items must be a list of tuples, got {type(items).__name__}")
-    out = []
-    for item in items:
-        if (
-            type(item) not in (list, tuple)
-            or len(item) != width
-            or type(item[0]) is not int
-            or type(item[1]) is not int
-        ):
-            raise InvalidRequest(f"malformed {what} item {item!r}")
-        out.append(tuple(item))
-    return out
+    return [(d.id, d.delivery) for d in map(Delivery._make, items)]

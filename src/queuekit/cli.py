@@ -137,9 +137,9 @@ def _client(flags: dict, name: str, settings: ClientSettings | None = None, conn
 def cmd_server(flags: dict) -> int:
     if flags.pop("check"):
         return _check_http(ServerSettings.load(flags, need_authkey=False))
-    from . import server
+    from . import app
 
-    return server.run(ServerSettings.load(flags))
+    return app.run(ServerSettings.load(flags))
 
 
 def _check_http(settings: ServerSettings) -> int:

@@ -27,7 +27,7 @@ from typing import Any
 
 from . import logs, transport
 from .errors import AuthenticationFailed, QueuekitError, ServerShuttingDown, ServerUnavailable
-from .message import Task, check_queue_name, encode_payload
+from .message import NackItem, Task, check_queue_name, encode_payload
 from .settings import DEFAULT_PORT, Address, Secret, load_authkey
 
 CALL_TIMEOUT = 30.0  # seconds a reply may take beyond any server-side wait
@@ -285,7 +285,8 @@ class Queue:
         return self.nack_many([(task, delay, error)]) == 1
 
     def nack_many(self, items: Iterable[tuple[Task, float | None, str | None]]) -> int:
-        wire = [(t.id, t.delivery, delay, error) for t, delay, error in items]
+        # Plain tuples on the wire (a NackItem would pickle as a class reference).
+        wire = [tuple(NackItem(t.id, t.delivery, delay, error)) for t, delay, error in items]
         return self.client.call("nack_many", self.name, wire) if wire else 0
 
     def extend(self, task: Task | Iterable[Task], lease: float | None = None) -> list[int]:

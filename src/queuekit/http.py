@@ -42,7 +42,10 @@ def render_metrics(stats: dict) -> str:
         metric = f"queuekit_tasks_{name}_total"
         lines += [f"# HELP {metric} {help_text}", f"# TYPE {metric} counter"]
         lines += [f'{metric}{{queue="{_label(q)}"}} {v[name]}' for q, v in sorted(queues.items())]
-    lines += ["# HELP queuekit_gets_waiting Gets parked on the server until a task is ready.", "# TYPE queuekit_gets_waiting gauge"]
+    lines += [
+        "# HELP queuekit_gets_waiting Gets parked on the server until a task is ready.",
+        "# TYPE queuekit_gets_waiting gauge",
+    ]
     lines += [f'queuekit_gets_waiting{{queue="{_label(q)}"}} {v["waiting"]}' for q, v in sorted(queues.items())]
     lines += [
         "# HELP queuekit_connections Open client connections.",

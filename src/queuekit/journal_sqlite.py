@@ -25,11 +25,10 @@ import os
 import sqlite3
 import threading
 import time
-from operator import itemgetter
 
 from . import logs
 from .errors import DataDirError
-from .journal import Journal, JournalError, Recovered, StoredTask
+from .journal import DeleteOp, Journal, JournalError, JournalOp, LeaseOp, PutOp, Recovered, StoredTask, UpdateOp
 
 DB_NAME = "queuekit.db"
 LOCK_NAME = "queuekit.lock"
@@ -117,7 +116,7 @@ class SqliteJournal(Journal):
             [StoredTask(q, i, p, a, e, nb, bool(d), le, ld, lu) for q, i, p, a, e, nb, d, le, ld, lu in rows], next_id
         )
 
-    def append(self, ops: list[tuple]) -> int:
+    def append(self, ops: list[JournalOp]) -> int:
         with self._cond:
             self._pending.extend(ops)
             self._seq += 1
@@ -210,29 +209,38 @@ class SqliteJournal(Journal):
             self._error = error
         self._cond.notify_all()
 
-    def _commit(self, batch: list[tuple]) -> None:
+    def _commit(self, batch: list[JournalOp]) -> None:
         db = self._db
         max_id = None
         with db:  # one transaction; commits (and fsyncs per the sync mode) on exit
-            for kind, group in itertools.groupby(batch, key=itemgetter(0)):
-                rows = [op[1:] for op in group]
-                if kind == "put":
+            # Runs of ops of one kind become one statement each (the order between kinds is kept).
+            for kind, group in itertools.groupby(batch, key=type):
+                ops: list = list(group)
+                if kind is PutOp:
+                    rows = [
+                        (op.queue, task_id, payload, 0, op.enqueued_at, op.not_before)
+                        for op in ops
+                        for task_id, payload in enumerate(op.payloads, op.first_id)
+                    ]
+                    if not rows:
+                        continue
                     # Multi-row statements: one step per chunk instead of one per task.
                     for chunk in _chunks(rows, 100):
                         db.execute(_insert_sql(len(chunk)), [value for row in chunk for value in row])
                     max_id = max(max_id or 0, max(r[1] for r in rows))
-                elif kind == "upd":
+                elif kind is UpdateOp:
                     db.executemany(
                         "UPDATE tasks SET attempts = ?, not_before = ?, dead = ?, last_error = ? WHERE id = ?",
-                        [(a, nb, int(dead), err, i) for i, a, nb, dead, err in rows],
+                        [(op.attempts, op.not_before, int(op.dead), op.last_error, op.id) for op in ops],
                     )
-                elif kind == "del":
-                    for chunk in _chunks(rows, 500):
-                        db.execute(_delete_sql(len(chunk)), [row[0] for row in chunk])
-                elif kind == "lease":
+                elif kind is DeleteOp:
+                    ids = [task_id for op in ops for task_id in op.ids]
+                    for chunk in _chunks(ids, 500):
+                        db.execute(_delete_sql(len(chunk)), chunk)
+                elif kind is LeaseOp:
                     db.executemany(
                         "UPDATE tasks SET lease_delivery = ?, lease_until = ? WHERE id = ?",
-                        [(delivery, until, i) for i, delivery, until in rows],
+                        [(op.delivery, op.until, op.id) for op in ops],
                     )
                 else:
                     raise sqlite3.ProgrammingError(f"unknown journal op {kind!r}")

@@ -28,6 +28,7 @@ parked is breaking the protocol and is disconnected.
 
 from __future__ import annotations
 
+import enum
 import heapq
 import itertools
 import os
@@ -39,7 +40,8 @@ from collections.abc import Callable
 from typing import Any
 
 from . import logs, transport
-from .broker import receipts
+from .broker import Broker, Waiter, receipts
+from .message import WireDelivery
 
 _log = logs.get("server")
 READ_SIZE = 65536
@@ -53,41 +55,45 @@ class _Pending:
 PENDING = _Pending()  # returned by a call that will be answered later (parked, or after the commit)
 
 
+class State(enum.Enum):
+    """Where a session is in the request/response cycle."""
+
+    IDLE = "idle"  # waiting for (or reading) the next request
+    ANSWERING = "answering"  # a request is being answered: dispatched, or its put awaits the commit
+    PARKED = "parked"  # a get waits for tasks (a broker Waiter); any byte from the client now is an error
+    WRITING = "writing"  # the reply is partly written; the rest waits until the socket takes it
+    CLOSED = "closed"
+
+
+IDLE, ANSWERING, PARKED, WRITING, CLOSED = State.IDLE, State.ANSWERING, State.PARKED, State.WRITING, State.CLOSED
+
+
 class Session:
     """One authenticated connection in the loop: its buffers and the request being answered."""
 
-    __slots__ = (
-        "conn",
-        "fd",
-        "peer",
-        "name",
-        "rbuf",
-        "wbuf",
-        "hook",
-        "waiter",
-        "finish",
-        "deliver",
-        "busy",
-        "events",
-        "closed",
-    )
+    __slots__ = ("conn", "fd", "peer", "name", "rbuf", "wbuf", "hook", "waiter", "finish", "deliver", "state", "events")
 
-    def __init__(self, conn: transport.Connection, name: str, deliver: Callable[[Session, list], None]):
+    def __init__(self, conn: transport.Connection, name: str, deliver: Callable[[Session, list[WireDelivery]], None]):
         self.conn = conn
         self.fd = conn.fileno()
         self.peer = conn.peer
         self.name = name
         # Bytes the handshake thread already read past accept_connection belong to us.
-        self.rbuf = bytearray(conn._rbuf)
-        conn._rbuf.clear()
+        self.rbuf = bytearray(conn.take_buffered())
         self.wbuf: memoryview | None = None  # the unwritten rest of the current reply
         self.hook: Callable[[bool], None] | None = None  # runs once the reply was (not) written
-        self.waiter: Any = None  # the broker Waiter of a parked get
-        self.finish: Callable[[list], Any] | None = None  # turns delivered items into the result
+        # The broker Waiter of a parked get; kept after a close that came too late to withdraw
+        # it, so that the tasks delivered to it are given back.
+        self.waiter: Waiter | None = None
+        self.finish: Callable[[list[WireDelivery]], Any] | None = None  # delivered items -> the result
         self.deliver = lambda items: deliver(self, items)  # the deliver callback of its waiters
-        self.busy = False  # a request is being answered
+        self.state = IDLE
         self.events = 0  # selector events registered
-        self.closed = False
+
+    def after_reply(self, hook: Callable[[bool], None]) -> None:
+        """Run ``hook(True)`` once the reply being answered was written to the socket, or
+        ``hook(False)`` if the connection closed before (the client never got it)."""
+        self.hook = hook
 
 
 class Loop:
@@ -98,8 +104,8 @@ class Loop:
     def __init__(
         self,
         dispatch: Callable[[Session, Any], Any],
-        error_reply: Callable[[BaseException], tuple],
-        broker: Any,
+        error_reply: Callable[[Exception], tuple],
+        broker: Broker,
     ):
         self._dispatch = dispatch
         self._error_reply = error_reply
@@ -111,7 +117,7 @@ class Loop:
         self._sel.register(self._wake_r, selectors.EVENT_READ, None)
         self._inbox: deque[tuple] = deque()  # work handed over by other threads
         self._sessions: dict[int, Session] = {}
-        self._timers: list[tuple[float, int, Session, Any]] = []  # (deadline, seq, session, waiter)
+        self._timers: list[tuple[float, int, Session, Waiter]] = []  # (deadline, seq, session, waiter)
         self._timer_seq = itertools.count()
         self._uncommitted: list[tuple[Session, Callable[[BaseException | None], Any]]] = []
         self._commit_seq = 0  # the journal sequence number this turn's commit must reach
@@ -149,9 +155,12 @@ class Loop:
 
     # -- called by dispatch (loop thread) ---------------------------------------------------
 
-    def park(self, session: Session, waiter: Any, timeout: float | None, finish: Callable[[list], Any]) -> Any:
+    def park(
+        self, session: Session, waiter: Waiter, timeout: float | None, finish: Callable[[list[WireDelivery]], Any]
+    ) -> Any:
         """Answer ``session`` later: with ``finish(items)`` when the waiter is delivered, or
         ``finish([])`` when ``timeout`` passes first (None: no timeout)."""
+        session.state = PARKED
         session.waiter = waiter
         session.finish = finish
         if timeout is not None:
@@ -181,7 +190,7 @@ class Loop:
                     try:
                         if mask & selectors.EVENT_WRITE:
                             self._flush(session)
-                        if mask & selectors.EVENT_READ and not session.closed:
+                        if mask & selectors.EVENT_READ and session.state is not CLOSED:
                             self._read(session)
                     except Exception as e:
                         self._failed(session, e)
@@ -211,9 +220,9 @@ class Loop:
         return timeout
 
     def _stopped(self) -> bool:
-        if time.monotonic() >= self._stop_at:
+        if self._stop_at is None or time.monotonic() >= self._stop_at:
             return True
-        return not any(s.busy for s in self._sessions.values())
+        return all(s.state is IDLE for s in self._sessions.values())
 
     def _drain_wakeups(self) -> None:
         try:
@@ -266,7 +275,7 @@ class Loop:
     def _begin_stop(self, deadline: float) -> None:
         self._stop_at = deadline
         for session in self._sessions.values():
-            if not session.busy:
+            if session.state is IDLE:
                 self._set_events(session, 0)  # read nothing more: clients see the hang-up later
 
     def _set_events(self, session: Session, events: int) -> None:
@@ -291,9 +300,9 @@ class Loop:
             self._close(session, f"error:{type(e).__name__}")
             return
         if not data:
-            self._close(session, "gone_while_waiting" if session.waiter is not None else "closed")
+            self._close(session, "gone_while_waiting" if session.state is PARKED else "closed")
             return
-        if session.waiter is not None:
+        if session.state is PARKED:
             self._close(session, "protocol_error:request_while_waiting")
             return
         session.rbuf += data
@@ -302,7 +311,7 @@ class Loop:
     def _process(self, session: Session) -> None:
         """Answer the complete requests in the read buffer, one at a time."""
         rbuf = session.rbuf
-        while not session.busy and not session.closed:
+        while session.state is IDLE:
             bounds = transport.frame_bounds(rbuf)
             if bounds is None:
                 return
@@ -320,7 +329,7 @@ class Loop:
             self._handle(session, data)
 
     def _handle(self, session: Session, data: bytes) -> None:
-        session.busy = True
+        session.state = ANSWERING
         try:
             request = transport.decode_message(data)
         except Exception as e:  # the bytes arrived but do not unpickle: answer, keep going
@@ -341,15 +350,16 @@ class Loop:
 
     # -- answering --------------------------------------------------------------------------
 
-    def _delivered(self, session: Session, items: list) -> None:
+    def _delivered(self, session: Session, items: list[WireDelivery]) -> None:
         """The broker took tasks for a parked get (or closed): answer it."""
         waiter, finish = session.waiter, session.finish
         session.waiter = session.finish = None
-        if session.closed:
+        if session.state is CLOSED or finish is None:
             # The client hung up after the tasks were taken for it: nobody got them.
             if items and waiter is not None:
                 self._broker.release_many(waiter.queue.name, receipts(items))
             return
+        session.state = ANSWERING
         try:
             msg = ("#RETURN", finish(items))
         except Exception as e:
@@ -370,7 +380,7 @@ class Loop:
                 msg = ("#RETURN", finish(error))
             except Exception as e:
                 msg = self._error_reply(e)
-            if session.closed:
+            if session.state is CLOSED:
                 continue
             try:
                 self._send(session, msg)
@@ -381,7 +391,7 @@ class Loop:
         timers = self._timers
         while timers and timers[0][0] <= now:
             _, _, session, waiter = heapq.heappop(timers)
-            if session.waiter is waiter and not session.closed and self._broker.cancel(waiter):
+            if session.waiter is waiter and session.state is PARKED and self._broker.cancel(waiter):
                 self._delivered(session, [])
         # Timers of gets answered early stay until their deadline; rebuild when they pile up.
         if len(timers) > 4096 and len(timers) > 4 * len(self._sessions):
@@ -403,6 +413,7 @@ class Loop:
                 wbuf = wbuf[os.write(session.fd, wbuf) :]
                 session.wbuf = wbuf
         except BlockingIOError:
+            session.state = WRITING
             self._set_events(session, selectors.EVENT_WRITE)
             return
         except OSError as e:
@@ -410,7 +421,7 @@ class Loop:
             return
         session.wbuf = None
         hook, session.hook = session.hook, None
-        session.busy = False
+        session.state = IDLE
         if hook is not None:
             hook(True)
         if self._stop_at is not None:
@@ -423,9 +434,9 @@ class Loop:
             self._inbox.append(("process", session))
 
     def _close(self, session: Session, reason: str) -> None:
-        if session.closed:
+        if session.state is CLOSED:
             return
-        session.closed = True
+        session.state = CLOSED
         waiter, session.waiter = session.waiter, None
         if waiter is not None and not self._broker.cancel(waiter):
             # Delivered but not yet answered: _delivered gives the tasks back when it sees this.

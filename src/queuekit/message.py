@@ -1,4 +1,4 @@
-"""Task payloads and the task a consumer receives.
+"""Task payloads, queue names, and the records that cross the wire.
 
 A payload is a JSON-compatible value: ``dict`` (with ``str`` keys), ``list``, ``str``, ``int``,
 ``float`` (finite), ``bool`` or ``None``. It travels and is stored as its compact JSON text, which
@@ -139,6 +139,34 @@ def check_queue_name(name: Any) -> str:
     return name
 
 
+class Delivery(NamedTuple):
+    """One task in a ``get_many`` reply, as the broker leased it: ``payload`` is the JSON text.
+
+    The broker builds it as a plain tuple in this field order (:data:`WireDelivery`), because
+    that is what goes on the wire: a named tuple would pickle as a reference to this class, and
+    building one costs about 0.6 µs more per task (a batched get spends about 3 µs per task on the
+    server in all). Readers rebuild the record (``Delivery._make``) or unpack it in this order.
+    """
+
+    id: int
+    delivery: int
+    attempts: int
+    payload: str
+    enqueued_at: float
+
+
+WireDelivery = tuple[int, int, int, str, float]  # a Delivery as a plain tuple
+
+
+class NackItem(NamedTuple):
+    """One item of a ``nack_many`` call. ``delay`` None: the server's backoff. Plain tuple on the wire."""
+
+    id: int
+    delivery: int
+    delay: float | None
+    error: str | None
+
+
 class Task(NamedTuple):
     """A task as a consumer holds it: leased until acked, nacked, released or the lease expires.
 
@@ -161,16 +189,17 @@ class Task(NamedTuple):
 
     @staticmethod
     def many_from_wire(queue: str, items: list[tuple]) -> list[Task]:
-        """Decode a ``get_many`` reply: ``(id, delivery, attempts, json_text, enqueued_at)`` items.
+        """Decode a ``get_many`` reply: :class:`Delivery` items (plain tuples on the wire).
 
         The server validated every text as one JSON value, so the batch decodes as one JSON array
         in a single call, much cheaper than a call per task.
         """
         if not items:
             return []
-        payloads = _DECODER.decode("[" + ",".join(item[3] for item in items) + "]")
+        payloads = _DECODER.decode("[" + ",".join(text for _, _, _, text, _ in items) + "]")
         if len(payloads) != len(items):  # only a server that skipped validation could cause this
             raise PayloadError("server sent a malformed batch of payloads")
+        # Unpacked in Delivery's field order (cheaper than building a Delivery per task).
         return [
             Task(queue, task_id, delivery, attempts, payload, enqueued_at)
             for (task_id, delivery, attempts, _, enqueued_at), payload in zip(items, payloads, strict=True)

@@ -1,253 +1,50 @@
-"""The manager server: a ``multiprocessing.managers.Server`` that serves the broker over TCP.
+"""The manager server: accepts connections, runs the handshake, dispatches requests.
 
-What a client can reach, and nothing else:
+A ``multiprocessing.managers.Server`` with our own per-connection code (same wire protocol as the
+stock server). What a client can reach, and nothing else:
 
-- the queuekit API object under the well-known ident ``API_IDENT`` (``QueueAPI``'s methods);
+- the queuekit API object under the well-known ident ``API_IDENT`` (:class:`~queuekit.api.QueueAPI`);
 - for stock ``BaseManager`` clients, the typeids ``get_task_queue`` / ``get_result_queue`` (queues
-  ``tasks`` / ``results``) and ``get_queue(name)``, returning ``queue.Queue`` look-alikes
-  (``CompatQueue``);
+  ``tasks`` / ``results``) and ``get_queue(name)``, returning :class:`~queuekit.compat.CompatQueue`;
 - of the manager's own requests only ``create``, ``accept_connection``, ``get_methods``,
   ``incref``, ``decref`` and ``dummy``: no ``shutdown``, no ``debug_info``.
 
-The per-connection code is ours (same wire protocol as the stock server): a short-lived thread
-per new connection runs the handshake (with a timeout, logging authentication failures with the
-peer's address) and answers its first request; a connection that asks to be served
-(``accept_connection``) then joins the event loop of :mod:`queuekit.loop`, where one thread serves
-every client, a waiting get costs no thread, and a hook runs once a reply was actually written.
+A short-lived thread per new connection runs the handshake (with a timeout, logging
+authentication failures with the peer's address) and answers its first request; a connection
+that asks to be served (``accept_connection``) then joins the event loop of :mod:`queuekit.loop`,
+where one thread serves every client and :meth:`QueuekitServer.dispatch` answers each request.
 """
 
 from __future__ import annotations
 
-import os
 import queue as stdqueue
-import signal
 import threading
 import time
 import traceback
 from multiprocessing import AuthenticationError, managers
 from multiprocessing import connection as mpc
+from typing import Any
 
-from . import __version__, logs, transport
-from .broker import Broker, receipts
-from .errors import ConfigError, ExitCode, QueuekitError, ServerShuttingDown
+from . import api, compat, logs, transport
+from .broker import Broker
+from .errors import QueuekitError
 from .loop import Loop, Session
-from .message import decode_payload, encode_payload
 from .settings import ServerSettings
 
 API_IDENT = transport.API_IDENT
-API_METHODS = (
-    "ping",
-    "put_many",
-    "get_many",
-    "ack_many",
-    "nack_many",
-    "extend_many",
-    "release_many",
-    "dead_list",
-    "dead_requeue",
-    "dead_purge",
-    "stats",
-    "qsize",
-)
-COMPAT_METHODS = ("put", "put_nowait", "get", "get_nowait", "qsize", "empty", "full", "task_done")
-MAX_SERVER_WAIT = 60.0  # one get_many call waits at most this long (the client library loops)
-COMPAT_LEASE = 60.0
-REAPER_INTERVAL = 0.2
 
 _log = logs.get("server")
 
 
-class Status:
-    """What the health endpoints report."""
-
-    def __init__(self, journal):
-        self.started = time.monotonic()
-        self.journal = journal
-        self.durable = journal.durable
-        self.serving = False
-
-    @property
-    def ready(self) -> bool:
-        """Listening, state loaded, and the journal (if any) still commits."""
-        return self.serving and self.journal.healthy
-
-
-class QueueAPI:
-    """The calls a queuekit client makes (``queuekit.client``). Arguments are validated by the broker.
-
-    Called on the loop thread; ``get_many`` may park and a durable ``put_many`` is answered after
-    the loop's group commit."""
-
-    def __init__(self, broker: Broker, server: QueuekitServer):
-        self._broker = broker
-        self._server = server
-        self._loop = server.loop
-
-    def ping(self) -> dict:
-        return {
-            "server": "queuekit",
-            "version": __version__,
-            "durable": self._server.status.durable,
-            "max_task_bytes": self._broker.max_task_bytes,
-        }
-
-    def put_many(self, queue, texts, delay=0.0):
-        broker = self._broker
-        put = broker.begin_put(queue, texts, delay)
-        if not put.seq:  # memory mode: visible already
-            return broker.finish_put(put)
-
-        def finish(error: BaseException | None) -> list[int]:
-            if error is not None:
-                raise error
-            return broker.finish_put(put)
-
-        return self._loop.after_commit(self._loop.current, put.seq, finish)
-
-    def get_many(self, queue, max_n=1, timeout=0.0, lease=None, acks=None):
-        if type(timeout) in (int, float) and timeout > MAX_SERVER_WAIT:
-            timeout = MAX_SERVER_WAIT  # the client library loops for longer waits
-        loop = self._loop
-        session = loop.current
-        result = self._broker.get_or_wait(queue, max_n, timeout, lease, acks, session.deliver)
-        if type(result) is list:
-            return self._answer(session, queue, result)
-        return loop.park(session, result, timeout, lambda items: self._answer(session, queue, items))
-
-    def _answer(self, session: Session, queue: str, items: list) -> list:
-        if items:
-            broker = self._broker
-
-            def release_unsent(sent: bool) -> None:
-                if not sent:  # the client never got them: ready again at once, no attempt charged
-                    broker.release_many(queue, receipts(items))
-
-            session.hook = release_unsent
-        return items
-
-    def ack_many(self, queue, ids):
-        return self._broker.ack_many(queue, ids)
-
-    def nack_many(self, queue, items):
-        return self._broker.nack_many(queue, items)
-
-    def extend_many(self, queue, receipts, lease=None):
-        return self._broker.extend_many(queue, receipts, lease)
-
-    def release_many(self, queue, receipts):
-        return self._broker.release_many(queue, receipts)
-
-    def dead_list(self, queue, limit=100):
-        return self._broker.dead_list(queue, limit)
-
-    def dead_requeue(self, queue, ids=None):
-        return self._broker.dead_requeue(queue, ids)
-
-    def dead_purge(self, queue, ids=None):
-        return self._broker.dead_purge(queue, ids)
-
-    def stats(self):
-        return self._server.stats()
-
-    def qsize(self, queue):
-        return self._broker.qsize(queue)
-
-
-class CompatQueue:
-    """A ``queue.Queue`` look-alike over one named queue, for stock ``BaseManager`` clients.
-
-    At-most-once: a task taken with ``get`` is acknowledged as soon as the reply carrying it has
-    been written to the client's socket (if that write fails it is released, not lost). A blocking
-    ``get`` parks in the event loop like the queuekit API's (no thread, no time limit). Errors are
-    builtin exceptions (``queue.Empty``, ``ValueError``, ``ConnectionError``) because a stock client
-    cannot unpickle queuekit's own.
-    """
-
-    def __init__(self, broker: Broker, server: QueuekitServer, name: str):
-        self._broker = broker
-        self._server = server
-        self._name = name
-
-    def put(self, item, block=True, timeout=None):
-        broker = self._broker
-        try:
-            put = broker.begin_put(self._name, [encode_payload(item, broker.max_task_bytes)])
-        except ServerShuttingDown as e:
-            raise ConnectionError(str(e)) from None
-        except QueuekitError as e:
-            raise ValueError(f"queuekit: {e}") from None
-        if not put.seq:
-            return None
-
-        def finish(error: BaseException | None) -> None:
-            if error is not None:  # the journal failed: a server problem, not bad input
-                raise OSError(f"queuekit: {error}")
-            broker.finish_put(put)
-
-        loop = self._server.loop
-        return loop.after_commit(loop.current, put.seq, finish)
-
-    def put_nowait(self, item):
-        return self.put(item, block=False)
-
-    def get(self, block=True, timeout=None):
-        if not block:
-            wait = 0.0
-        elif timeout is None:
-            wait = None
-        elif type(timeout) not in (int, float) or not timeout >= 0:
-            raise ValueError("'timeout' must be a non-negative number")
-        else:
-            wait = float(timeout)
-        loop = self._server.loop
-        session = loop.current
-        result = self._broker.get_or_wait(
-            self._name, 1, float("inf") if wait is None else wait, COMPAT_LEASE, None, session.deliver
-        )
-        if type(result) is list:
-            return self._answer(session, result)
-        return loop.park(session, result, wait, lambda items: self._answer(session, items))
-
-    def _answer(self, session: Session, items: list):
-        if not items:
-            if self._server.stopping:
-                raise ConnectionError("queuekit server is shutting down")
-            raise stdqueue.Empty
-        task_id, delivery, _, text, _ = items[0]
-        name, broker = self._name, self._broker
-
-        def settle(sent: bool) -> None:
-            if sent:
-                broker.ack_many(name, [task_id])
-            else:
-                broker.release_many(name, [(task_id, delivery)])
-
-        session.hook = settle
-        return decode_payload(text)
-
-    def get_nowait(self):
-        return self.get(block=False)
-
-    def qsize(self):
-        return self._broker.qsize(self._name)
-
-    def empty(self):
-        return self.qsize() == 0
-
-    def full(self):
-        return False
-
-    def task_done(self):
-        """Accepted for compatibility; delivery already acknowledged the task."""
-
-
 class QueuekitServer(managers.Server):
+    """Serves ``broker`` on ``settings.bind``. ``info`` is what ``ping`` and ``stats`` report
+    (the application: ``durable`` and ``stats()``)."""
+
     public = ["create", "accept_connection", "get_methods", "incref", "decref", "dummy"]
 
-    def __init__(self, broker: Broker, settings: ServerSettings, status: Status):
+    def __init__(self, broker: Broker, settings: ServerSettings, info: Any):
         self.broker = broker
         self.settings = settings
-        self.status = status
         self.stopping = False
         self._conns: set[transport.Connection] = set()  # connections still in their handshake
         self._conns_lock = threading.Lock()
@@ -255,20 +52,20 @@ class QueuekitServer(managers.Server):
         self._accepter: threading.Thread | None = None
         self.loop = Loop(self.dispatch, _error_reply, broker)
         self._loop_thread: threading.Thread | None = None
-        compat = {}
+        queues: dict[str, compat.CompatQueue] = {}
 
-        def compat_queue(name: str) -> CompatQueue:
-            if name not in compat:
-                compat[name] = CompatQueue(broker, self, name)
-            return compat[name]
+        def compat_queue(name: str) -> compat.CompatQueue:
+            if name not in queues:
+                queues[name] = compat.CompatQueue(broker, self.loop, name, lambda: self.stopping)
+            return queues[name]
 
         registry = {
-            "get_task_queue": (lambda: compat_queue("tasks"), COMPAT_METHODS, None, managers.AutoProxy),
-            "get_result_queue": (lambda: compat_queue("results"), COMPAT_METHODS, None, managers.AutoProxy),
-            "get_queue": (compat_queue, COMPAT_METHODS, None, managers.AutoProxy),
+            "get_task_queue": (lambda: compat_queue("tasks"), compat.METHODS, None, managers.AutoProxy),
+            "get_result_queue": (lambda: compat_queue("results"), compat.METHODS, None, managers.AutoProxy),
+            "get_queue": (compat_queue, compat.METHODS, None, managers.AutoProxy),
         }
         super().__init__(registry, settings.bind.tuple(), settings.authkey.reveal(), transport.SERIALIZER)
-        self.id_to_obj[API_IDENT] = (QueueAPI(broker, self), set(API_METHODS), None)
+        self.id_to_obj[API_IDENT] = (api.QueueAPI(broker, self.loop, info), set(api.METHODS), None)
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -320,16 +117,6 @@ class QueuekitServer(managers.Server):
     def connection_count(self) -> int:
         return len(self._conns) + self.loop.session_count()
 
-    def stats(self) -> dict:
-        return {
-            "queues": self.broker.stats(),
-            "connections": self.connection_count(),
-            "durable": self.status.durable,
-            "journal_commits": self.status.journal.commits,
-            "ready": self.status.ready,
-            "uptime_seconds": round(time.monotonic() - self.status.started, 3),
-        }
-
     # -- per connection ---------------------------------------------------------------------
 
     def handle_request(self, conn: transport.Connection) -> None:
@@ -377,15 +164,16 @@ class QueuekitServer(managers.Server):
             if not served:
                 conn.close()
 
-    def dispatch(self, session: Session, request) -> object:
-        """Answer one request of a served connection (on the loop thread)."""
+    def dispatch(self, session: Session, request: Any) -> Any:
+        """Answer one request of a served connection (on the loop thread): the exposed methods
+        of the API and compat objects take the session first."""
         ident, methodname, args, kwds = request
         obj, exposed, _ = self.id_to_obj[ident]
         if methodname not in exposed:
             if methodname in ("__str__", "__repr__"):
                 return f"<queuekit {type(obj).__name__}>"
             raise AttributeError(f"method {methodname!r} is not exposed by {type(obj).__name__}")
-        return getattr(obj, methodname)(*args, **kwds)
+        return getattr(obj, methodname)(session, *args, **kwds)
 
     @staticmethod
     def _reply(conn: transport.Connection, msg: tuple) -> bool:
@@ -405,112 +193,3 @@ def _error_reply(e: Exception) -> tuple:
         return ("#ERROR", e)
     _log.error("internal_error", exc_info=e, error=repr(e)[:200])
     return ("#TRACEBACK", "".join(traceback.format_exception(e)))
-
-
-def _open_journal(settings: ServerSettings):
-    if not settings.data_dir:
-        from .journal import Journal
-
-        return Journal()
-    from .journal_sqlite import SqliteJournal
-
-    return SqliteJournal(settings.data_dir, sync=settings.sync)
-
-
-def run(settings: ServerSettings) -> int:
-    """Run the server until SIGTERM/SIGINT; return the exit code."""
-    stop = threading.Event()
-    signals = {"count": 0}
-
-    def on_signal(signum, frame):  # only set flags: the main loop does the work
-        signals["count"] += 1
-        if signals["count"] > 1:
-            os._exit(ExitCode.ERROR)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-
-    journal = _open_journal(settings)
-    status = Status(journal)
-    _log.info(
-        "server_starting",
-        version=__version__,
-        pid=os.getpid(),
-        bind=settings.bind,
-        http=settings.http or "off",
-        journal=journal.description,
-        sync=settings.sync if journal.durable else None,
-        max_attempts=settings.max_attempts,
-        max_task_bytes=settings.max_task_bytes,
-    )
-    if not journal.durable:
-        _log.warning(
-            "not_durable", detail="no --data-dir/QUEUEKIT_DATA_DIR: queued tasks are lost when the server stops"
-        )
-    broker = Broker(
-        journal=journal,
-        max_task_bytes=settings.max_task_bytes,
-        max_attempts=settings.max_attempts,
-        retry_base=settings.retry_base_seconds,
-        retry_max=settings.retry_max_seconds,
-        default_lease=settings.lease_seconds,
-    )
-
-    from . import http
-
-    web = None
-    if settings.http:
-        try:
-            web = http.serve(settings.http, status, lambda: server.stats() if server else None)
-        except OSError as e:
-            raise ConfigError(f"cannot listen for HTTP on {settings.http}: {e.strerror or e}") from None
-
-    server = None
-    started = time.monotonic()
-    counts = broker.recover()
-    if journal.durable:
-        _log.info(
-            "recovered",
-            tasks=sum(counts.values()),
-            seconds=round(time.monotonic() - started, 3),
-            **{f"queue.{name}": n for name, n in sorted(counts.items())},
-        )
-    try:
-        server = QueuekitServer(broker, settings, status)
-    except OSError as e:
-        raise ConfigError(f"cannot listen on {settings.bind}: {e.strerror or e}") from None
-    server.start()
-    reaper = threading.Thread(target=_reap, args=(broker, stop), name="reaper", daemon=True)
-    reaper.start()
-    status.serving = True
-    host, port = server.address[:2]
-    _log.info(
-        "server_ready",
-        bind=transport.format_peer((host, port)),
-        http=transport.format_peer(web.server_address[:2]) if web else "off",
-        durable=journal.durable,
-    )
-    while not stop.wait(0.5):
-        pass
-    t0 = time.monotonic()
-    _log.info("server_stopping", connections=server.connection_count())
-    status.serving = False
-    server.stop(settings.shutdown_grace_seconds)
-    saved = broker.save_leases()
-    journal.flush(timeout=2.0)
-    journal.close()
-    if web:
-        web.shutdown()
-    _log.info(
-        "server_stopped", seconds=round(time.monotonic() - t0, 3), leases_saved=saved if journal.durable else None
-    )
-    return ExitCode.OK
-
-
-def _reap(broker: Broker, stop: threading.Event) -> None:
-    while not stop.wait(REAPER_INTERVAL):
-        try:
-            broker.tick()
-        except Exception as e:  # never let housekeeping die silently
-            _log.error("reaper_failed", exc_info=e)

@@ -115,6 +115,13 @@ class Connection(mpc.Connection):
     def _poll(self, timeout):
         return bool(self._rbuf) or super()._poll(timeout)
 
+    def take_buffered(self) -> bytes:
+        """The bytes read from the socket but not yet consumed as a message (for whoever reads
+        the socket next: the server's loop takes over after the handshake thread)."""
+        data = bytes(self._rbuf)
+        self._rbuf.clear()
+        return data
+
     def recv(self):
         self._check_closed()
         self._check_readable()

@@ -12,8 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from queuekit.broker import Broker
-from queuekit.journal import MemoryJournal
+from queuekit.journal import DeleteOp, MemoryJournal, PutOp
 from queuekit.journal_sqlite import SqliteJournal
+from queuekit.message import NackItem
 from support.fakeclock import FakeClock
 
 
@@ -107,7 +108,7 @@ def test_leased_tasks_come_back_ready_with_attempts_kept(store):
     h.broker.put_many("q", ["1", "2", "3"])
     a, b, c = h.broker.get_many("q", 3)
     h.broker.ack_many("q", [a[0]])
-    h.broker.nack_many("q", [(b[0], b[1], 0, "failed once")])
+    h.broker.nack_many("q", [NackItem(b[0], b[1], 0, "failed once")])
     h.restart()
     again = {item[0]: item[2] for item in h.broker.get_many("q", 10)}
     assert again == {b[0]: 1, c[0]: 0}  # acked one gone; nacked kept its attempt; leased one is back
@@ -119,10 +120,10 @@ def test_dead_letters_and_delays_survive_restart(store):
     h.broker.put_many("q", ['"dead"', '"delayed"'])
     dead, delayed = h.broker.get_many("q", 2)
     for _ in range(3):
-        h.broker.nack_many("q", [(dead[0], dead[1], 0, "boom")])
+        h.broker.nack_many("q", [NackItem(dead[0], dead[1], 0, "boom")])
         got = h.broker.get_many("q", 1)
         dead = got[0] if got else dead
-    h.broker.nack_many("q", [(delayed[0], delayed[1], 60.0, "later")])
+    h.broker.nack_many("q", [NackItem(delayed[0], delayed[1], 60.0, "later")])
     h.restart()
     s = h.broker.stats()["q"]
     assert (s["dead"], s["delayed"], s["ready"]) == (1, 1, 0)
@@ -199,7 +200,7 @@ def run_ops(store, ops):
                 model.leased.pop(task_id)
                 model.live.pop(task_id)
             else:
-                assert b.nack_many("q", [(task_id, model.leased[task_id], None, "e")]) == 1
+                assert b.nack_many("q", [NackItem(task_id, model.leased[task_id], None, "e")]) == 1
                 model.fail(task_id)
         elif op == "expire":
             h.clock.advance(6)
@@ -274,11 +275,11 @@ def test_sqlite_journal_is_created_with_incremental_auto_vacuum(tmp_path):
 
 def test_sqlite_vacuum_gives_pages_back_while_running(tmp_path):
     journal = SqliteJournal(str(tmp_path / "d"), sync="normal")
-    journal.wait(journal.append([("put", "q", i, '"' + "x" * 3000 + '"', 0, 0.0, 0.0) for i in range(2000)]))
-    journal.wait(journal.append([("del", i) for i in range(2000)]))
+    journal.wait(journal.append([PutOp("q", 0, ['"' + "x" * 3000 + '"'] * 2000, 0.0, 0.0)]))
+    journal.wait(journal.append([DeleteOp(list(range(2000)))]))
     assert journal._db.execute("PRAGMA freelist_count").fetchone()[0] > 1000
     journal._next_vacuum = 0  # due now
-    journal.wait(journal.append([("del", -1)]))
+    journal.wait(journal.append([DeleteOp([-1])]))
     assert journal._db.execute("PRAGMA freelist_count").fetchone()[0] < 100
     journal.close()
 

@@ -1,0 +1,182 @@
+"""The server process: wires journal, broker, manager server, HTTP port and reaper together.
+
+:class:`ServerApp` has a two-phase life: :meth:`~ServerApp.start` opens the journal, starts the
+HTTP port (so ``/healthz`` answers during a long recovery while ``/readyz`` says 503), recovers
+the journal's tasks and starts serving; :meth:`~ServerApp.stop` stops accepting, answers waiting
+gets, gives calls in progress a grace period, saves the leases still held and closes the journal.
+:func:`run` is the ``queuekit server`` command: signal handlers only set a flag, the main thread
+does the work.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from http.server import ThreadingHTTPServer
+from typing import Any
+
+from . import __version__, http, logs, transport
+from .broker import Broker
+from .errors import ConfigError, ExitCode
+from .journal import Journal
+from .server import QueuekitServer
+from .settings import ServerSettings
+
+REAPER_INTERVAL = 0.2  # seconds between lease-expiry / retry-promotion passes
+
+_log = logs.get("server")
+
+
+def open_journal(settings: ServerSettings) -> Journal:
+    if not settings.data_dir:
+        return Journal()
+    from .journal_sqlite import SqliteJournal
+
+    return SqliteJournal(settings.data_dir, sync=settings.sync)
+
+
+class ServerApp:
+    """One queuekit server: ``start()``, then ``stop()`` (each once)."""
+
+    def __init__(self, settings: ServerSettings):
+        self.settings = settings
+        self.started = time.monotonic()
+        self.serving = False
+        self.journal: Journal | None = None
+        self.broker: Broker | None = None
+        self.server: QueuekitServer | None = None
+        self.web: ThreadingHTTPServer | None = None
+        self._stop_reaper = threading.Event()
+        self._reaper: threading.Thread | None = None
+
+    # -- what the HTTP port and the API report ----------------------------------------------
+
+    @property
+    def durable(self) -> bool:
+        return self.journal is not None and self.journal.durable
+
+    @property
+    def ready(self) -> bool:
+        """Serving, state loaded, and the journal (if any) still commits."""
+        return self.serving and self.journal is not None and self.journal.healthy
+
+    def stats(self) -> dict[str, Any] | None:
+        """``/stats``; None until the server serves (HTTP answers 503 then)."""
+        server, broker, journal = self.server, self.broker, self.journal
+        if server is None or broker is None or journal is None:
+            return None
+        return {
+            "queues": broker.stats(),
+            "connections": server.connection_count(),
+            "durable": journal.durable,
+            "journal_commits": journal.commits,
+            "ready": self.ready,
+            "uptime_seconds": round(time.monotonic() - self.started, 3),
+        }
+
+    # -- life cycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        settings = self.settings
+        journal = self.journal = open_journal(settings)
+        _log.info(
+            "server_starting",
+            version=__version__,
+            pid=os.getpid(),
+            bind=settings.bind,
+            http=settings.http or "off",
+            journal=journal.description,
+            sync=settings.sync if journal.durable else None,
+            max_attempts=settings.max_attempts,
+            max_task_bytes=settings.max_task_bytes,
+        )
+        if not journal.durable:
+            _log.warning(
+                "not_durable", detail="no --data-dir/QUEUEKIT_DATA_DIR: queued tasks are lost when the server stops"
+            )
+        broker = self.broker = Broker(
+            journal=journal,
+            max_task_bytes=settings.max_task_bytes,
+            max_attempts=settings.max_attempts,
+            retry_base=settings.retry_base_seconds,
+            retry_max=settings.retry_max_seconds,
+            default_lease=settings.lease_seconds,
+        )
+        if settings.http:
+            try:
+                self.web = http.serve(settings.http, self, self.stats)
+            except OSError as e:
+                raise ConfigError(f"cannot listen for HTTP on {settings.http}: {e.strerror or e}") from None
+        t0 = time.monotonic()
+        counts = broker.recover()
+        if journal.durable:
+            _log.info(
+                "recovered",
+                tasks=sum(counts.values()),
+                seconds=round(time.monotonic() - t0, 3),
+                **{f"queue.{name}": n for name, n in sorted(counts.items())},
+            )
+        try:
+            server = self.server = QueuekitServer(broker, settings, self)
+        except OSError as e:
+            raise ConfigError(f"cannot listen on {settings.bind}: {e.strerror or e}") from None
+        server.start()
+        self._reaper = threading.Thread(target=self._reap, name="reaper", daemon=True)
+        self._reaper.start()
+        self.serving = True
+        _log.info(
+            "server_ready",
+            bind=transport.format_peer(server.address[:2]),
+            http=transport.format_peer(self.web.server_address[:2]) if self.web else "off",
+            durable=journal.durable,
+        )
+
+    def stop(self) -> None:
+        server, broker, journal = self.server, self.broker, self.journal
+        t0 = time.monotonic()
+        _log.info("server_stopping", connections=server.connection_count() if server else 0)
+        self.serving = False
+        self._stop_reaper.set()  # no lease expires while the server drains
+        if server is not None:
+            server.stop(self.settings.shutdown_grace_seconds)
+        saved = broker.save_leases() if broker is not None else 0
+        if journal is not None:
+            journal.flush(timeout=2.0)
+            journal.close()
+        if self.web is not None:
+            self.web.shutdown()
+        _log.info(
+            "server_stopped", seconds=round(time.monotonic() - t0, 3), leases_saved=saved if self.durable else None
+        )
+
+    def _reap(self) -> None:
+        broker = self.broker
+        assert broker is not None
+        while not self._stop_reaper.wait(REAPER_INTERVAL):
+            try:
+                broker.tick()
+            except Exception as e:  # never let housekeeping die silently
+                _log.error("reaper_failed", exc_info=e)
+
+
+def run(settings: ServerSettings) -> int:
+    """``queuekit server``: serve until SIGTERM/SIGINT (a second one exits at once)."""
+    stop = threading.Event()
+    signals = {"count": 0}
+
+    def on_signal(signum: int, frame: Any) -> None:  # only set flags: the main thread does the work
+        signals["count"] += 1
+        if signals["count"] > 1:
+            os._exit(ExitCode.ERROR)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    app = ServerApp(settings)
+    app.start()
+    while not stop.wait(0.5):
+        pass
+    app.stop()
+    return ExitCode.OK
