@@ -87,7 +87,7 @@ class QueueAPI:
         lease = optional_lease(lease)
         acks = None if acks is None else task_ids(acks)
         result = self._broker.get_or_wait(queue, max_n, timeout, lease, acks, session.deliver)
-        if type(result) is list:
+        if isinstance(result, list):
             return self._answer(session, queue, result)
         return self._loop.park(session, result, timeout, lambda items: self._answer(session, queue, items))
 

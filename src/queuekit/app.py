@@ -128,7 +128,7 @@ class ServerApp:
         self.serving = True
         _log.info(
             "server_ready",
-            bind=transport.format_peer(server.address[:2]),
+            bind=transport.format_peer(server.address),
             http=transport.format_peer(self.web.server_address[:2]) if self.web else "off",
             durable=journal.durable,
         )

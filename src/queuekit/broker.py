@@ -543,7 +543,7 @@ class Broker:
     def _take(self, q: _Queue, max_n: int, deadline: float) -> list[WireDelivery]:
         ready = q.ready
         taken = []
-        out = []
+        out: list[WireDelivery] = []
         while ready and len(out) < max_n:
             task = ready.popleft()
             if task.state is not READY:

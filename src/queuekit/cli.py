@@ -9,10 +9,14 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from typing import TYPE_CHECKING
 
 from . import __version__, logs
 from .errors import ExitCode, QueuekitError
 from .settings import ClientSettings, ServerSettings, WorkerSettings
+
+if TYPE_CHECKING:  # the client is imported only by the commands that use it
+    from .client import Client
 
 _log = logs.get("cli")
 
@@ -121,7 +125,9 @@ def _env_log_level() -> str:
     return level if level in ("debug", "info", "warning", "error") else "info"
 
 
-def _client(flags: dict, name: str, settings: ClientSettings | None = None, connect_timeout: float | None = None):
+def _client(
+    flags: dict, name: str, settings: ClientSettings | None = None, connect_timeout: float | None = None
+) -> Client:
     from .client import Client
 
     s = settings or ClientSettings.load(flags)

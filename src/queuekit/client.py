@@ -21,7 +21,7 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from multiprocessing import AuthenticationError
 from typing import Any
 
@@ -106,7 +106,7 @@ class Client:
     def __enter__(self) -> Client:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     # -- calls ------------------------------------------------------------------------------
@@ -312,7 +312,7 @@ class Queue:
         return self.client.call("dead_purge", self.name, None if ids is None else list(ids))
 
 
-def _chunks(texts: list[str]):
+def _chunks(texts: list[str]) -> Iterator[list[str]]:
     chunk: list[str] = []
     size = 0
     for text in texts:
@@ -350,6 +350,7 @@ def connect(
     if authkey_file is not None:
         authkey = load_authkey(authkey_file)
         source = f"key file {authkey_file}"
+    assert authkey is not None
     client = Client(
         address,
         authkey,

@@ -71,7 +71,7 @@ class CompatQueue:
         result = self._broker.get_or_wait(
             self._name, 1, float("inf") if wait is None else wait, LEASE, None, session.deliver
         )
-        if type(result) is list:
+        if isinstance(result, list):
             return self._answer(session, result)
         return self._loop.park(session, result, wait, lambda items: self._answer(session, items))
 

@@ -12,6 +12,7 @@ import socket
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 from .settings import Address
 
@@ -71,14 +72,14 @@ def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def serve(address: Address, status, get_stats: Callable[[], dict | None]) -> ThreadingHTTPServer:
+def serve(address: Address, status: Any, get_stats: Callable[[], dict | None]) -> ThreadingHTTPServer:
     """Start the HTTP server in a daemon thread; ``status.ready`` and ``get_stats()`` feed it."""
 
     class Handler(BaseHTTPRequestHandler):
         server_version = "queuekit"
         sys_version = ""
 
-        def do_GET(self):  # noqa: N802 (http.server's naming)
+        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
             path = self.path.split("?", 1)[0]
             if path == "/healthz":
                 self._send(200, "text/plain", "ok\n")
@@ -105,7 +106,7 @@ def serve(address: Address, status, get_stats: Callable[[], dict | None]) -> Thr
             self.end_headers()
             self.wfile.write(data)
 
-        def log_message(self, format, *args):  # probes every few seconds: not worth a log line each
+        def log_message(self, format: str, *args: Any) -> None:  # probes every few seconds: not worth a log line each
             pass
 
     class Server(ThreadingHTTPServer):

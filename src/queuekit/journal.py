@@ -100,7 +100,11 @@ class Journal:
     durable = False
     description = "memory"
     commits = 0  # transactions written so far (a durable journal counts them)
-    healthy = True  # False once a commit failed: the server then reports not ready
+
+    @property
+    def healthy(self) -> bool:
+        """False once a commit failed: the server then reports not ready."""
+        return True
 
     def load(self) -> Recovered:
         return Recovered([], 0)
@@ -128,7 +132,7 @@ class MemoryJournal(Journal):
     durable = True
     description = "in-process (tests)"
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._rows: dict[int, StoredTask] = {}
         self._next_id = 0
         self._seq = 0
@@ -158,17 +162,17 @@ def apply_op(rows: dict[int, StoredTask], op: JournalOp) -> None:
         for row in op.rows():
             rows[row.id] = row
     elif type(op) is UpdateOp:
-        row = rows.get(op.id)
-        if row is not None:
-            rows[op.id] = row._replace(
+        updated = rows.get(op.id)
+        if updated is not None:
+            rows[op.id] = updated._replace(
                 attempts=op.attempts, not_before=op.not_before, dead=op.dead, last_error=op.last_error
             )
     elif type(op) is DeleteOp:
         for task_id in op.ids:
             rows.pop(task_id, None)
     elif type(op) is LeaseOp:
-        row = rows.get(op.id)
-        if row is not None:
-            rows[op.id] = row._replace(lease_delivery=op.delivery, lease_until=op.until)
+        leased = rows.get(op.id)
+        if leased is not None:
+            rows[op.id] = leased._replace(lease_delivery=op.delivery, lease_until=op.until)
     else:
         raise ValueError(f"unknown journal op {op!r}")

@@ -25,6 +25,7 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 
 from . import logs
 from .errors import DataDirError
@@ -85,7 +86,7 @@ class SqliteJournal(Journal):
             raise
         self._cond = threading.Condition()  # guards the pending ops and sequence numbers
         self._db_lock = threading.Lock()  # guards the connection
-        self._pending: list[tuple] = []
+        self._pending: list[JournalOp] = []
         self._seq = 0  # last sequence number handed out by append
         self._committed = 0
         self._committing = False  # a thread is running a commit (the leader)
@@ -264,7 +265,7 @@ class SqliteJournal(Journal):
             self._db.executescript("PRAGMA incremental_vacuum(4096);")
 
 
-def _chunks(rows: list, size: int):
+def _chunks(rows: list, size: int) -> Iterator[list]:
     for i in range(0, len(rows), size):
         yield rows[i : i + size]
 

@@ -12,6 +12,9 @@ import json
 import logging
 import sys
 import time
+from typing import Any, TextIO
+
+ExcInfo = BaseException | bool | None  # what logging accepts as exc_info here
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 _ROOT = "queuekit"
@@ -45,7 +48,7 @@ class _LineFormatter(logging.Formatter):
         return line
 
 
-def configure(level: str = "info", stream=None) -> None:
+def configure(level: str = "info", stream: TextIO | None = None) -> None:
     """Install the line formatter on the ``queuekit`` logger. Idempotent."""
     if level not in _LEVELS:
         raise ValueError(f"log level must be one of {', '.join(_LEVELS)}, not {level!r}")
@@ -66,20 +69,20 @@ class EventLog:
         self.component = component
         self._logger = logging.getLogger(f"{_ROOT}.{component}")
 
-    def _emit(self, levelno: int, level: str, event: str, fields: dict, exc_info=None) -> None:
+    def _emit(self, levelno: int, level: str, event: str, fields: dict, exc_info: ExcInfo = None) -> None:
         if self._logger.isEnabledFor(levelno):
             self._logger.log(levelno, "%s", format_event(level, self.component, event, fields), exc_info=exc_info)
 
-    def debug(self, event: str, **fields) -> None:
+    def debug(self, event: str, **fields: Any) -> None:
         self._emit(logging.DEBUG, "debug", event, fields)
 
-    def info(self, event: str, **fields) -> None:
+    def info(self, event: str, **fields: Any) -> None:
         self._emit(logging.INFO, "info", event, fields)
 
-    def warning(self, event: str, **fields) -> None:
+    def warning(self, event: str, **fields: Any) -> None:
         self._emit(logging.WARNING, "warning", event, fields)
 
-    def error(self, event: str, exc_info=None, **fields) -> None:
+    def error(self, event: str, exc_info: ExcInfo = None, **fields: Any) -> None:
         self._emit(logging.ERROR, "error", event, fields, exc_info=exc_info)
 
 

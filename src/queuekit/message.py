@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import json.encoder as _json_encoder
 import re
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from .errors import InvalidRequest, PayloadError, PayloadTooLarge
@@ -30,13 +31,17 @@ def _refuse(value: Any) -> Any:
 # The C encoder json.dumps builds on every call, built once: compact, no NaN, no ASCII escaping.
 # No circular-reference markers: _check_tree has already walked every container (its depth
 # limit catches cycles) before anything reaches the encoder.
-if _json_encoder.c_make_encoder is not None:
-    _encode_chunks = _json_encoder.c_make_encoder(
+_c_make_encoder = getattr(_json_encoder, "c_make_encoder", None)  # private, untyped: the C accelerator
+_encode: Callable[[Any], str]
+if _c_make_encoder is not None:
+    _encode_chunks = _c_make_encoder(
         None, _refuse, _json_encoder.encode_basestring, None, ":", ",", False, False, False
     )
 
-    def _encode(value: Any) -> str:
+    def _encode_c(value: Any) -> str:
         return "".join(_encode_chunks(value, 0))
+
+    _encode = _encode_c
 else:  # pragma: no cover - CPython always has the C accelerator
     _encode = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
 QUEUE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
@@ -97,7 +102,7 @@ def validate_texts(texts: Any, max_bytes: int) -> list[str]:
     """Server side: every item must be a JSON text within the size limit. Returns them as a list."""
     if type(texts) not in (list, tuple):
         raise InvalidRequest(f"payloads must be a list of JSON texts, got {type(texts).__name__}")
-    scan = _DECODER.scan_once
+    scan = _DECODER.scan_once  # type: ignore[attr-defined]  # the C scanner, untyped in typeshed
     for index, text in enumerate(texts):
         if type(text) is not str:
             raise PayloadError(f"payload {index} must be JSON text (str), got {type(text).__name__}")

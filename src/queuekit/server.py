@@ -59,13 +59,17 @@ class QueuekitServer(managers.Server):
                 queues[name] = compat.CompatQueue(broker, self.loop, name, lambda: self.stopping)
             return queues[name]
 
+        proxy = managers.AutoProxy  # type: ignore[attr-defined]
         registry = {
-            "get_task_queue": (lambda: compat_queue("tasks"), compat.METHODS, None, managers.AutoProxy),
-            "get_result_queue": (lambda: compat_queue("results"), compat.METHODS, None, managers.AutoProxy),
-            "get_queue": (compat_queue, compat.METHODS, None, managers.AutoProxy),
+            "get_task_queue": (lambda: compat_queue("tasks"), compat.METHODS, None, proxy),
+            "get_result_queue": (lambda: compat_queue("results"), compat.METHODS, None, proxy),
+            "get_queue": (compat_queue, compat.METHODS, None, proxy),
         }
-        super().__init__(registry, settings.bind.tuple(), settings.authkey.reveal(), transport.SERIALIZER)
-        self.id_to_obj[API_IDENT] = (api.QueueAPI(broker, self.loop, info), set(api.METHODS), None)
+        # typeshed types the registry and id_to_obj more narrowly than the standard library uses them.
+        address, authkey = settings.bind.tuple(), settings.authkey.reveal()
+        super().__init__(registry, address, authkey, transport.SERIALIZER)  # type: ignore[arg-type]
+        api_object = api.QueueAPI(broker, self.loop, info)
+        self.id_to_obj[API_IDENT] = (api_object, set(api.METHODS), None)  # type: ignore[assignment]
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -81,7 +85,7 @@ class QueuekitServer(managers.Server):
         self._stopped.set()
         if self._accepter is not None:
             self._accepter.join(timeout=2)
-        self.listener.close()
+        self.listener.close()  # type: ignore[attr-defined]
         self.broker.close()  # parked gets are answered with nothing, new puts are refused
         self.loop.stop(grace)
         self.loop.wait_stopped(grace + 2.0)
@@ -93,7 +97,7 @@ class QueuekitServer(managers.Server):
     def accepter(self) -> None:
         while not self._stopped.is_set():
             try:
-                conn = self.listener.accept()
+                conn = self.listener.accept()  # type: ignore[attr-defined]
             except TimeoutError:
                 continue
             except OSError as e:
@@ -119,15 +123,15 @@ class QueuekitServer(managers.Server):
 
     # -- per connection ---------------------------------------------------------------------
 
-    def handle_request(self, conn: transport.Connection) -> None:
+    def handle_request(self, conn: transport.Connection) -> None:  # type: ignore[override]
         """Authenticate a new connection and answer its first request (the manager's protocol);
         after ``accept_connection`` the connection is served by the loop."""
         served = False
         try:
             try:
                 conn.set_recv_timeout(transport.HANDSHAKE_TIMEOUT)
-                mpc.deliver_challenge(conn, self.authkey)
-                mpc.answer_challenge(conn, self.authkey)
+                mpc.deliver_challenge(conn, self.authkey)  # type: ignore[attr-defined]
+                mpc.answer_challenge(conn, self.authkey)  # type: ignore[attr-defined]
             except AuthenticationError as e:
                 _log.warning("auth_failed", peer=conn.peer, reason=str(e))
                 return

@@ -45,7 +45,7 @@ class Secret:
     def __hash__(self) -> int:
         return hash(self._value)
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple:
         raise TypeError("a Secret is not picklable: it must not leave the process")
 
 

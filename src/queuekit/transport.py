@@ -104,6 +104,7 @@ class Connection(mpc.Connection):
         if bounds is None:
             self._fill(12)
             bounds = frame_bounds(self._rbuf)
+        assert bounds is not None  # 12 bytes always hold a header
         start, size = bounds
         if maxsize is not None and size > maxsize:
             return None
@@ -113,7 +114,7 @@ class Connection(mpc.Connection):
         return data
 
     def _poll(self, timeout):
-        return bool(self._rbuf) or super()._poll(timeout)
+        return bool(self._rbuf) or super()._poll(timeout)  # type: ignore[misc]
 
     def take_buffered(self) -> bytes:
         """The bytes read from the socket but not yet consumed as a message (for whoever reads
@@ -123,8 +124,8 @@ class Connection(mpc.Connection):
         return data
 
     def recv(self):
-        self._check_closed()
-        self._check_readable()
+        self._check_closed()  # type: ignore[attr-defined]
+        self._check_readable()  # type: ignore[attr-defined]
         data = self._recv_frame(self.max_message_bytes)
         if data is None:
             raise MessageTooLarge(f"message from {self.peer} exceeds {self.max_message_bytes} bytes")
@@ -134,9 +135,9 @@ class Connection(mpc.Connection):
         # Plain pickle.dumps writes the same bytes as ForkingPickler for the plain data queuekit
         # sends (ForkingPickler only adds reducers for sockets, fds and the like), without a
         # BytesIO and a pickler object per message.
-        self._check_closed()
-        self._check_writable()
-        self._send_bytes(_dumps(obj, pickle.DEFAULT_PROTOCOL))
+        self._check_closed()  # type: ignore[attr-defined]
+        self._check_writable()  # type: ignore[attr-defined]
+        self._send_bytes(_dumps(obj, pickle.DEFAULT_PROTOCOL))  # type: ignore[attr-defined]
 
     def set_recv_timeout(self, seconds: float | None) -> None:
         """Make blocking reads fail with ``BlockingIOError`` after ``seconds`` (None: wait forever)."""
@@ -277,4 +278,4 @@ def Client(
 
 # Register the pair under its own serializer name: BaseManager(serializer="queuekit") and the
 # server both look it up here.
-managers.listener_client[SERIALIZER] = (Listener, Client)
+managers.listener_client[SERIALIZER] = (Listener, Client)  # type: ignore[attr-defined]

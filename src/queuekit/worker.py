@@ -98,7 +98,7 @@ class Worker:
     # -- life cycle -------------------------------------------------------------------------
 
     def install_signal_handlers(self) -> None:
-        def on_signal(signum, frame):
+        def on_signal(signum: int, frame: object) -> None:
             self._signals += 1
             if self._signals > 1:
                 os._exit(ExitCode.ERROR)  # second signal: no drain
