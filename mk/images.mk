@@ -1,6 +1,7 @@
 # Container images and the Docker Compose stack (included by the top-level Makefile).
 #
 #   make up [CONSUMERS=3]   secrets + base image + images, then the single-host stack, detached
+#                           (installs the pinned Docker Compose v2 plugin first if it is missing)
 #   make logs | ps | stats  follow the logs / list containers / queue counts from the server
 #   make down               stop and remove the stack (the server's data volume is kept)
 #   make clean              as down, and remove the data volume too
@@ -11,6 +12,8 @@
 #
 # Settings: make VAR=... > environment > .env (KEY=value lines, as `cp .env.example .env` makes)
 # > defaults. Compose gets the same .env through --env-file (it would otherwise look in compose/).
+# Every target that runs Compose depends on compose-plugin (Makefile): on a Docker without
+# `docker compose` it installs the pinned plugin, as `make test` does.
 
 # A fragment must not pick the default goal for the top-level Makefile: remember it (restored
 # at the end of this file).
@@ -51,6 +54,7 @@ IMAGE_ENV = BASE_IMAGE="$$(cat $(BASE_IMAGE_STAMP))" QUEUEKIT_IMAGE_TAG='$(QUEUE
 .PHONY: base-image images secrets up down clean logs ps stats lint-docker
 
 base-image:
+	@$(call need,docker,$(HOW_DOCKER))
 	@mkdir -p $(dir $(BASE_IMAGE_STAMP)); \
 	want='$(BASE_IMAGE)'; \
 	if docker image inspect "$$want" >/dev/null 2>&1; then \
@@ -73,14 +77,15 @@ base-image:
 
 # Built through Compose so that the build definitions live in one place (compose/compose.yaml);
 # Compose builds with BuildKit through the engine API, no buildx plugin needed.
-images: base-image
+images: compose-plugin base-image
 	@echo "images: building queuekit-{server,consumer,producer}:$(QUEUEKIT_IMAGE_TAG) FROM $$(cat $(BASE_IMAGE_STAMP))"
 	@$(IMAGE_ENV) $(STACK) build
 
 secrets:
+	@$(call need,$(SYSTEM_PYTHON),$(HOW_PYTHON))
 	@install -d -m 0700 secrets
 	@if [ ! -s secrets/queuekit_authkey ]; then \
-	  umask 077; PYTHONPATH=src python3 -m queuekit keygen > secrets/queuekit_authkey.tmp \
+	  umask 077; PYTHONPATH=src $(SYSTEM_PYTHON) -m queuekit keygen > secrets/queuekit_authkey.tmp \
 	    && [ -s secrets/queuekit_authkey.tmp ] \
 	    && mv secrets/queuekit_authkey.tmp secrets/queuekit_authkey \
 	    && echo "secrets: created secrets/queuekit_authkey" \
@@ -89,31 +94,31 @@ secrets:
 	@# 0644 so that uid 10001 can read the bind-mounted secret; the 0700 dir keeps host users out.
 	@chmod 0644 secrets/queuekit_authkey
 
-up: secrets images
+up: compose-plugin secrets images
 	@echo "up: starting the server, $(CONSUMERS) consumers and the demo producer"
 	@$(IMAGE_ENV) $(STACK) up -d --scale consumer=$(CONSUMERS)
 	@$(STACK) ps
 	@echo "queuekit is up: 'make logs' to follow, 'make stats' for queue counts, 'make down' to stop."
 
-down:
+down: compose-plugin
 	$(STACK) down --remove-orphans
 
-clean:
+clean: compose-plugin
 	$(STACK) down --remove-orphans --volumes
 
-logs:
+logs: compose-plugin
 	$(STACK) logs -f
 
-ps:
+ps: compose-plugin
 	$(STACK) ps -a
 
-stats:
+stats: compose-plugin
 	$(STACK) exec -T server python3 -m queuekit stats
 
 # Compose files are checked with the defaults only (not the local .env), plus the variables the
 # multi-host files require.
-lint-docker:
-	@command -v $(HADOLINT) >/dev/null || { echo "error: hadolint not found: pip install -r requirements/lint.txt" >&2; exit 1; }
+lint-docker: compose-plugin
+	@$(call need,$(HADOLINT),pip install -r requirements/lint.txt (make lint installs it into $(VENV)))
 	$(HADOLINT) images/Dockerfile
 	@set -e; for f in $(COMPOSE_FILES); do \
 	  echo "docker compose config -q $$f"; \

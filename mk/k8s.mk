@@ -7,6 +7,9 @@
 #   make k8s-test            pytest -m k8s tests/k8s (render, schemas, policy, checkov)
 #   make k8s-kind-load       kind load docker-image queuekit-*:$(K8S_IMAGE_TAG) (KIND_CLUSTER=...)
 #   make k8s-minikube-load   minikube image load queuekit-*:$(K8S_IMAGE_TAG)
+#
+# k8s-deps and k8s-checkov install only when their pin file changed (stamp files), and only for
+# the targets that need them (make test, make k8s-test), never for make lint / make test-fast.
 
 k8s_mk_default_goal := $(.DEFAULT_GOAL)
 
@@ -19,16 +22,18 @@ KIND_CLUSTER ?= kind
 KUBECTL ?= kubectl
 K8S_CHECKOV_VENV := .cache/checkov-venv
 K8S_KEDA_MODELS := .cache/keda-models
+HOW_KUBECTL := install kubectl (https://kubernetes.io/docs/tasks/tools/) or set KUBECTL=/path/to/kubectl
 
 .PHONY: k8s-key k8s-render k8s-deps k8s-checkov k8s-test k8s-kind-load k8s-minikube-load
 
 # Written under umask 077 to a temporary name, then renamed: never a partial or readable key.
 k8s-key:
+	@$(call need,$(SYSTEM_PYTHON),$(HOW_PYTHON))
 	@if [ -e '$(K8S_KEY_FILE)' ]; then \
 	  echo "$(K8S_KEY_FILE) exists; left as it is (delete it to make a new key)"; \
 	else \
 	  umask 077 && tmp='$(K8S_KEY_FILE).tmp.'$$$$ && \
-	  PYTHONPATH=src $(K8S_PYTHON) -m queuekit keygen > "$$tmp" && \
+	  PYTHONPATH=src $(SYSTEM_PYTHON) -m queuekit keygen > "$$tmp" && \
 	  [ "$$(wc -c < "$$tmp")" -ge 33 ] && chmod 600 "$$tmp" && mv "$$tmp" '$(K8S_KEY_FILE)' \
 	  && echo "created $(K8S_KEY_FILE) (mode 0600, gitignored)" \
 	  || { rm -f "$$tmp"; echo "k8s-key: could not create $(K8S_KEY_FILE)" >&2; exit 1; }; \
@@ -36,26 +41,42 @@ k8s-key:
 
 # The output contains the Secret (the key, base64-encoded): do not paste it anywhere.
 k8s-render:
+	@$(call need,$(KUBECTL),$(HOW_KUBECTL))
 	@$(KUBECTL) kustomize k8s/overlays/$(K8S_OVERLAY) || { \
 	  echo "k8s-render: failed; if it names $(K8S_KEY_FILE), run 'make k8s-key' first" >&2; exit 1; }
 
-k8s-deps:
-	$(K8S_PYTHON) -m pip install -r requirements/k8s.txt
-	$(K8S_PYTHON) -m pip install --no-deps --target $(K8S_KEDA_MODELS) -r requirements/keda-models.txt
+# Installed on top of the test tools ($(VENV), made by the top-level Makefile).
+k8s-deps: $(VENV)/.k8s-tools $(K8S_KEDA_MODELS)/.complete
 
-k8s-checkov:
+$(VENV)/.k8s-tools: requirements/k8s.txt $(VENV)/.test-tools
+	$(K8S_PYTHON) -m pip install -q -r requirements/k8s.txt
+	@touch $@
+
+# Into a side directory (see requirements/keda-models.txt), replaced as a whole.
+$(K8S_KEDA_MODELS)/.complete: requirements/keda-models.txt | $(PYTHON)
+	@rm -rf $(K8S_KEDA_MODELS)
+	$(K8S_PYTHON) -m pip install -q --no-deps --target $(K8S_KEDA_MODELS) -r requirements/keda-models.txt
+	@touch $@
+
+k8s-checkov: $(K8S_CHECKOV_VENV)/.complete
+
+$(K8S_CHECKOV_VENV)/.complete: requirements/checkov.txt | $(PYTHON)
 	@[ -x $(K8S_CHECKOV_VENV)/bin/python ] || $(K8S_PYTHON) -m venv $(K8S_CHECKOV_VENV)
-	$(K8S_CHECKOV_VENV)/bin/python -m pip install -r requirements/checkov.txt
+	$(K8S_CHECKOV_VENV)/bin/python -m pip install -q -r requirements/checkov.txt
+	@touch $@
 
-k8s-test:
+k8s-test: k8s-deps k8s-checkov
+	@$(call need,$(KUBECTL),$(HOW_KUBECTL))
 	$(K8S_PYTHON) -m pytest -m k8s tests/k8s
 
 k8s-kind-load:
+	@$(call need,kind,install kind: https://kind.sigs.k8s.io/docs/user/quick-start/#installation)
 	@for image in $(K8S_IMAGES); do \
 	  kind load docker-image --name '$(KIND_CLUSTER)' "$$image:$(K8S_IMAGE_TAG)" || exit 1; \
 	done
 
 k8s-minikube-load:
+	@$(call need,minikube,install minikube: https://minikube.sigs.k8s.io/docs/start/)
 	@for image in $(K8S_IMAGES); do \
 	  minikube image load "$$image:$(K8S_IMAGE_TAG)" || exit 1; \
 	done
