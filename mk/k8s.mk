@@ -1,7 +1,7 @@
 # Kubernetes manifests (k8s/) and their static tests (included by the top-level Makefile).
 #
 #   make k8s-key             create k8s/base/authkey (mode 0600) if absent; never overwrites
-#   make k8s-render          print the rendered overlay (K8S_OVERLAY=dev|dev-existing-secret|keda)
+#   make k8s-render          print the rendered overlay (K8S_OVERLAY=dev|dev-existing-secret|dev-keda)
 #   make k8s-deps            pip install the test tools (requirements/k8s.txt + KEDA models)
 #   make k8s-checkov         checkov in its own virtualenv, .cache/checkov-venv
 #   make k8s-test            pytest -m k8s tests/k8s (render, schemas, policy, checkov)

@@ -29,12 +29,12 @@ KUSTOMIZATIONS = {
     "base": "base",
     "dev": "overlays/dev",
     "dev-existing-secret": "overlays/dev-existing-secret",
-    "keda": "overlays/keda",
+    "dev-keda": "overlays/dev-keda",  # overlays/dev + components/keda
 }
 # The kustomizations that generate the Secret from k8s/base/authkey.
-NEEDS_KEY = ("base", "dev", "keda")
+NEEDS_KEY = ("base", "dev", "dev-keda")
 # The ones a user deploys (an overlay picks the namespace); the base is for building on.
-DEPLOYABLE = ("dev", "dev-existing-secret", "keda")
+DEPLOYABLE = ("dev", "dev-existing-secret", "dev-keda")
 DEV_NAMESPACE = "queuekit-dev"
 
 WORKLOAD_KINDS = ("Deployment", "StatefulSet", "Job", "DaemonSet", "ReplicaSet", "CronJob", "Pod")

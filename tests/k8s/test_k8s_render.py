@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import re
+from pathlib import Path
 
 import k8slib
 import pytest
@@ -32,7 +33,7 @@ EXPECTED = {
     "base": BASE_OBJECTS | {SECRET},
     "dev": BASE_OBJECTS | {SECRET, ("Namespace", "queuekit-dev")},
     "dev-existing-secret": BASE_OBJECTS | {("Namespace", "queuekit-dev")},
-    "keda": BASE_OBJECTS
+    "dev-keda": BASE_OBJECTS
     | {
         SECRET,
         ("Namespace", "queuekit-dev"),
@@ -133,6 +134,53 @@ def test_overlays_put_everything_in_one_namespace(renders, name):
 
 def test_base_is_namespace_agnostic(renders):
     assert [d["metadata"]["name"] for d in renders.docs["base"] if "namespace" in d["metadata"]] == []
+
+
+KEDA_OBJECTS = {("ScaledObject", "queuekit-consumer"), ("NetworkPolicy", "queuekit-server-from-keda")}
+
+
+def _overlay(tree, name: str, *, components: list[str], namespace: str | None = None) -> Path:
+    """A throwaway kustomization in the copied tree: base + components (+ a namespace component
+    listed first, the way components/dev sets its namespace)."""
+    comps = list(components)
+    if namespace:
+        ns_dir = tree / "components" / f"ns-{namespace}"
+        ns_dir.mkdir()
+        (ns_dir / "kustomization.yaml").write_text(
+            f"apiVersion: kustomize.config.k8s.io/v1alpha1\nkind: Component\nnamespace: {namespace}\n"
+        )
+        comps.insert(0, f"../../components/ns-{namespace}")
+    overlay = tree / "overlays" / name
+    overlay.mkdir()
+    lines = ["apiVersion: kustomize.config.k8s.io/v1beta1", "kind: Kustomization", "resources: [../../base]"]
+    lines.append("components: [" + ", ".join(comps) + "]")
+    (overlay / "kustomization.yaml").write_text("\n".join(lines) + "\n")
+    return overlay
+
+
+def test_keda_component_follows_any_namespace(kubectl, tmp_path):
+    """components/keda is not tied to queuekit-dev: on another namespace its objects and the
+    scaler's URL name that namespace, and the consumer has no replica count."""
+    tree = k8slib.copy_k8s_tree(tmp_path, k8slib.throwaway_key())
+    overlay = _overlay(tree, "team-keda", components=["../../components/keda"], namespace="team-a")
+    result = k8slib.kustomize(kubectl, overlay)
+    assert result.returncode == 0, result.stderr
+    docs = k8slib.load_docs(result.stdout)
+    assert set(_kind_names(docs)) == BASE_OBJECTS | {SECRET} | KEDA_OBJECTS
+    assert {d["metadata"].get("namespace") for d in docs} == {"team-a"}
+    so = one(docs, "ScaledObject", "queuekit-consumer")
+    assert so["spec"]["triggers"][0]["metadata"]["url"] == "http://queuekit-server.team-a.svc:8080/stats"
+    assert "replicas" not in one(docs, "Deployment", "queuekit-consumer")["spec"]
+
+
+def test_keda_component_without_a_namespace_fails_loudly(kubectl, tmp_path):
+    """No namespace set before the component: the scaler's URL cannot name one, so no output."""
+    tree = k8slib.copy_k8s_tree(tmp_path, k8slib.throwaway_key())
+    overlay = _overlay(tree, "keda-no-namespace", components=["../../components/keda"])
+    result = k8slib.kustomize(kubectl, overlay)
+    assert result.returncode != 0, "rendered without a namespace:\n" + result.stdout[:2000]
+    assert result.stdout.strip() == ""
+    assert "metadata.namespace" in result.stderr, result.stderr
 
 
 @pytest.mark.parametrize("name", list(KUSTOMIZATIONS))

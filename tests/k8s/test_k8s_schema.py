@@ -74,7 +74,7 @@ def test_core_objects_validate_strictly(renders, kv, name, version):
 
 
 def test_scaledobject_validates_against_keda_crd_schema(renders, keda_validator):
-    (so,) = [d for d in renders.docs["keda"] if (d["apiVersion"], d["kind"]) in CRD_KINDS]
+    (so,) = [d for d in renders.docs["dev-keda"] if (d["apiVersion"], d["kind"]) in CRD_KINDS]
     assert _keda_errors(keda_validator, so) == []
 
 
@@ -131,7 +131,7 @@ def test_unknown_kind_is_an_error_not_a_warning(kv):
     ],
 )
 def test_keda_schema_rejects_bad_scaledobjects(renders, keda_validator, mutate, fragment):
-    so = copy.deepcopy(one(renders.docs["keda"], "ScaledObject", "queuekit-consumer"))
+    so = copy.deepcopy(one(renders.docs["dev-keda"], "ScaledObject", "queuekit-consumer"))
     mutate(so)
     errors = _keda_errors(keda_validator, so)
     assert errors and any(fragment in e for e in errors), errors

@@ -311,7 +311,7 @@ def test_consumer_drains_within_its_grace_period(renders, name):
 def test_consumer_replicas_and_disruption_budget(renders, name):
     docs = renders.docs[name]
     deployment = one(docs, "Deployment", "queuekit-consumer")
-    if name == "keda":
+    if name == "dev-keda":
         assert "replicas" not in deployment["spec"], "KEDA owns the replica count"
     else:
         assert deployment["spec"]["replicas"] == 2
@@ -349,7 +349,7 @@ def _pod_labels(docs, component):
     return pod_template(_workload(docs, component))["metadata"]["labels"]
 
 
-@pytest.mark.parametrize("name", ["dev", "dev-existing-secret", "keda", "base"])
+@pytest.mark.parametrize("name", ["dev", "dev-existing-secret", "dev-keda", "base"])
 def test_network_policy_reachability(renders, name):
     docs = renders.docs[name]
     policies = objects(docs, "NetworkPolicy")
@@ -379,7 +379,7 @@ def test_network_policy_reachability(renders, name):
     assert not can(prometheus, http, src_ns="elsewhere", src_ns_labels=other_ns)
     keda_ns = {"kubernetes.io/metadata.name": "keda"}
     keda_pod = {"app": "keda-operator"}
-    assert can(keda_pod, http, src_ns="keda", src_ns_labels=keda_ns) == (name == "keda")
+    assert can(keda_pod, http, src_ns="keda", src_ns_labels=keda_ns) == (name == "dev-keda")
     assert not can(keda_pod, manager, src_ns="keda", src_ns_labels=keda_ns)
     # producers and consumers accept nothing
     assert not can(prometheus, http, dst=consumer) and not can(server, manager, dst=producer)
@@ -407,7 +407,7 @@ def test_network_policy_helper_is_not_vacuous():
 
 
 def test_keda_scaledobject_matches_the_deployment_and_the_server(renders):
-    docs = renders.docs["keda"]
+    docs = renders.docs["dev-keda"]
     so = one(docs, "ScaledObject", "queuekit-consumer")
     spec = so["spec"]
     target = spec["scaleTargetRef"]
