@@ -14,7 +14,6 @@ import os
 import signal
 import threading
 import time
-from http.server import ThreadingHTTPServer
 from typing import Any
 
 from . import __version__, http, logs, transport
@@ -47,7 +46,7 @@ class ServerApp:
         self.journal: Journal | None = None
         self.broker: Broker | None = None
         self.server: QueuekitServer | None = None
-        self.web: ThreadingHTTPServer | None = None
+        self.web: http.HTTPPort | None = None
         self._stop_reaper = threading.Event()
         self._reaper: threading.Thread | None = None
 
@@ -106,7 +105,9 @@ class ServerApp:
         )
         if settings.http:
             try:
-                self.web = http.serve(settings.http, self, self.stats)
+                self.web = http.serve(
+                    settings.http, self, self.stats, token=settings.http_token, max_queues=settings.http_max_queues
+                )
             except OSError as e:
                 raise ConfigError(f"cannot listen for HTTP on {settings.http}: {e.strerror or e}") from None
         t0 = time.monotonic()

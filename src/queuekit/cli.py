@@ -51,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--http", metavar="HOST:PORT|off", help="health/metrics port (env QUEUEKIT_HTTP, default 0.0.0.0:8080)"
     )
     p.add_argument("--authkey-file", metavar="PATH", help="env QUEUEKIT_AUTHKEY_FILE")
+    p.add_argument(
+        "--http-token-file",
+        metavar="PATH",
+        help="bearer token required for /metrics and /stats (env QUEUEKIT_HTTP_TOKEN_FILE, default none)",
+    )
     p.add_argument("--data-dir", metavar="DIR", help="journal directory; unset = memory only (env QUEUEKIT_DATA_DIR)")
     p.add_argument("--sync", choices=("full", "normal"), help="journal fsync mode (env QUEUEKIT_SYNC, default full)")
     p.add_argument("--max-task-bytes", type=int, metavar="N", help="env QUEUEKIT_MAX_TASK_BYTES (default 1048576)")

@@ -3,18 +3,49 @@
 Counts only, never payloads. ``/stats`` is shaped for KEDA's ``metrics-api`` scaler:
 ``valueLocation: queues.<name>.ready``. Counters count since the server process started (they
 do not continue from the journal after a restart; Prometheus' ``rate()`` handles the reset).
+
+Bounded on purpose, because anything that can reach the port can open connections:
+
+- one request per connection, and one deadline per connection (``DEADLINE_SECONDS``) for the
+  request head to arrive *and* the response to leave: an idle or trickling peer (slowloris) is
+  cut at the deadline, not after a per-read timeout that each byte renews;
+- at most ``MAX_CONNECTIONS`` connections are served at once, one thread each; one more is
+  answered ``503`` and closed at once by the acceptor, which never blocks on a peer;
+- a listen backlog of ``BACKLOG``; a request head of at most ``MAX_HEAD_BYTES``; ``GET`` and
+  ``HEAD`` only;
+- ``/metrics`` and ``/stats`` list at most ``max_queues`` queues (the busiest first) and say how
+  many they left out;
+- with a bearer token configured, everything except the probes ``/healthz`` and ``/readyz``
+  needs ``Authorization: Bearer <token>``.
+
+The acceptor survives any failure to serve one connection (e.g. no thread can be started): that
+connection is closed and logged, the next one is served.
 """
 
 from __future__ import annotations
 
+import hmac
+import io
 import json
 import socket
+import sys
 import threading
+import time
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
 
-from .settings import Address
+from . import logs
+from .settings import Address, Secret
+
+DEADLINE_SECONDS = 5.0  # per connection: request head in and response out
+MAX_CONNECTIONS = 64  # served at once (one thread each)
+BACKLOG = 128  # listen(2) backlog
+MAX_HEAD_BYTES = 16 * 1024  # request line + headers
+DEFAULT_MAX_QUEUES = 1000
+PROBES = ("/healthz", "/readyz")
+
+_log = logs.get("http")
 
 GAUGES = (
     ("ready", "Tasks waiting to be delivered."),
@@ -29,6 +60,25 @@ COUNTERS = (
     ("redelivered", "Leases that expired (task handed out again) since the server started."),
     ("dead_lettered", "Tasks moved to the dead-letter list since the server started."),
 )
+
+_BUSY = (
+    b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n"
+    b"Retry-After: 1\r\nConnection: close\r\n\r\nbusy\n"
+)
+_TOO_LARGE = (
+    b"HTTP/1.0 431 Request Header Fields Too Large\r\nContent-Type: text/plain\r\nContent-Length: 17\r\n"
+    b"Connection: close\r\n\r\nrequest too large\n"
+)
+
+
+def bounded_stats(stats: dict, max_queues: int) -> dict:
+    """``stats`` with at most ``max_queues`` queues, the busiest (ready + inflight + dead) first, ties
+    by name; ``omitted`` counts the queues left out."""
+    queues = stats["queues"]
+    if len(queues) <= max_queues:
+        return {**stats, "omitted": 0}
+    busiest = sorted(queues.items(), key=lambda kv: (-(kv[1]["ready"] + kv[1]["inflight"] + kv[1]["dead"]), kv[0]))
+    return {**stats, "queues": dict(busiest[:max_queues]), "omitted": len(queues) - max_queues}
 
 
 def render_metrics(stats: dict) -> str:
@@ -49,6 +99,9 @@ def render_metrics(stats: dict) -> str:
     ]
     lines += [f'queuekit_gets_waiting{{queue="{_label(q)}"}} {v["waiting"]}' for q, v in sorted(queues.items())]
     lines += [
+        "# HELP queuekit_queues_omitted Queues left out of /metrics and /stats (QUEUEKIT_HTTP_MAX_QUEUES).",
+        "# TYPE queuekit_queues_omitted gauge",
+        f"queuekit_queues_omitted {stats.get('omitted', 0)}",
         "# HELP queuekit_connections Open client connections.",
         "# TYPE queuekit_connections gauge",
         f"queuekit_connections {stats['connections']}",
@@ -72,47 +125,224 @@ def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def serve(address: Address, status: Any, get_stats: Callable[[], dict | None]) -> ThreadingHTTPServer:
-    """Start the HTTP server in a daemon thread; ``status.ready`` and ``get_stats()`` feed it."""
+class _HeadTooLarge(Exception):
+    pass
 
-    class Handler(BaseHTTPRequestHandler):
-        server_version = "queuekit"
-        sys_version = ""
 
-        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-            path = self.path.split("?", 1)[0]
-            if path == "/healthz":
-                self._send(200, "text/plain", "ok\n")
-            elif path == "/readyz":
-                ready = status.ready
-                self._send(200 if ready else 503, "text/plain", "ready\n" if ready else "not ready\n")
-            elif path in ("/metrics", "/stats"):
-                stats = get_stats()
-                if stats is None:
-                    self._send(503, "text/plain", "starting\n")
-                elif path == "/metrics":
-                    self._send(200, "text/plain; version=0.0.4; charset=utf-8", render_metrics(stats))
-                else:
-                    self._send(200, "application/json", json.dumps(stats, sort_keys=True) + "\n")
-            else:
-                self._send(404, "text/plain", "not found: try /healthz /readyz /metrics /stats\n")
+def _read_head(sock: socket.socket, deadline: float, limit: int) -> bytes:
+    """The request line and headers, up to the blank line (or the peer's end of stream).
 
-        def _send(self, code: int, content_type: str, body: str) -> None:
-            data = body.encode()
-            self.send_response(code)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(data)))
-            self.send_header("Cache-Control", "no-store")
-            self.end_headers()
-            self.wfile.write(data)
+    Raises ``TimeoutError`` at ``deadline`` (however the bytes trickle in) and
+    :class:`_HeadTooLarge` past ``limit`` bytes.
+    """
+    data = bytearray()
+    while b"\r\n\r\n" not in data and b"\n\n" not in data:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("request deadline")
+        sock.settimeout(remaining)
+        chunk = sock.recv(min(4096, limit + 1 - len(data)))
+        if not chunk:
+            break
+        data += chunk
+        if len(data) > limit:
+            raise _HeadTooLarge
+    return bytes(data)
 
-        def log_message(self, format: str, *args: Any) -> None:  # probes every few seconds: not worth a log line each
+
+class _Handler(BaseHTTPRequestHandler):
+    """One request per connection (HTTP/1.0), read whole by :func:`_read_head` before parsing."""
+
+    server: HTTPPort
+    server_version = "queuekit"
+    sys_version = ""
+    protocol_version = "HTTP/1.0"
+
+    def handle(self) -> None:
+        deadline = time.monotonic() + self.server.deadline_seconds
+        try:
+            head = _read_head(self.connection, deadline, MAX_HEAD_BYTES)
+        except TimeoutError:
+            return  # idle or trickling: cut at the deadline
+        except _HeadTooLarge:
+            self._write_raw(_TOO_LARGE, deadline)
+            return
+        except OSError:
+            return
+        if not head:
+            return
+        self.rfile.close()
+        self.rfile = io.BytesIO(head)  # parsing reads from memory: no more reads from the peer
+        # The response, too, must leave by the deadline (sendall's timeout is its total time).
+        self.connection.settimeout(max(deadline - time.monotonic(), 0.001))
+        self.handle_one_request()
+
+    def _write_raw(self, data: bytes, deadline: float) -> None:
+        try:
+            self.connection.settimeout(max(deadline - time.monotonic(), 0.001))
+            self.connection.sendall(data)
+        except OSError:
             pass
 
-    class Server(ThreadingHTTPServer):
-        daemon_threads = True
-        address_family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        self._answer(with_body=True)
 
-    httpd = Server(address.tuple(), Handler)
-    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.25}, name="http", daemon=True).start()
-    return httpd
+    def do_HEAD(self) -> None:  # noqa: N802
+        self._answer(with_body=False)
+
+    def _answer(self, with_body: bool) -> None:
+        port = self.server
+        path = self.path.split("?", 1)[0]
+        if path not in PROBES and not port.authorized(self.headers.get("Authorization")):
+            self._send(401, "text/plain", "unauthorized: send Authorization: Bearer <token>\n", with_body)
+        elif path == "/healthz":
+            self._send(200, "text/plain", "ok\n", with_body)
+        elif path == "/readyz":
+            ready = port.status.ready
+            self._send(200 if ready else 503, "text/plain", "ready\n" if ready else "not ready\n", with_body)
+        elif path in ("/metrics", "/stats"):
+            stats = port.get_stats()
+            if stats is None:
+                self._send(503, "text/plain", "starting\n", with_body)
+                return
+            stats = bounded_stats(stats, port.max_queues)
+            if path == "/metrics":
+                self._send(200, "text/plain; version=0.0.4; charset=utf-8", render_metrics(stats), with_body)
+            else:
+                self._send(200, "application/json", json.dumps(stats, sort_keys=True) + "\n", with_body)
+        else:
+            self._send(404, "text/plain", "not found: try /healthz /readyz /metrics /stats\n", with_body)
+
+    def _send(self, code: int, content_type: str, body: str, with_body: bool) -> None:
+        data = body.encode()
+        self.send_response(code)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Cache-Control", "no-store")
+        if code == 401:
+            self.send_header("WWW-Authenticate", 'Bearer realm="queuekit"')
+        self.end_headers()
+        if with_body:
+            self.wfile.write(data)
+
+    def log_message(self, format: str, *args: Any) -> None:  # probes every few seconds: not worth a log line each
+        pass
+
+
+class _Throttle:
+    """Counts events; :meth:`count` returns how many since the last log line, at most once per
+    ``interval`` seconds (else 0), so a flood costs one log line per interval."""
+
+    def __init__(self, interval: float = 10.0):
+        self.interval = interval
+        self._events = 0
+        self._logged_at = float("-inf")
+
+    def count(self) -> int:
+        self._events += 1
+        now = time.monotonic()
+        if now - self._logged_at < self.interval:
+            return 0
+        events, self._events, self._logged_at = self._events, 0, now
+        return events
+
+
+class HTTPPort(HTTPServer):
+    """Accepts on one thread; serves each connection on a thread of its own, at most
+    ``max_connections`` at once; refuses the rest at once."""
+
+    request_queue_size = BACKLOG
+    daemon_threads = True
+
+    def __init__(
+        self,
+        address: Address,
+        status: Any,
+        get_stats: Callable[[], dict | None],
+        *,
+        token: Secret | None = None,
+        max_queues: int = DEFAULT_MAX_QUEUES,
+        max_connections: int = MAX_CONNECTIONS,
+        deadline_seconds: float = DEADLINE_SECONDS,
+    ):
+        self.address_family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+        self.status = status
+        self.get_stats = get_stats
+        self.max_queues = max_queues
+        self.deadline_seconds = deadline_seconds
+        self._token = token
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._refusals = _Throttle()  # both used on the acceptor thread only
+        self._accept_failures = _Throttle()
+        super().__init__(address.tuple(), _Handler)
+
+    def authorized(self, header: str | None) -> bool:
+        if self._token is None:
+            return True
+        scheme, _, value = (header or "").strip().partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        return hmac.compare_digest(value.strip().encode("latin-1", "replace"), self._token.reveal())
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        try:
+            return super().get_request()
+        except OSError as e:  # e.g. out of file descriptors: back off a little, keep accepting
+            count = self._accept_failures.count()
+            if count:
+                _log.warning("http_accept_failed", error=e.strerror or str(e), count=count)
+            time.sleep(0.1)
+            raise
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """On the acceptor thread: never blocks on a peer, never raises."""
+        if not self._slots.acquire(blocking=False):
+            self._refuse(request)
+            return
+        try:
+            threading.Thread(
+                target=self._serve_one, args=(request, client_address), name="http-conn", daemon=True
+            ).start()
+        except Exception as e:  # e.g. "can't start new thread": close this one, keep accepting
+            self._slots.release()
+            _log.error("http_connection_dropped", reason="thread_start_failed", error=str(e)[:200])
+            self.shutdown_request(request)
+
+    def _refuse(self, request: socket.socket) -> None:
+        try:
+            request.setblocking(False)
+            request.send(_BUSY)  # a fresh socket's send buffer takes it whole, or we give up
+        except OSError:
+            pass
+        self.shutdown_request(request)
+        count = self._refusals.count()
+        if count:
+            _log.warning("http_connection_refused", reason="max_connections", count=count)
+
+    def _serve_one(self, request: Any, client_address: Any) -> None:
+        try:
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
+        finally:
+            self.shutdown_request(request)
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        error = sys.exc_info()[1]
+        if not isinstance(error, OSError):  # a peer going away is not worth a line
+            _log.error("http_error", exc_info=error)
+
+
+def serve(
+    address: Address,
+    status: Any,
+    get_stats: Callable[[], dict | None],
+    *,
+    token: Secret | None = None,
+    max_queues: int = DEFAULT_MAX_QUEUES,
+) -> HTTPPort:
+    """Start the HTTP port's acceptor in a daemon thread; ``status.ready`` and ``get_stats()`` feed it."""
+    port = HTTPPort(address, status, get_stats, token=token, max_queues=max_queues)
+    threading.Thread(target=port.serve_forever, kwargs={"poll_interval": 0.25}, name="http", daemon=True).start()
+    return port

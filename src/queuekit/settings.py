@@ -20,6 +20,9 @@ MAX_AUTHKEY_FILE_BYTES = 64 * 1024
 DEFAULT_PORT = 50000
 DEFAULT_HTTP_PORT = 8080
 DEFAULT_MAX_TASK_BYTES = 1024 * 1024
+MIN_HTTP_TOKEN_BYTES = 32
+MAX_HTTP_TOKEN_BYTES = 4096
+DEFAULT_HTTP_MAX_QUEUES = 1000
 KEYGEN_HINT = "create one with `queuekit keygen > FILE` and point --authkey-file / QUEUEKIT_AUTHKEY_FILE at it"
 
 
@@ -78,6 +81,37 @@ def load_authkey(path: str) -> Secret:
     if len(data) < MIN_AUTHKEY_BYTES:
         what = "is empty" if not data else f"holds {len(data)} bytes"
         raise AuthkeyFileError(f"authkey file {path} {what}; at least {MIN_AUTHKEY_BYTES} are required: {KEYGEN_HINT}")
+    return Secret(data)
+
+
+def load_http_token(path: str) -> Secret:
+    """Read the HTTP bearer token file (rules as :func:`load_authkey`; the token travels in a
+    header, so printable ASCII without spaces). Raises :class:`ConfigError` with a one-line message."""
+    hint = "create one with `queuekit keygen > FILE` and point --http-token-file / QUEUEKIT_HTTP_TOKEN_FILE at it"
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_HTTP_TOKEN_BYTES + 3)
+    except FileNotFoundError:
+        raise ConfigError(f"HTTP token file {path} does not exist: {hint}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"HTTP token file {path} is a directory, not a file: {hint}") from None
+    except PermissionError:
+        raise ConfigError(
+            f"HTTP token file {path} is not readable by uid {os.getuid()}: fix its mode/owner (see docs/SECURITY.md)"
+        ) from None
+    except OSError as e:
+        raise ConfigError(f"HTTP token file {path} cannot be read ({e.strerror}): {hint}") from None
+    if data.endswith(b"\r\n"):
+        data = data[:-2]
+    elif data.endswith(b"\n"):
+        data = data[:-1]
+    if len(data) > MAX_HTTP_TOKEN_BYTES:
+        raise ConfigError(f"HTTP token file {path} is larger than {MAX_HTTP_TOKEN_BYTES} bytes: is it the right file?")
+    if len(data) < MIN_HTTP_TOKEN_BYTES:
+        what = "is empty" if not data else f"holds {len(data)} bytes"
+        raise ConfigError(f"HTTP token file {path} {what}; at least {MIN_HTTP_TOKEN_BYTES} are required: {hint}")
+    if not all(0x21 <= b <= 0x7E for b in data):
+        raise ConfigError(f"HTTP token file {path} must hold printable ASCII without spaces (one line): {hint}")
     return Secret(data)
 
 
@@ -226,6 +260,10 @@ class ServerSettings:
     max_connections: int
     shutdown_grace_seconds: float
     log_level: str
+    # The HTTP port: bearer token for everything but the probes (None: no token), queues listed.
+    http_token_file: str | None = None
+    http_token: Secret | None = None
+    http_max_queues: int = DEFAULT_HTTP_MAX_QUEUES
 
     @classmethod
     def load(
@@ -233,7 +271,13 @@ class ServerSettings:
     ) -> ServerSettings:
         src = _Sources(flags, env)
         authkey_file = src.get("authkey_file", "QUEUEKIT_AUTHKEY_FILE", DEFAULT_AUTHKEY_FILE, str)
+        http_token_file = src.get("http_token_file", "QUEUEKIT_HTTP_TOKEN_FILE", None, _optional_path)
         return cls(
+            http_token_file=http_token_file,
+            http_token=load_http_token(http_token_file) if http_token_file and need_authkey else None,
+            http_max_queues=src.get(
+                "http_max_queues", "QUEUEKIT_HTTP_MAX_QUEUES", DEFAULT_HTTP_MAX_QUEUES, _positive_int
+            ),
             bind=src.get("bind", "QUEUEKIT_BIND", Address("0.0.0.0", DEFAULT_PORT), _address(DEFAULT_PORT)),
             http=src.get(
                 "http", "QUEUEKIT_HTTP", Address("0.0.0.0", DEFAULT_HTTP_PORT), _optional_address(DEFAULT_HTTP_PORT)
