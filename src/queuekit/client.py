@@ -123,6 +123,9 @@ class Client:
             try:
                 conn.send((transport.API_IDENT, method, args, {}))
                 kind, result = conn.recv()
+            except transport.UnpicklingRefused:
+                self._drop(conn)  # not a queuekit server's reply: never retried
+                raise
             except (OSError, EOFError) as e:
                 self._drop(conn)
                 if not retry or self._closed:
@@ -148,6 +151,9 @@ class Client:
                 # No poll() per call (it costs a selector per round trip): the socket's receive
                 # timeout, set once per connection, bounds the wait for a reply instead.
                 kind, result = conn.recv()
+            except transport.UnpicklingRefused:
+                self._drop(conn)  # not a queuekit server's reply: never retried
+                raise
             except (OSError, EOFError) as e:
                 self._drop(conn)
                 if not retry or self._closed or time.monotonic() >= deadline:

@@ -332,6 +332,17 @@ class Loop:
         session.state = ANSWERING
         try:
             request = transport.decode_message(data)
+        except transport.UnpicklingRefused as e:  # a global, a call, an amplification: hostile, hang up
+            _log.warning(
+                "request_refused",
+                peer=session.peer,
+                client=session.name,
+                reason=e.reason,
+                bytes=len(data),
+                detail=str(e)[:200],
+            )
+            self._close(session, f"refused:{e.reason}")
+            return
         except Exception as e:  # the bytes arrived but do not unpickle: answer, keep going
             self._send(session, ("#ERROR", ValueError(f"request could not be decoded: {e}")))
             return

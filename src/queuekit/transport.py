@@ -13,21 +13,40 @@ What this module adds, all on the socket:
   allocating whatever a peer claims.
 
 The framing and (un)pickling of messages live here too (``frame_bounds``, ``encode_message``,
-``decode_message``), shared by ``Connection`` and the server's event loop (``queuekit.loop``),
-which reads and writes non-blocking sockets itself. TLS and restricted unpickling belong here when
-they come: restricted unpickling changes ``decode_message``; TLS the socket setup and the loop's
-reads and writes.
+``decode_message`` / ``decode_reply``), shared by ``Connection`` and the server's event loop
+(``queuekit.loop``), which reads and writes non-blocking sockets itself. TLS belongs here when it
+comes (the socket setup and the loop's reads and writes).
+
+Restricted unpickling: nothing that arrives on the wire can run code.
+
+- What a server reads (``decode_message``: the loop, the handshake thread, every ``Listener``
+  connection) resolves no global at all: a request is plain data (tuples, lists, dicts, str, bytes,
+  numbers, bool, None). A global, a persistent id, or any opcode that builds or calls an object
+  raises :class:`UnpicklingRefused`. The decoded request is then measured (a walk that stops
+  early): its objects and str/bytes lengths must stay within a bound derived from the frame's
+  size, so a pickle that references one big string many times is refused before anything expands
+  it (:class:`RequestTooExpanded`).
+- What a client reads (``decode_reply``: connections made by :func:`Client`, i.e. queuekit's
+  client, worker and ``queuekit check``) resolves only the types the protocol returns: the
+  manager's ``Token``, ``queue.Empty``/``queue.Full``, the builtin exceptions in
+  ``REPLY_BUILTINS`` and queuekit's own errors.
 """
 
 from __future__ import annotations
 
+import builtins
 import io
 import os
 import pickle
+import pickletools
+import queue
 import socket
 import struct
 from multiprocessing import connection as mpc
 from multiprocessing import managers
+
+from . import errors, journal
+from .errors import QueuekitError
 
 SERIALIZER = "queuekit"
 API_IDENT = "queuekit.v1"  # the server-side id of the queuekit API object (see server.QueueAPI)
@@ -36,10 +55,7 @@ DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 30, 10, 3
 USER_TIMEOUT_MS = 60_000
 
-# Private helpers of multiprocessing.connection, the same in CPython 3.11-3.13; using them keeps the
-# wire format byte-for-byte identical to the stock serializer.
-_loads = mpc._ForkingPickler.loads  # type: ignore[attr-defined]
-_dumps = pickle.dumps
+_dumps = pickle.dumps  # the stock serializer's bytes for the plain data queuekit sends
 _HEADER = struct.Struct("!i")
 _HEADER64 = struct.Struct("!Q")
 
@@ -63,9 +79,190 @@ def encode_message(obj) -> bytes:
     return (_HEADER.pack(n) if n <= 0x7FFFFFFF else _HEADER.pack(-1) + _HEADER64.pack(n)) + body
 
 
+class UnpicklingRefused(QueuekitError, pickle.UnpicklingError):
+    """A message asked the unpickler for something it does not make (a global, a persistent id,
+    an object built by a call): nothing was run. The peer is hostile or broken; close the
+    connection."""
+
+    reason = "unpickling"
+
+
+class RequestTooExpanded(UnpicklingRefused):
+    """A request decodes to far more data than its frame carries (pickle references repeating
+    one object): refused before anything walks or validates the expansion."""
+
+    reason = "amplification"
+
+
+# Opcodes that reach a global, a persistent id or out-of-band data, or build/call an object. Used
+# only to name why a message that failed to decode failed (never on the hot path): the unpickler
+# itself refuses globals and persistent ids, and without a global there is nothing to call.
+_OBJECT_OPCODES = frozenset(
+    {
+        "GLOBAL",
+        "STACK_GLOBAL",
+        "INST",
+        "OBJ",
+        "NEWOBJ",
+        "NEWOBJ_EX",
+        "REDUCE",
+        "BUILD",
+        "PERSID",
+        "BINPERSID",
+        "EXT1",
+        "EXT2",
+        "EXT4",
+        "NEXT_BUFFER",
+        "READONLY_BUFFER",
+    }
+)
+
+
+class _RequestUnpickler(pickle.Unpickler):
+    """Plain data only: no global, no persistent id (the C unpickler stays C-speed: only these
+    two hooks are Python)."""
+
+    def find_class(self, module, name):
+        raise UnpicklingRefused(f"global {str(module)[:60]}.{str(name)[:60]} refused (requests are plain data)")
+
+    def persistent_load(self, pid):
+        raise UnpicklingRefused("persistent id refused (requests are plain data)")
+
+
+# The builtin exceptions a server forwards to a queuekit client as ``#ERROR`` (server._error_reply
+# forwards builtin exceptions raised while answering a call): argument errors of the manager's own
+# requests (create, incref, ...), of the API's dispatch and of the compat queues.
+REPLY_BUILTINS = frozenset(
+    {
+        "ArithmeticError",
+        "AttributeError",
+        "ConnectionError",
+        "IndexError",
+        "KeyError",
+        "LookupError",
+        "MemoryError",
+        "NotImplementedError",
+        "OSError",
+        "OverflowError",
+        "PermissionError",
+        "RecursionError",
+        "RuntimeError",
+        "TimeoutError",
+        "TypeError",
+        "UnicodeDecodeError",
+        "UnicodeEncodeError",
+        "ValueError",
+    }
+)
+
+
+def _reply_type_table() -> dict[tuple[str, str], type]:
+    """``(module, name) -> type`` of everything a reply may name."""
+    table: dict[tuple[str, str], type] = {
+        ("multiprocessing.managers", "Token"): managers.Token,
+        (queue.Empty.__module__, queue.Empty.__name__): queue.Empty,
+        (queue.Full.__module__, queue.Full.__name__): queue.Full,
+        (journal.__name__, "JournalError"): journal.JournalError,
+    }
+    for name in REPLY_BUILTINS:
+        table["builtins", name] = getattr(builtins, name)
+    for name, value in vars(errors).items():
+        if isinstance(value, type) and issubclass(value, QueuekitError) and value.__module__ == errors.__name__:
+            table[errors.__name__, name] = value
+    return table
+
+
+REPLY_TYPES = _reply_type_table()
+
+
+class _ReplyUnpickler(pickle.Unpickler):
+    """What a server's reply may contain: plain data, the manager's Token, queue.Empty/Full, the
+    builtin exceptions in ``REPLY_BUILTINS`` and queuekit's errors. Nothing else is resolved."""
+
+    def find_class(self, module, name):
+        found = REPLY_TYPES.get((module, name))
+        if found is None:
+            raise UnpicklingRefused(f"global {str(module)[:60]}.{str(name)[:60]} refused (not a queuekit reply type)")
+        return found
+
+    def persistent_load(self, pid):
+        raise UnpicklingRefused("persistent id refused (not a queuekit reply)")
+
+
+# A request's decoded size is bounded by its frame: every object in a pickle takes at least one
+# byte and every str/bytes is in it once, unless a memo reference repeats it. The slack admits
+# stock clients that reference a small object twice.
+EXPANSION_FACTOR = 2
+EXPANSION_SLACK_OBJECTS = 1024
+EXPANSION_SLACK_BYTES = 1024 * 1024
+
+
+def _check_expansion(obj, frame_size: int) -> None:
+    """Refuse a request whose objects or str/bytes lengths add up to more than its frame allows.
+    The walk stops as soon as a budget runs out, so its cost is bounded by the frame's size."""
+    objects = EXPANSION_FACTOR * frame_size + EXPANSION_SLACK_OBJECTS
+    chars = EXPANSION_FACTOR * frame_size + EXPANSION_SLACK_BYTES
+    stack = [obj]
+    pop, extend = stack.pop, stack.extend
+    while stack:
+        item = pop()
+        kind = type(item)
+        objects -= 1
+        if kind is str or kind is bytes or kind is bytearray:
+            chars -= len(item)
+        elif kind is tuple or kind is list or kind is set or kind is frozenset:
+            objects -= len(item)
+            extend(item)
+        elif kind is dict:
+            objects -= 2 * len(item)
+            extend(item.keys())
+            extend(item.values())
+        if objects < 0 or chars < 0:
+            raise RequestTooExpanded(
+                f"a request of {frame_size} bytes decodes to more than "
+                f"{EXPANSION_FACTOR * frame_size + EXPANSION_SLACK_BYTES} bytes of text or "
+                f"{EXPANSION_FACTOR * frame_size + EXPANSION_SLACK_OBJECTS} objects (pickle references)"
+            )
+
+
+def _classify_failure(data: bytes, error: Exception) -> Exception:
+    """Why a message did not decode: an :class:`UnpicklingRefused` if it uses an object-building
+    opcode (the failure path only), else a ``pickle.UnpicklingError`` naming the decoder's error."""
+    try:
+        for opcode, _, _ in pickletools.genops(data):
+            if opcode.name in _OBJECT_OPCODES:
+                return UnpicklingRefused(f"opcode {opcode.name} refused ({type(error).__name__}: {str(error)[:100]})")
+    except Exception:
+        pass  # a malformed stream: what was read so far had no object opcode
+    if isinstance(error, pickle.UnpicklingError):
+        return error
+    return pickle.UnpicklingError(f"{type(error).__name__}: {str(error)[:200]}")
+
+
 def decode_message(data: bytes):
-    """The object in a message body (restricted unpickling, when it comes, goes here)."""
-    return _loads(data)
+    """The request in a message body, for a server: plain data only (see the module docstring).
+    Raises :class:`UnpicklingRefused` (a hostile or broken peer: close the connection), or
+    ``pickle.UnpicklingError`` for bytes that are not a pickle of plain data."""
+    try:
+        obj = _RequestUnpickler(io.BytesIO(data)).load()
+    except UnpicklingRefused:
+        raise
+    except Exception as e:
+        raise _classify_failure(data, e) from None
+    _check_expansion(obj, len(data))
+    return obj
+
+
+def decode_reply(data: bytes):
+    """The reply in a message body, for a client: plain data and the protocol's reply types.
+    Raises :class:`UnpicklingRefused` for anything else, ``pickle.UnpicklingError`` for bytes
+    that are not a pickle."""
+    try:
+        return _ReplyUnpickler(io.BytesIO(data)).load()
+    except UnpicklingRefused:
+        raise
+    except Exception as e:
+        raise _classify_failure(data, e) from None
 
 
 class MessageTooLarge(OSError):
@@ -80,6 +277,9 @@ class Connection(mpc.Connection):
     max_message_bytes = DEFAULT_MAX_MESSAGE_BYTES
     peer = "?"
     _READ_SIZE = 65536
+    # How recv turns a message into an object: requests (the server's side, the default) or
+    # replies (connections made by Client).
+    decode = staticmethod(decode_message)
 
     def __init__(self, handle, readable=True, writable=True):
         super().__init__(handle, readable, writable)
@@ -129,7 +329,10 @@ class Connection(mpc.Connection):
         data = self._recv_frame(self.max_message_bytes)
         if data is None:
             raise MessageTooLarge(f"message from {self.peer} exceeds {self.max_message_bytes} bytes")
-        return decode_message(data)
+        try:
+            return self.decode(data)
+        except UnpicklingRefused as e:
+            raise type(e)(f"message from {self.peer} refused: {e}") from None
 
     def send(self, obj) -> None:
         # Plain pickle.dumps writes the same bytes as ForkingPickler for the plain data queuekit
@@ -261,6 +464,7 @@ def Client(
     try:
         tune_socket(sock)
         conn = _wrap(sock, format_peer((host, port)), max_message_bytes)
+        conn.decode = decode_reply
     except BaseException:
         sock.close()
         raise
