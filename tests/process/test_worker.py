@@ -9,7 +9,8 @@ import pytest
 from handlers import read_record
 
 import queuekit
-from support.procs import Proc, ServerProc, base_env
+from queuekit.errors import ExitCode
+from support.procs import Proc, ServerProc, base_env, wait_until
 
 
 def consumer(tmp_path, server, key_file, *args, name="consumer", **env):
@@ -23,14 +24,6 @@ def cli(server, key_file, *args, input=None):
     """Run `queuekit <args>` against the server; returns the CompletedProcess."""
     argv = [sys.executable, "-m", "queuekit", *args, "--server", server.address, "--authkey-file", str(key_file)]
     return subprocess.run(argv, input=input, capture_output=True, text=True, env=base_env(), timeout=30)
-
-
-def wait_until(predicate, timeout=20.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def test_consumer_killed_mid_task_its_task_goes_to_another(tmp_path, server, key_file, client):
@@ -89,14 +82,25 @@ def test_sigterm_drains_in_flight_and_releases_the_rest(tmp_path, server, key_fi
 
 
 def test_second_sigterm_exits_at_once(tmp_path, server, key_file, client):
+    record = tmp_path / "record"
     client.queue("tasks").put({"n": 1, "ms": 60_000})
-    worker = consumer(tmp_path, server, key_file, "--handler", "handlers:record")
-    wait_until(lambda: client.stats()["queues"]["tasks"]["inflight"] == 1, what="task leased")
-    time.sleep(0.3)
+    worker = consumer(tmp_path, server, key_file, "--handler", "handlers:record", "--drain-timeout", "25")
+    wait_until(lambda: ("start", worker.pid, 1) in read_record(record), what="the handler to start the task")
     worker.signal(signal.SIGTERM)
-    worker.wait_for("event=consumer_draining")
+    worker.wait_for("event=consumer_draining running=1")  # the first one drains: it waits for the handler
+    t0 = time.monotonic()
     worker.signal(signal.SIGTERM)
-    assert worker.wait(5) != 0
+    try:
+        code = worker.wait(10)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"still running 10 s after the second SIGTERM:\n{worker.log()[-2000:]}")
+    took = time.monotonic() - t0
+    # At once: not after the handler's 60 s nor the 25 s drain, and without the drain's clean exit.
+    assert code == ExitCode.ERROR, f"exit code {code} after a second SIGTERM:\n{worker.log()}"
+    assert took < 2, f"took {took:.1f}s to exit after the second SIGTERM"
+    assert ("done", worker.pid, 1) not in read_record(record)  # the handler was still running
+    assert "event=consumer_stopped" not in worker.log()  # no drain completed
+    assert client.stats()["queues"]["tasks"]["inflight"] == 1  # held until its lease expires
 
 
 def test_failing_handler_retries_then_dead_letters(tmp_path, key_file):
@@ -144,7 +148,8 @@ def test_consumer_started_before_the_server_connects_when_it_comes(tmp_path, key
     s.close()
     argv = ["consume", "--server", f"127.0.0.1:{port}", "--authkey-file", str(key_file), "--handler", "handlers:record"]
     worker = Proc("early", argv, tmp_path, base_env(QK_RECORD=str(tmp_path / "record")))
-    time.sleep(1.5)
+    worker.wait_for("event=connect_retry")  # it has tried the port: nobody listens there yet
+    assert "event=consumer_started" not in worker.log()
     server = ServerProc(tmp_path, key_file, port=port)
     worker.wait_for("event=consumer_started", timeout=20)
     c = queuekit.connect(server.address, authkey_file=str(key_file))

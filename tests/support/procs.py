@@ -1,4 +1,5 @@
-"""Real queuekit processes on loopback for tests: start, wait for a log line, signal, clean up."""
+"""Real queuekit processes on loopback for tests: start, wait for a log line or a condition, signal,
+clean up."""
 
 from __future__ import annotations
 
@@ -9,11 +10,44 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 SRC = ROOT / "src"
 HANDLERS = ROOT / "tests" / "process"
+
+
+def wait_until(
+    predicate: Callable[[], Any], *, timeout: float = 15.0, interval: float = 0.02, what: str | Callable[[], str]
+) -> Any:
+    """Poll ``predicate`` until it returns a truthy value (returned) or ``timeout`` s pass: then an
+    AssertionError naming ``what`` (called if callable) and the last value seen. Tests wait on a
+    condition with this instead of sleeping and hoping."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            text = what() if callable(what) else what
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {text} (last value: {value!r})")
+        time.sleep(interval)
+
+
+def waiting(client, queue: str) -> int:
+    """Gets parked on the server for ``queue`` (``waiting`` in /stats): 0 for a queue not yet created."""
+    return client.stats()["queues"].get(queue, {}).get("waiting", 0)
+
+
+def wait_parked(client, queue: str, n: int, timeout: float = 10.0) -> None:
+    """Wait until exactly ``n`` gets are parked on the server for ``queue``."""
+    wait_until(
+        lambda: waiting(client, queue) == n,
+        timeout=timeout,
+        what=lambda: f"{n} parked gets on queue {queue!r} (now {waiting(client, queue)})",
+    )
 
 
 def write_key(path: Path, key: str | None = None) -> Path:
