@@ -16,6 +16,7 @@ import pytest
 
 import queuekit
 from queuekit.transport import API_IDENT
+from support.procs import wait_parked, wait_until, waiting
 
 
 def served(server, key_file, name="raw-test"):
@@ -45,11 +46,8 @@ def test_waiting_gets_cost_no_thread_and_each_gets_one_task(server, client, key_
     waiters = [served(server, key_file, f"waiter-{i}") for i in range(200)]
     for conn in waiters:
         call(conn, "get_many", "fanout", 1, 30.0, None, None)
-    deadline = time.monotonic() + 10
-    while client.stats()["connections"] < 201 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert client.stats()["connections"] >= 201
-    time.sleep(0.3)  # every get has reached the server and parked
+    wait_parked(client, "fanout", 200)  # every get has reached the server and parked
+    assert client.stats()["connections"] == 201
     assert threads_of(server.pid) <= idle_threads + 2  # not one thread per waiting client
     ids = client.queue("fanout").put_many(range(200))
     got = []
@@ -93,15 +91,19 @@ def test_undecodable_request_is_answered_and_the_connection_keeps_working(server
 def test_request_while_waiting_is_a_protocol_error_and_takes_nothing(server, client, key_file):
     conn = served(server, key_file)
     call(conn, "get_many", "strict", 1, 30.0, None, None)
-    time.sleep(0.3)
+    # Only once the get is parked is a second request a protocol error: sent together, both would
+    # arrive in one read and the second would just wait its turn (pipelining).
+    wait_parked(client, "strict", 1)
     call(conn, "qsize", "strict")  # the manager protocol allows one outstanding request
-    assert conn.poll(5)
-    with pytest.raises(EOFError):
+    assert conn.poll(5), "the server neither answered nor hung up on a request sent while a get waits"
+    with pytest.raises(EOFError):  # hung up on, not answered
         conn.recv()
     server.wait_for("reason=protocol_error:request_while_waiting")
+    assert waiting(client, "strict") == 0  # its waiter was withdrawn with the connection
     client.queue("strict").put("for someone who waits properly")
     task = client.queue("strict").get(timeout=5)
-    assert task is not None and task.delivery == 1
+    assert task is not None and task.delivery == 1  # first delivery: the broken client took nothing
+    assert client.stats()["queues"]["strict"]["inflight"] == 1
 
 
 def test_client_that_stops_reading_blocks_nobody_and_gets_its_tasks_back(server, client, key_file):
@@ -109,8 +111,9 @@ def test_client_that_stops_reading_blocks_nobody_and_gets_its_tasks_back(server,
     client.queue("big").put_many([big] * 40)
     conn = served(server, key_file, "stops-reading")
     call(conn, "get_many", "big", 40, 0.0, 60.0, None)  # leased for 60 s, then never read
-    time.sleep(0.5)
-    assert client.stats()["queues"]["big"]["inflight"] == 40
+    wait_until(
+        lambda: client.stats()["queues"]["big"]["inflight"] == 40, timeout=10, what="the 40 tasks leased to the raw get"
+    )
 
     t0 = time.monotonic()  # the loop keeps serving everyone else meanwhile
     other = client.queue("other")
@@ -134,14 +137,14 @@ def test_stock_client_blocking_get_parks_without_a_thread_and_wakes_on_put(serve
     assert kind == "#RETURN" and "get" in exposed
     proxy_conn = served(server, key_file, "stock-like")
     proxy_conn.send((ident, "get", (True, None), {}))  # block forever
-    time.sleep(0.3)
+    wait_parked(client, "tasks", 1)
     assert not proxy_conn.poll(0)
     queuekit.connect(server.address, authkey_file=str(key_file)).queue("tasks").put({"job": 1})
     assert proxy_conn.poll(5)
     assert proxy_conn.recv() == ("#RETURN", {"job": 1})
-    deadline = time.monotonic() + 5  # acknowledged once the reply was written (at-most-once path)
-    while client.stats()["queues"]["tasks"]["acked"] < 1 and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_until(  # acknowledged once the reply was written (at-most-once path)
+        lambda: client.stats()["queues"]["tasks"]["acked"] >= 1, timeout=5, what="the stock get's task acknowledged"
+    )
     assert client.stats()["queues"]["tasks"]["acked"] == 1
     proxy_conn.close()
 
@@ -159,7 +162,7 @@ def test_abusive_clients_during_traffic_lose_nothing_and_never_break_the_loop(se
         q = queuekit.connect(server.address, authkey_file=str(key_file)).queue("chaos")
         for i in range(0, n, 50):
             q.put_many([{"i": j} for j in range(i, i + 50)])
-            time.sleep(0.06)  # spread over about 4 s
+            time.sleep(0.06)  # pacing of the load, not synchronisation: spread over about 4 s
 
     def consumer():
         rng = random.Random()
@@ -175,6 +178,8 @@ def test_abusive_clients_during_traffic_lose_nothing_and_never_break_the_loop(se
 
     def vandal():
         rng = random.Random()
+        # The sleeps below are the vandals' random pacing (workload), not synchronisation: whichever
+        # way each race goes (answered first or not, parked or still in flight) the loop must cope.
         while time.monotonic() < vandals_until:
             try:
                 conn = served(server, key_file, "vandal")
