@@ -7,6 +7,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -23,7 +24,7 @@ from queuekit.errors import (
     PayloadTooLarge,
     ServerUnavailable,
 )
-from support.procs import ROOT, ServerProc, base_env, write_key
+from support.procs import ROOT, ServerProc, base_env, wait_parked, waiting, write_key
 
 
 def http_get(server, path):
@@ -46,22 +47,16 @@ def test_put_get_ack_round_trip(client):
 
 def test_blocking_get_waits_for_a_put_from_another_client(client, server, key_file):
     other = queuekit.connect(server.address, authkey_file=str(key_file))
-    q = client.queue("wait")
-    t0 = time.monotonic()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            (
-                "import time, queuekit; time.sleep(0.5);"
-                f"queuekit.connect({server.address!r}, authkey_file={str(key_file)!r}).queue('wait').put('late')"
-            ),
-        ],
-        env=base_env(),
-    )
-    task = q.get(timeout=10)
-    assert task.payload == "late" and 0.4 < time.monotonic() - t0 < 5
-    assert proc.wait(10) == 0
+    got = []
+    getter = threading.Thread(target=lambda: got.append(client.queue("wait").get(timeout=10)))
+    getter.start()
+    wait_parked(other, "wait", 1)  # the get is waiting on the server, with nothing to take yet
+    assert getter.is_alive() and not got
+    other.queue("wait").put("late")
+    getter.join(5)
+    assert not getter.is_alive(), "the waiting get was not woken by the put"
+    assert got[0] is not None and got[0].payload == "late"
+    assert waiting(other, "wait") == 0
     other.close()
 
 
@@ -120,16 +115,32 @@ def test_garbage_on_the_port_leaves_the_server_unaffected(server, client):
     assert client.queue("ok").get().payload == "still serving"
 
 
-def test_clients_cannot_shut_the_server_down_or_create_objects(server, key_file):
-    key = key_file.read_bytes().strip()
-    for request, args in [("shutdown", ()), ("debug_info", ()), ("create", ("builtins.dict",))]:
-        conn = mpc.Client(("127.0.0.1", server.port), authkey=key)
-        with pytest.raises(Exception) as e:
-            dispatch(conn, None, request, args)
-        assert isinstance(e.value, (PermissionError, KeyError)) or "KeyError" in str(e.value), e.value
-        conn.close()
+@pytest.mark.parametrize(
+    "funcname, args, error, message",
+    [
+        ("shutdown", (), PermissionError, "queuekit server does not serve 'shutdown'"),
+        ("debug_info", (), PermissionError, "queuekit server does not serve 'debug_info'"),
+        ("create", ("builtins.dict",), KeyError, "builtins.dict"),  # only the registered compat typeids
+    ],
+)
+def test_clients_cannot_shut_the_server_down_or_create_objects(
+    server, client, key_file, funcname, args, error, message
+):
+    client.queue("kept").put("queued before")
+    conn = mpc.Client(("127.0.0.1", server.port), authkey=key_file.read_bytes().strip())
+    with pytest.raises(error, match=message):  # the stock client raises the #ERROR reply as it is
+        dispatch(conn, None, funcname, args)
+    conn.close()
+    if error is PermissionError:
+        server.wait_for(rf"event=request_refused peer=127\.0\.0\.1:\d+ request={funcname}\b")
+    # Still serving, with its state: the refusal neither stopped nor reset anything.
     assert server.popen.poll() is None
-    assert queuekit.connect(server.address, authkey_file=str(key_file)).ping()["server"] == "queuekit"
+    fresh = queuekit.connect(server.address, authkey_file=str(key_file), connect_timeout=5)
+    assert fresh.ping()["server"] == "queuekit"
+    assert fresh.queue("kept").get(timeout=5).payload == "queued before"
+    assert fresh.queue("kept").put("after") > 0
+    fresh.close()
+    assert "server_stopped" not in server.log() and "server_stopping" not in server.log()
 
 
 def test_client_that_vanishes_while_waiting_does_not_swallow_a_task(server, client, key_file):
@@ -138,16 +149,16 @@ def test_client_that_vanishes_while_waiting_does_not_swallow_a_task(server, clie
         ".queue('vanish').get(timeout=60)"
     )
     waiter = subprocess.Popen([sys.executable, "-c", script], env=base_env())
-    time.sleep(1.0)  # it is waiting on the server now
+    wait_parked(client, "vanish", 1)  # it is waiting on the server now
     waiter.kill()
     waiter.wait(5)
-    time.sleep(0.3)
+    server.wait_for("reason=gone_while_waiting")  # the server saw the hang-up...
+    assert waiting(client, "vanish") == 0  # ...and withdrew the waiter
     client.queue("vanish").put("for the living")
     t0 = time.monotonic()
     task = client.queue("vanish").get(timeout=5)
     assert task is not None and task.payload == "for the living"
     assert task.delivery == 1 and time.monotonic() - t0 < 2  # first delivery, no lease expiry needed
-    server.wait_for("reason=gone_while_waiting")
 
 
 def test_sigterm_exits_zero_quickly_even_with_clients_waiting(tmp_path, key_file):
@@ -164,7 +175,7 @@ def test_sigterm_exits_zero_quickly_even_with_clients_waiting(tmp_path, key_file
         ],
         env=base_env(),
     )
-    time.sleep(0.5)
+    wait_parked(c, "w", 1)
     t0 = time.monotonic()
     server.signal(signal.SIGTERM)
     assert server.wait(10) == 0
