@@ -21,7 +21,7 @@ from handlers import read_record
 import queuekit
 from queuekit.errors import ServerUnavailable
 from queuekit.journal_sqlite import APPLICATION_ID
-from support.procs import ROOT, Proc, ServerProc, base_env, write_key
+from support.procs import ROOT, Proc, ServerProc, base_env, wait_until, write_key
 
 
 class Producer(threading.Thread):
@@ -48,8 +48,18 @@ class Producer(threading.Thread):
                 self.errors.append(str(e))
                 continue
             self.acked.update(numbers)
-            time.sleep(self.pause)
+            time.sleep(self.pause)  # the load's pacing (workload), not synchronisation
         self.client.close()
+
+    def wait_progress(self, n: int, timeout: float = 60.0) -> None:
+        """Wait until ``n`` more puts than now were acknowledged (e.g. through a restarted server)."""
+        target = len(self.acked) + n
+        wait_until(
+            lambda: len(self.acked) >= target,
+            timeout=timeout,
+            interval=0.05,
+            what=lambda: f"{n} more acknowledged puts ({len(self.acked)} of {target}; errors: {self.errors[-3:]})",
+        )
 
 
 def start_consumers(tmp_path, address, key_file, count=2):
@@ -78,14 +88,15 @@ def start_consumers(tmp_path, address, key_file, count=2):
 
 
 def drain(tmp_path, client, expected, timeout=90):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    state = {}
+
+    def drained():
         done = {n for what, _, n in read_record(tmp_path / "record") if what == "done"}
-        s = client.stats()["queues"].get("tasks", {})
-        if expected <= done and not (s.get("ready") or s.get("inflight") or s.get("delayed")):
-            return
-        time.sleep(0.2)
-    raise AssertionError("consumers did not drain the queue in time")
+        state["missing"], state["stats"] = len(expected - done), client.stats()["queues"].get("tasks", {})
+        s = state["stats"]
+        return not state["missing"] and not (s.get("ready") or s.get("inflight") or s.get("delayed"))
+
+    wait_until(drained, timeout=timeout, interval=0.2, what=lambda: f"the consumers to drain the queue: {state}")
 
 
 def classify(tmp_path, producer):
@@ -97,15 +108,15 @@ def classify(tmp_path, producer):
 
 
 def restarts_under_load(tmp_path, key_file, server_args, restarts, restart):
-    """Stream puts into a durable server while 2 consumers drain it; ``restart(server)`` returns
-    the next server, ``restarts`` times; then drain and classify what was delivered."""
+    """Stream puts into a durable server while 2 consumers drain it; ``restart(server, producer)``
+    returns the next server, ``restarts`` times; then drain and classify what was delivered."""
     server = ServerProc(tmp_path, key_file, *server_args)
     consumers = start_consumers(tmp_path, server.address, key_file)
     producer = Producer(server.address, key_file)
     producer.start()
     for _ in range(restarts):
-        server = restart(server)
-    time.sleep(0.5)
+        server = restart(server, producer)
+    producer.wait_progress(200)  # puts through the last server too
     producer.stop.set()
     producer.join(90)
     client = queuekit.connect(server.address, authkey_file=str(key_file))
@@ -129,8 +140,8 @@ def test_sigkill_at_random_moments_loses_nothing_acknowledged(tmp_path, key_file
     rng = random.Random(int(os.environ.get("QK_CRASH_SEED", "20261126")))
     kills = []
 
-    def crash(server):
-        time.sleep(rng.uniform(0.1, 0.8))
+    def crash(server, producer):
+        time.sleep(rng.uniform(0.1, 0.8))  # the crash moment is the workload: random, not a condition
         server.signal(signal.SIGKILL)
         server.wait(10)
         kills.append(server.port)
@@ -145,8 +156,8 @@ def test_sigkill_at_random_moments_loses_nothing_acknowledged(tmp_path, key_file
 def test_graceful_restarts_lose_nothing_and_duplicate_nothing(tmp_path, key_file):
     args = ("--data-dir", str(tmp_path / "data"), "--sync", "full")
 
-    def graceful(server):
-        time.sleep(1.0)
+    def graceful(server, producer):
+        producer.wait_progress(1000)  # under load: puts go through this server before it stops
         t0 = time.monotonic()
         assert server.stop() == 0
         assert time.monotonic() - t0 < 5
