@@ -39,7 +39,7 @@ def test_message_arriving_in_fragments(pair):
     def dribble():
         for i in range(0, len(frame), 7001):
             raw.sendall(frame[i : i + 7001])
-            time.sleep(0.001)
+            time.sleep(0.001)  # a trickle (the workload): each fragment is a separate read
 
     t = threading.Thread(target=dribble)
     t.start()
