@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 import queuekit  # noqa: E402
 
-AUTHKEY = b"benchmark-key-0123456789abcdef"
+AUTHKEY = b"benchmark-key-0123456789abcdef-0123456789"
 TIMEOUT = 300.0  # no single run may take longer than this
 CONSUMERS = 2
 ctx = mp.get_context("spawn")

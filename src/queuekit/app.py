@@ -58,8 +58,14 @@ class ServerApp:
 
     @property
     def ready(self) -> bool:
-        """Serving, state loaded, and the journal (if any) still commits."""
-        return self.serving and self.journal is not None and self.journal.healthy
+        """Serving, state loaded, accepting new connections, and the journal (if any) still commits."""
+        return (
+            self.serving
+            and self.server is not None
+            and self.server.accepting
+            and self.journal is not None
+            and self.journal.healthy
+        )
 
     def stats(self) -> dict[str, Any] | None:
         """``/stats``; None until the server serves (HTTP answers 503 then)."""
@@ -71,6 +77,8 @@ class ServerApp:
             "connections": server.connection_count(),
             "durable": journal.durable,
             "journal_commits": journal.commits,
+            "auth_failures": server.auth_failures,
+            "connections_refused": dict(server.refused),
             "ready": self.ready,
             "uptime_seconds": round(time.monotonic() - self.started, 3),
         }

@@ -17,21 +17,24 @@ where one thread serves every client and :meth:`QueuekitServer.dispatch` answers
 
 from __future__ import annotations
 
+import collections
+import math
 import queue as stdqueue
 import threading
 import time
 import traceback
 from multiprocessing import AuthenticationError, managers
-from multiprocessing import connection as mpc
 from typing import Any
 
-from . import api, compat, logs, transport
+from . import api, compat, handshake, logs, transport
 from .broker import Broker
 from .errors import QueuekitError
 from .loop import Loop, Session
 from .settings import ServerSettings
 
 API_IDENT = transport.API_IDENT
+ACCEPT_FAILURE_UNREADY_SECONDS = 5.0  # readiness is false this long after the acceptor failed
+MAX_TRACKED_HOSTS = 4096  # hosts whose recent authentication failures are remembered
 
 _log = logs.get("server")
 
@@ -46,8 +49,15 @@ class QueuekitServer(managers.Server):
         self.broker = broker
         self.settings = settings
         self.stopping = False
-        self._conns: set[transport.Connection] = set()  # connections still in their handshake
+        # Connections still in their handshake, with the monotonic time each must be done by.
+        self._conns: dict[transport.Connection, float] = {}
         self._conns_lock = threading.Lock()
+        self._keys = [settings.authkey.reveal()]
+        self._auth_failures: dict[str, collections.deque[float]] = {}  # host -> failure times, last minute
+        self.refused: collections.Counter[str] = collections.Counter()  # connections refused, by reason
+        self.auth_failures = 0
+        self._last_accept_failure = -math.inf
+        self._log_limiter = _LogLimiter()
         self._stopped = threading.Event()
         self._accepter: threading.Thread | None = None
         self.loop = Loop(self.dispatch, _error_reply, broker)
@@ -94,29 +104,98 @@ class QueuekitServer(managers.Server):
         for conn in conns:
             conn.shutdown()
 
+    @property
+    def accepting(self) -> bool:
+        """The acceptor runs and accepted without failing for the last few seconds (readiness)."""
+        alive = self._accepter is not None and self._accepter.is_alive()
+        return alive and time.monotonic() - self._last_accept_failure > ACCEPT_FAILURE_UNREADY_SECONDS
+
     def accepter(self) -> None:
+        """Accept connections until stopped. Nothing ends this loop but ``stop``: a failure costs
+        the connection involved, never the acceptor (the only way in)."""
         while not self._stopped.is_set():
             try:
-                conn = self.listener.accept()  # type: ignore[attr-defined]
-            except TimeoutError:
-                continue
-            except OSError as e:
-                if self._stopped.is_set():
-                    return
-                _log.warning("accept_failed", error=e)
-                time.sleep(0.05)  # e.g. EMFILE: do not spin
-                continue
-            with self._conns_lock:
-                full = self.connection_count() >= self.settings.max_connections
-                if not full:
-                    self._conns.add(conn)
-            if full:
-                _log.warning(
-                    "connection_refused", peer=conn.peer, reason="max_connections", limit=self.settings.max_connections
-                )
-                conn.close()
-                continue
+                self._accept_one()
+                self._expire_handshakes(time.monotonic())
+            except Exception as e:
+                self._last_accept_failure = time.monotonic()
+                _log.error("accepter_error", exc_info=e, error=repr(e)[:200])
+                self._stopped.wait(0.05)
+
+    def _accept_one(self) -> None:
+        try:
+            conn = self.listener.accept()  # type: ignore[attr-defined]
+        except TimeoutError:
+            return
+        except OSError as e:
+            if self._stopped.is_set():
+                return
+            self._last_accept_failure = time.monotonic()
+            _log.warning("accept_failed", error=e)
+            self._stopped.wait(0.05)  # e.g. EMFILE: do not spin
+            return
+        now = time.monotonic()
+        with self._conns_lock:
+            reason = self._refusal(conn, now)
+            if reason is None:
+                self._conns[conn] = now + self.settings.handshake_timeout
+        if reason is not None:
+            self.refused[reason] += 1
+            if self._log_limiter.allow(reason, now):
+                _log.warning("connection_refused", peer=conn.peer, reason=reason, **self._log_limiter.take(reason))
+            conn.close()
+            return
+        try:
             threading.Thread(target=self.handle_request, args=(conn,), name=f"conn {conn.peer}", daemon=True).start()
+        except RuntimeError as e:  # can't start new thread (a process or memory limit)
+            with self._conns_lock:
+                self._conns.pop(conn, None)
+            conn.close()
+            self._last_accept_failure = time.monotonic()
+            _log.error("connection_dropped", peer=conn.peer, reason="thread_start_failed", error=str(e)[:200])
+
+    def _refusal(self, conn: transport.Connection, now: float) -> str | None:
+        """Why a new connection is refused before its handshake, or None (lock held).
+        Unauthenticated peers get their own small budget, so they cannot take the slots of
+        authenticated clients."""
+        settings = self.settings
+        if self.connection_count() >= settings.max_connections:
+            return "max_connections"
+        if len(self._conns) >= settings.max_handshakes:
+            return "max_handshakes"
+        host = _host(conn.peer)
+        if sum(1 for c in self._conns if _host(c.peer) == host) >= settings.max_handshakes_per_address:
+            return "max_handshakes_per_address"
+        failures = self._auth_failures.get(host)
+        if failures:
+            while failures and failures[0] <= now - 60.0:
+                failures.popleft()
+            if len(failures) >= settings.auth_failures_per_minute:
+                return "auth_failures"
+        return None
+
+    def _expire_handshakes(self, now: float) -> None:
+        """Hang up on connections still in their handshake past its deadline (one byte every few
+        seconds must not hold a slot for long): their thread sees the end of the stream."""
+        with self._conns_lock:
+            late = [conn for conn, deadline in self._conns.items() if deadline <= now]
+        for conn in late:
+            self.refused["handshake_timeout"] += 1
+            conn.shutdown()
+
+    def _auth_failed(self, conn: transport.Connection, reason: str) -> None:
+        now = time.monotonic()
+        host = _host(conn.peer)
+        with self._conns_lock:
+            self.auth_failures += 1
+            if host not in self._auth_failures and len(self._auth_failures) >= MAX_TRACKED_HOSTS:
+                # Bounded: forget hosts whose failures are all older than the window.
+                for known in [h for h, times in self._auth_failures.items() if not times or times[-1] <= now - 60]:
+                    del self._auth_failures[known]
+                if len(self._auth_failures) >= MAX_TRACKED_HOSTS:
+                    self._auth_failures.clear()
+            self._auth_failures.setdefault(host, collections.deque()).append(now)
+        _log.warning("auth_failed", peer=conn.peer, reason=reason)
 
     def connection_count(self) -> int:
         return len(self._conns) + self.loop.session_count()
@@ -129,11 +208,10 @@ class QueuekitServer(managers.Server):
         served = False
         try:
             try:
-                conn.set_recv_timeout(transport.HANDSHAKE_TIMEOUT)
-                mpc.deliver_challenge(conn, self.authkey)  # type: ignore[attr-defined]
-                mpc.answer_challenge(conn, self.authkey)  # type: ignore[attr-defined]
+                conn.set_recv_timeout(self.settings.handshake_timeout)
+                handshake.serve(conn, self._keys)
             except AuthenticationError as e:
-                _log.warning("auth_failed", peer=conn.peer, reason=str(e))
+                self._auth_failed(conn, str(e))
                 return
             except (OSError, EOFError, ValueError) as e:
                 # Port scanners, garbage bytes, clients that hang up or stall mid-handshake.
@@ -145,6 +223,9 @@ class QueuekitServer(managers.Server):
                 _, funcname, args, kwds = request
             except (OSError, EOFError):
                 return
+            except transport.UnpicklingRefused as e:  # hostile: no answer, the connection is closed
+                _log.warning("request_refused", peer=conn.peer, reason=e.reason, detail=str(e)[:200])
+                return
             except Exception as e:  # unpicklable or malformed first request
                 self._reply(conn, ("#ERROR", ValueError(f"malformed request: {type(e).__name__}: {e}")))
                 return
@@ -154,6 +235,8 @@ class QueuekitServer(managers.Server):
                 return
             if funcname == "accept_connection":
                 if self._reply(conn, ("#RETURN", None)):
+                    with self._conns_lock:  # no handshake deadline from here on
+                        self._conns.pop(conn, None)
                     self.loop.add(conn, str(args[0]) if args else "?")
                     served = True
                 return
@@ -164,7 +247,7 @@ class QueuekitServer(managers.Server):
             self._reply(conn, msg)
         finally:
             with self._conns_lock:
-                self._conns.discard(conn)
+                self._conns.pop(conn, None)
             if not served:
                 conn.close()
 
@@ -190,6 +273,30 @@ class QueuekitServer(managers.Server):
             except Exception:
                 pass
             return False
+
+
+def _host(peer: str) -> str:
+    """The address part of ``host:port`` / ``[v6]:port``."""
+    return peer.rsplit(":", 1)[0]
+
+
+class _LogLimiter:
+    """At most one log line per reason a second; the lines say how many were not logged."""
+
+    def __init__(self) -> None:
+        self._next: dict[str, float] = {}
+        self._suppressed: collections.Counter[str] = collections.Counter()
+
+    def allow(self, reason: str, now: float) -> bool:
+        if now < self._next.get(reason, 0.0):
+            self._suppressed[reason] += 1
+            return False
+        self._next[reason] = now + 1.0
+        return True
+
+    def take(self, reason: str) -> dict[str, int]:
+        n = self._suppressed.pop(reason, 0)
+        return {"suppressed": n} if n else {}
 
 
 def _error_reply(e: Exception) -> tuple:

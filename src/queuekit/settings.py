@@ -15,7 +15,7 @@ from typing import Any
 from .errors import AuthkeyFileError, ConfigError
 
 DEFAULT_AUTHKEY_FILE = "/run/secrets/queuekit_authkey"
-MIN_AUTHKEY_BYTES = 16
+MIN_AUTHKEY_BYTES = 32  # a random key this long cannot be guessed from a captured handshake
 MAX_AUTHKEY_FILE_BYTES = 64 * 1024
 DEFAULT_PORT = 50000
 DEFAULT_HTTP_PORT = 8080
@@ -264,6 +264,11 @@ class ServerSettings:
     http_token_file: str | None = None
     http_token: Secret | None = None
     http_max_queues: int = DEFAULT_HTTP_MAX_QUEUES
+    # Before authentication (the handshake and the first request), per connection and in all.
+    handshake_timeout: float = 10.0
+    max_handshakes: int = 64
+    max_handshakes_per_address: int = 8
+    auth_failures_per_minute: int = 10
 
     @classmethod
     def load(
@@ -296,6 +301,14 @@ class ServerSettings:
                 "shutdown_grace", "QUEUEKIT_SHUTDOWN_GRACE_SECONDS", 2.0, _non_negative_float
             ),
             log_level=_log_level(src),
+            handshake_timeout=src.get("handshake_timeout", "QUEUEKIT_HANDSHAKE_TIMEOUT", 10.0, _positive_float),
+            max_handshakes=src.get("max_handshakes", "QUEUEKIT_MAX_HANDSHAKES", 64, _positive_int),
+            max_handshakes_per_address=src.get(
+                "max_handshakes_per_address", "QUEUEKIT_MAX_HANDSHAKES_PER_ADDRESS", 8, _positive_int
+            ),
+            auth_failures_per_minute=src.get(
+                "auth_failures_per_minute", "QUEUEKIT_AUTH_FAILURES_PER_MINUTE", 10, _positive_int
+            ),
         )
 
 

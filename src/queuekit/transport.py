@@ -45,7 +45,7 @@ import struct
 from multiprocessing import connection as mpc
 from multiprocessing import managers
 
-from . import errors, journal
+from . import errors, handshake, journal
 from .errors import QueuekitError
 
 SERIALIZER = "queuekit"
@@ -471,8 +471,7 @@ def Client(
     try:
         if authkey is not None:
             conn.set_recv_timeout(handshake_timeout)
-            mpc.answer_challenge(conn, authkey)
-            mpc.deliver_challenge(conn, authkey)
+            handshake.connect(conn, authkey)
             conn.set_recv_timeout(None)
     except BaseException:
         conn.close()

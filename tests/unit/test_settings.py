@@ -22,7 +22,10 @@ def test_authkey_trailing_newline_is_stripped(tmp_path, keyfile):
     assert load_authkey(str(crlf)).reveal() == KEY
 
 
-@pytest.mark.parametrize("content, message", [(b"", "is empty"), (b"\n", "is empty"), (b"short\n", "holds 5 bytes")])
+@pytest.mark.parametrize(
+    "content, message",
+    [(b"", "is empty"), (b"\n", "is empty"), (b"short\n", "holds 5 bytes"), (b"x" * 31 + b"\n", "holds 31 bytes")],
+)
 def test_short_or_empty_key_is_refused_with_the_fix(tmp_path, content, message):
     path = tmp_path / "key"
     path.write_bytes(content)
