@@ -313,7 +313,7 @@ def test_stock_client_errors_are_builtin_exceptions(server, key_file):
     m.connect()
     results = m.get_result_queue()
     with pytest.raises(ValueError, match="JSON-compatible"):
-        results.put(object())
+        results.put({1, 2})  # a set: plain pickle data (no global), but not JSON
     with pytest.raises(ValueError, match="limit is 1048576"):
         results.put("z" * (2 * 1024 * 1024))
     import queue
