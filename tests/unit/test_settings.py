@@ -2,8 +2,9 @@ import os
 
 import pytest
 
+from queuekit import settings as settings_module
 from queuekit.errors import AuthkeyFileError, ConfigError
-from queuekit.settings import Address, ClientSettings, ServerSettings, WorkerSettings, load_authkey
+from queuekit.settings import Address, ClientSettings, Secret, ServerSettings, WorkerSettings, load_authkey
 
 KEY = b"0123456789abcdef0123456789abcdef"
 
@@ -76,9 +77,30 @@ def test_defaults(keyfile):
     assert (w.queue, w.concurrency, w.prefetch, w.lease_seconds, w.drain_timeout) == ("tasks", 3, 6, 30.0, 25.0)
 
 
-def test_default_authkey_path_is_the_secret_mount():
-    with pytest.raises(AuthkeyFileError, match="/run/secrets/queuekit_authkey"):
-        ServerSettings.load({}, env={})
+def test_default_authkey_path_is_the_secret_mount(monkeypatch):
+    """Without flag or env every command reads the key from the secret mount. Which files exist on
+    this machine does not matter (inside the images that path exists): the loader is replaced by
+    one that records the path it was asked for."""
+    secret_mount = "/run/secrets/queuekit_authkey"  # the documented contract (images, Compose, k8s)
+    assert settings_module.DEFAULT_AUTHKEY_FILE == secret_mount
+    asked = []
+
+    def fake_load(path):
+        asked.append(path)
+        return Secret(KEY)
+
+    monkeypatch.setattr(settings_module, "load_authkey", fake_load)
+    server = ServerSettings.load({}, env={})
+    client = ClientSettings.load({}, env={})
+    worker = WorkerSettings.load({"handler": "m:f"}, env={})
+    assert asked == [secret_mount] * 3
+    assert server.authkey_file == client.authkey_file == worker.client.authkey_file == secret_mount
+    assert server.authkey.reveal() == KEY
+    # ...and the default is only a default: env, then flag, win over it.
+    env = {"QUEUEKIT_AUTHKEY_FILE": "/env/key"}
+    assert ServerSettings.load({}, env=env).authkey_file == "/env/key"
+    assert ServerSettings.load({"authkey_file": "/flag/key"}, env=env).authkey_file == "/flag/key"
+    assert asked[3:] == ["/env/key", "/flag/key"]
 
 
 def test_flag_wins_over_env(keyfile):
