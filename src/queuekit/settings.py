@@ -57,62 +57,60 @@ def load_authkey(path: str) -> Secret:
 
     Raises :class:`AuthkeyFileError` with a one-line message naming the file and the fix.
     """
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_AUTHKEY_FILE_BYTES + 1)
-    except FileNotFoundError:
-        raise AuthkeyFileError(f"authkey file {path} does not exist: {KEYGEN_HINT}") from None
-    except IsADirectoryError:
-        raise AuthkeyFileError(f"authkey file {path} is a directory, not a file: {KEYGEN_HINT}") from None
-    except PermissionError:
-        raise AuthkeyFileError(
-            f"authkey file {path} is not readable by uid {os.getuid()}: fix its mode/owner (see README, secrets)"
-        ) from None
-    except OSError as e:
-        raise AuthkeyFileError(f"authkey file {path} cannot be read ({e.strerror}): {KEYGEN_HINT}") from None
-    if len(data) > MAX_AUTHKEY_FILE_BYTES:
-        raise AuthkeyFileError(
-            f"authkey file {path} is larger than {MAX_AUTHKEY_FILE_BYTES} bytes: is it the right file?"
+    return Secret(
+        _read_secret_file(
+            path,
+            "authkey file",
+            MIN_AUTHKEY_BYTES,
+            MAX_AUTHKEY_FILE_BYTES,
+            KEYGEN_HINT,
+            "README, secrets",
+            AuthkeyFileError,
         )
-    if data.endswith(b"\r\n"):
-        data = data[:-2]
-    elif data.endswith(b"\n"):
-        data = data[:-1]
-    if len(data) < MIN_AUTHKEY_BYTES:
-        what = "is empty" if not data else f"holds {len(data)} bytes"
-        raise AuthkeyFileError(f"authkey file {path} {what}; at least {MIN_AUTHKEY_BYTES} are required: {KEYGEN_HINT}")
-    return Secret(data)
+    )
 
 
 def load_http_token(path: str) -> Secret:
     """Read the HTTP bearer token file (rules as :func:`load_authkey`; the token travels in a
     header, so printable ASCII without spaces). Raises :class:`ConfigError` with a one-line message."""
     hint = "create one with `queuekit keygen > FILE` and point --http-token-file / QUEUEKIT_HTTP_TOKEN_FILE at it"
+    what = "HTTP token file"
+    data = _read_secret_file(
+        path, what, MIN_HTTP_TOKEN_BYTES, MAX_HTTP_TOKEN_BYTES, hint, "docs/SECURITY.md", ConfigError
+    )
+    if not all(0x21 <= b <= 0x7E for b in data):
+        raise ConfigError(f"{what} {path} must hold printable ASCII without spaces (one line): {hint}")
+    return Secret(data)
+
+
+def _read_secret_file(
+    path: str, what: str, min_bytes: int, max_bytes: int, hint: str, mode_doc: str, error: type[ConfigError]
+) -> bytes:
+    """A secret's bytes, one trailing newline (``\\n`` or ``\\r\\n``) stripped, or ``error``
+    with one line naming the file and the fix (never the content)."""
     try:
         with open(path, "rb") as f:
-            data = f.read(MAX_HTTP_TOKEN_BYTES + 3)
+            data = f.read(max_bytes + 3)
     except FileNotFoundError:
-        raise ConfigError(f"HTTP token file {path} does not exist: {hint}") from None
+        raise error(f"{what} {path} does not exist: {hint}") from None
     except IsADirectoryError:
-        raise ConfigError(f"HTTP token file {path} is a directory, not a file: {hint}") from None
+        raise error(f"{what} {path} is a directory, not a file: {hint}") from None
     except PermissionError:
-        raise ConfigError(
-            f"HTTP token file {path} is not readable by uid {os.getuid()}: fix its mode/owner (see docs/SECURITY.md)"
+        raise error(
+            f"{what} {path} is not readable by uid {os.getuid()}: fix its mode/owner (see {mode_doc})"
         ) from None
     except OSError as e:
-        raise ConfigError(f"HTTP token file {path} cannot be read ({e.strerror}): {hint}") from None
+        raise error(f"{what} {path} cannot be read ({e.strerror}): {hint}") from None
     if data.endswith(b"\r\n"):
         data = data[:-2]
     elif data.endswith(b"\n"):
         data = data[:-1]
-    if len(data) > MAX_HTTP_TOKEN_BYTES:
-        raise ConfigError(f"HTTP token file {path} is larger than {MAX_HTTP_TOKEN_BYTES} bytes: is it the right file?")
-    if len(data) < MIN_HTTP_TOKEN_BYTES:
-        what = "is empty" if not data else f"holds {len(data)} bytes"
-        raise ConfigError(f"HTTP token file {path} {what}; at least {MIN_HTTP_TOKEN_BYTES} are required: {hint}")
-    if not all(0x21 <= b <= 0x7E for b in data):
-        raise ConfigError(f"HTTP token file {path} must hold printable ASCII without spaces (one line): {hint}")
-    return Secret(data)
+    if len(data) > max_bytes:
+        raise error(f"{what} {path} is larger than {max_bytes} bytes: is it the right file?")
+    if len(data) < min_bytes:
+        size = "is empty" if not data else f"holds {len(data)} bytes"
+        raise error(f"{what} {path} {size}; at least {min_bytes} are required: {hint}")
+    return data
 
 
 @dataclasses.dataclass(frozen=True)
