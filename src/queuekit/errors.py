@@ -13,7 +13,7 @@ import multiprocessing
 
 
 class ExitCode(enum.IntEnum):
-    """Process exit codes of every ``queuekit`` command (documented in docs/ARCHITECTURE.md)."""
+    """Process exit codes of every ``queuekit`` command (documented in docs/reference.md)."""
 
     OK = 0
     ERROR = 1  # unexpected failure

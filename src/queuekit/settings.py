@@ -64,7 +64,7 @@ def load_authkey(path: str) -> Secret:
             MIN_AUTHKEY_BYTES,
             MAX_AUTHKEY_FILE_BYTES,
             KEYGEN_HINT,
-            "README, secrets",
+            "compose/README.md",
             AuthkeyFileError,
         )
     )
