@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import builtins
 import io
+import itertools
 import os
 import pickle
 import pickletools
@@ -116,6 +117,9 @@ _OBJECT_OPCODES = frozenset(
         "READONLY_BUFFER",
     }
 )
+
+
+_CLASSIFY_OPCODES = 10_000
 
 
 class _RequestUnpickler(pickle.Unpickler):
@@ -229,7 +233,9 @@ def _classify_failure(data: bytes, error: Exception) -> Exception:
     """Why a message did not decode: an :class:`UnpicklingRefused` if it uses an object-building
     opcode (the failure path only), else a ``pickle.UnpicklingError`` naming the decoder's error."""
     try:
-        for opcode, _, _ in pickletools.genops(data):
+        # At most the first _CLASSIFY_OPCODES opcodes (a few ms): a huge frame that fails near
+        # its end must not hold the loop thread for seconds. Past that it is a plain decode error.
+        for opcode, _, _ in itertools.islice(pickletools.genops(data), _CLASSIFY_OPCODES):
             if opcode.name in _OBJECT_OPCODES:
                 return UnpicklingRefused(f"opcode {opcode.name} refused ({type(error).__name__}: {str(error)[:100]})")
     except Exception:
@@ -239,12 +245,26 @@ def _classify_failure(data: bytes, error: Exception) -> Exception:
     return pickle.UnpicklingError(f"{type(error).__name__}: {str(error)[:200]}")
 
 
+# The C unpickler reads a file object per opcode unless the file has ``peek`` (then it prefetches);
+# an attacker's pickle without FRAME opcodes would make that one Python call per byte. Small
+# messages (bounded cost, the hot path) are read from a BytesIO; larger ones through a
+# BufferedReader, whose peek lets the unpickler read them in bulk.
+_BULK_READ_FROM = 16 * 1024
+_BULK_BUFFER = 128 * 1024
+
+
+def _source(data: bytes):
+    if len(data) < _BULK_READ_FROM:
+        return io.BytesIO(data)
+    return io.BufferedReader(io.BytesIO(data), _BULK_BUFFER)
+
+
 def decode_message(data: bytes):
     """The request in a message body, for a server: plain data only (see the module docstring).
     Raises :class:`UnpicklingRefused` (a hostile or broken peer: close the connection), or
     ``pickle.UnpicklingError`` for bytes that are not a pickle of plain data."""
     try:
-        obj = _RequestUnpickler(io.BytesIO(data)).load()
+        obj = _RequestUnpickler(_source(data)).load()
     except UnpicklingRefused:
         raise
     except Exception as e:
@@ -258,7 +278,7 @@ def decode_reply(data: bytes):
     Raises :class:`UnpicklingRefused` for anything else, ``pickle.UnpicklingError`` for bytes
     that are not a pickle."""
     try:
-        return _ReplyUnpickler(io.BytesIO(data)).load()
+        return _ReplyUnpickler(_source(data)).load()
     except UnpicklingRefused:
         raise
     except Exception as e:

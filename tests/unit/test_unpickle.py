@@ -222,3 +222,16 @@ def test_fuzz_decoders_refuse_or_fail_cleanly(body):
         # It decoded: then it built nothing (the atoms' globals are in no allowlist).
         ops = {op.name for op, _, _ in pickletools.genops(body)}
         assert not ops & _NEVER_DECODED, f"{decode.__name__} decoded {body!r}"
+
+
+def test_a_large_unframed_pickle_costs_about_what_the_stock_unpickler_costs():
+    """Without FRAME opcodes a file-reading unpickler would make one Python call per opcode, and
+    the refusal's opcode scan must not walk millions of opcodes: both stay near pickle.loads."""
+    body = b"\x80\x04(" + b"K\x01" * 2_000_000 + b"N)R."  # fails at its very end
+    timings = {}
+    for name, decode in (("stock", pickle.loads), ("restricted", decode_message)):
+        started = time.perf_counter()
+        with pytest.raises((TypeError, pickle.UnpicklingError)):
+            decode(body)
+        timings[name] = time.perf_counter() - started
+    assert timings["restricted"] < 3 * timings["stock"] + 0.05, timings
