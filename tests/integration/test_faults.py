@@ -20,6 +20,30 @@ def _missing(counts, expected) -> list[int]:
     return sorted(set(expected) - set(counts))
 
 
+def _wait_server_closed_connections_of(stack, ip: str, timeout: float = 15) -> None:
+    """Wait until the server has closed every connection it served from ``ip`` (as many
+    ``client_disconnected`` as ``client_connected`` lines): it read and answered all it got from there."""
+
+    def count(event: str, log: str) -> int:
+        return len(re.findall(rf"event={event} peer={re.escape(ip)}:\d+ ", log))
+
+    def all_closed():
+        log = dk.logs(stack.server_container)
+        opened, closed = count("client_connected", log), count("client_disconnected", log)
+        return (opened, closed) if opened and opened == closed else None
+
+    dk.wait_until(
+        all_closed,
+        timeout=timeout,
+        interval=0.1,
+        message=lambda: f"the server to close every connection from {ip}:\n{dk.logs(stack.server_container, tail=40)}",
+    )
+
+
+def _retries(container) -> int:
+    return len(re.findall(r"event=connect_retry ", dk.logs(container)))
+
+
 def test_consumer_sigkill_mid_task_tasks_redelivered_after_lease(stack, metrics):
     """Case 3: ``docker kill`` (SIGKILL) of a consumer mid-task. Nothing is lost: the tasks it held
     are redelivered once their lease ran out (not before) and processed by the other consumers."""
@@ -30,10 +54,13 @@ def test_consumer_sigkill_mid_task_tasks_redelivered_after_lease(stack, metrics)
     # The victim runs alone first, so that whatever is in flight at the kill is its own.
     victim = stack.consumer("victim", env=env)
     dk.wait_for_log(victim, r"event=example_task", count=5, timeout=30)
+    victim_ip = dk.ip_address(victim, stack.network)  # gone once it stopped
     dk.raw(victim).kill()  # SIGKILL: no drain, no release, no ack
     killed_at = time.monotonic()
     dk.wait_exit(victim, timeout=10)
-    time.sleep(0.3)  # let the server finish any request the victim sent just before it died
+    # Whatever the victim sent just before it died has been handled once the server has seen each of
+    # its connections close.
+    _wait_server_closed_connections_of(stack, victim_ip)
     held = stack.stats()["inflight"]  # no other consumer yet: these leases are all the victim's
     assert held >= 1, f"the victim held no task when killed (prefetch 1 keeps one): {stack.stats()}"
     by_victim = done_tasks(victim)
@@ -137,11 +164,19 @@ def test_server_sigkill_and_restart_on_its_volume(stack, metrics):
     dk.wait_until(
         lambda: sum(len(done_tasks(c)) for c in consumers) >= 60, timeout=30, message="60 tasks before the crash"
     )
+    retries = {dk.name_of(c): _retries(c) for c in (*consumers, producer)}  # before the crash
     dk.raw(server).kill()
     crashed_at = time.time()
     assert dk.wait_exit(server, timeout=10) != 0
     before = count_n(consumers)
-    time.sleep(1.0)  # producer and consumers now retry against a dead address
+    dk.wait_until(  # the restart must find producer and consumers retrying against a dead address
+        lambda: all(_retries(c) > retries[dk.name_of(c)] for c in (*consumers, producer)),
+        timeout=30,
+        interval=0.1,
+        message=lambda: (
+            f"every client to log connect_retry after the crash (before: {retries}):\n{stack.dump(tail=20)}"
+        ),
+    )
     dk.raw(server).start()
     dk.wait_for_log(server, r"event=server_ready", count=2, timeout=30)
     restarted_at = time.time()
@@ -223,7 +258,7 @@ def test_network_cut_consumer_tasks_redelivered_and_reconnect_loses_nothing(stac
         chunk = list(range(1000 + len(second), 1000 + len(second) + 6))
         queue.put_many(tasks(chunk, ms))
         second += chunk
-        time.sleep(0.5)
+        time.sleep(0.5)  # the feed's pacing (a trickle of new tasks), not synchronisation
     stats = stack.wait_settled(first + len(second), timeout=60)
     counts = count_n([victim, *others])
     assert not _missing(counts, second), f"lost after the reconnect: {_missing(counts, second)}\n{stack.dump()}"
