@@ -16,24 +16,12 @@ from pathlib import Path
 import pytest
 
 import queuekit
-from support.procs import ROOT, ServerProc, base_env
+from support.procs import ROOT, ServerProc, base_env, wait_until
 
 # The documented bounds of the HTTP port (docs/reference.md, "HTTP endpoints").
 CAP = 64  # connections served at once
 DEADLINE = 5.0  # seconds per connection: request in, response out
 FLOOD = 300  # idle connections, well above the cap
-
-
-def wait_until(predicate, *, timeout, what):
-    """Poll until ``predicate()`` is truthy (returned) or ``timeout`` s pass (AssertionError)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what() if callable(what) else what}")
-        time.sleep(0.05)
 
 
 def threads(pid: int) -> int:

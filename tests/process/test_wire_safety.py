@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 import queuekit
 from queuekit.transport import API_IDENT
-from support.procs import ROOT, Proc, ServerProc, base_env, write_key
+from support.procs import ROOT, Proc, ServerProc, base_env, wait_until, write_key
 from support.wire_attacks import Gadget, amplification_request, frame, fuzz_bodies, gadgets, raw_pickles
 
 try:  # the server's handshake (HMAC-SHA256 for queuekit's own clients), when this tree has one
@@ -50,15 +50,6 @@ def marker(shared, request):
     path = shared[2] / f"pwned-{request.node.name.replace('/', '_')}"
     yield path
     assert not path.exists(), "a pickle from the wire ran code"
-
-
-def wait_until(predicate, *, timeout: float, what: str) -> None:
-    """Poll ``predicate`` until true or fail naming ``what`` (a condition, not a sleep)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(0.02)
 
 
 def key_of(key_file) -> bytes:
