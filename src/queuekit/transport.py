@@ -10,7 +10,9 @@ What this module adds, all on the socket:
   detected in about a minute instead of the kernel's ~15;
 - a handshake timeout, so a peer that connects and sends nothing (or garbage) cannot pin a thread;
 - a maximum message size: a length prefix larger than the limit closes the connection instead of
-  allocating whatever a peer claims.
+  allocating whatever a peer claims. The server's connections take theirs from
+  ``QUEUEKIT_MAX_MESSAGE_BYTES`` (``Listener.max_message_bytes``; the loop reads it per session),
+  connections made by :func:`Client` keep ``DEFAULT_MAX_MESSAGE_BYTES`` for the replies they read.
 
 The framing and (un)pickling of messages live here too (``frame_bounds``, ``encode_message``,
 ``decode_message`` / ``decode_reply``), shared by ``Connection`` and the server's event loop
@@ -52,6 +54,8 @@ from .errors import QueuekitError
 SERIALIZER = "queuekit"
 API_IDENT = "queuekit.v1"  # the server-side id of the queuekit API object (see server.QueueAPI)
 HANDSHAKE_TIMEOUT = 10.0
+# The limit of a Connection that was given none: what queuekit's clients accept in a reply (a
+# get_many of large tasks). A server's connections get QUEUEKIT_MAX_MESSAGE_BYTES instead.
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 30, 10, 3
 USER_TIMEOUT_MS = 60_000
@@ -201,32 +205,45 @@ EXPANSION_SLACK_OBJECTS = 1024
 EXPANSION_SLACK_BYTES = 1024 * 1024
 
 
+_SCALARS = frozenset({int, float, bool, type(None)})
+
+
 def _check_expansion(obj, frame_size: int) -> None:
     """Refuse a request whose objects or str/bytes lengths add up to more than its frame allows.
-    The walk stops as soon as a budget runs out, so its cost is bounded by the frame's size."""
+
+    Every container's members are counted when it is opened, before any of them is visited, so
+    the walk ends as soon as the object budget runs out: its cost is bounded by the frame's size.
+    A long run of only texts or only scalars (a batch of payloads, a list of ids) is measured in C.
+    Text lengths cost nothing to add up, so they are compared once, at the end."""
     objects = EXPANSION_FACTOR * frame_size + EXPANSION_SLACK_OBJECTS
     chars = EXPANSION_FACTOR * frame_size + EXPANSION_SLACK_BYTES
     stack = [obj]
-    pop, extend = stack.pop, stack.extend
+    pop = stack.pop
     while stack:
         item = pop()
         kind = type(item)
-        objects -= 1
         if kind is str or kind is bytes or kind is bytearray:
             chars -= len(item)
-        elif kind is tuple or kind is list or kind is set or kind is frozenset:
-            objects -= len(item)
-            extend(item)
-        elif kind is dict:
-            objects -= 2 * len(item)
-            extend(item.keys())
-            extend(item.values())
-        if objects < 0 or chars < 0:
-            raise RequestTooExpanded(
-                f"a request of {frame_size} bytes decodes to more than "
-                f"{EXPANSION_FACTOR * frame_size + EXPANSION_SLACK_BYTES} bytes of text or "
-                f"{EXPANSION_FACTOR * frame_size + EXPANSION_SLACK_OBJECTS} objects (pickle references)"
-            )
+        elif kind is tuple or kind is list or kind is dict or kind is set or kind is frozenset:
+            n = len(item)
+            objects -= 2 * n if kind is dict else n
+            if objects < 0:
+                break
+            if kind is dict:
+                stack += item.keys()
+                stack += item.values()
+            elif n > 16 and (kinds := set(map(type, item))) <= _SCALARS:
+                continue
+            elif n > 16 and kinds == {str}:
+                chars -= sum(map(len, item))
+            else:
+                stack += item
+    if objects < 0 or chars < 0:
+        raise RequestTooExpanded(
+            f"a request of {frame_size} bytes decodes to more than "
+            f"{EXPANSION_FACTOR * frame_size + EXPANSION_SLACK_BYTES} bytes of text or "
+            f"{EXPANSION_FACTOR * frame_size + EXPANSION_SLACK_OBJECTS} objects (pickle references)"
+        )
 
 
 def _classify_failure(data: bytes, error: Exception) -> Exception:
@@ -443,7 +460,9 @@ class Listener:
         self._sock.settimeout(accept_timeout)
         self.address = self._sock.getsockname()[:2]
         self.last_accepted = None
-        self._max_message_bytes = max_message_bytes
+        # The limit of the connections accepted from now on; public because the stock
+        # managers.Server makes the Listener itself (the server sets it after that).
+        self.max_message_bytes = max_message_bytes
 
     def accept(self) -> Connection:
         sock, addr = self._sock.accept()
@@ -453,7 +472,7 @@ class Listener:
             sock.close()
             raise
         self.last_accepted = addr
-        return _wrap(sock, format_peer(addr), self._max_message_bytes)
+        return _wrap(sock, format_peer(addr), self.max_message_bytes)
 
     def close(self) -> None:
         self._sock.close()
