@@ -209,7 +209,42 @@ _SCALARS = frozenset({int, float, bool, type(None)})
 
 
 def _check_expansion(obj, frame_size: int) -> None:
-    """Refuse a request whose objects or str/bytes lengths add up to more than its frame allows.
+    """Refuse a request whose objects or str/bytes lengths add up to more than its frame allows."""
+    if type(obj) is tuple and len(obj) == 4 and not obj[3] and type(obj[2]) is tuple:
+        # The usual request, (ident, method, args, {}) with flat args: measured without the
+        # general walk (this runs for every request). Anything else takes the walk.
+        chars = 0
+        objects = len(obj[2])
+        for arg in obj[2]:
+            kind = type(arg)
+            if kind in _SCALARS:
+                continue
+            if kind is str or kind is bytes:
+                chars += len(arg)
+            elif kind is list or kind is tuple:
+                kinds = set(map(type, arg))
+                if kinds <= _TEXTS:
+                    chars += sum(map(len, arg))
+                elif not kinds <= _SCALARS:
+                    break
+                objects += len(arg)
+            else:
+                break
+        else:
+            if type(obj[0]) is str and type(obj[1]) is str:
+                chars += len(obj[0]) + len(obj[1])
+                if chars <= EXPANSION_FACTOR * frame_size + EXPANSION_SLACK_BYTES and objects <= (
+                    EXPANSION_FACTOR * frame_size + EXPANSION_SLACK_OBJECTS
+                ):
+                    return
+    _walk_expansion(obj, frame_size)
+
+
+_TEXTS = frozenset({str, bytes})
+
+
+def _walk_expansion(obj, frame_size: int) -> None:
+    """The general measure of :func:`_check_expansion`.
 
     Every container's members are counted when it is opened, before any of them is visited, so
     the walk ends as soon as the object budget runs out: its cost is bounded by the frame's size.
