@@ -65,6 +65,8 @@ class QueueAPI:
             raise InvalidRequest(f"at most {MAX_BATCH} tasks per put_many, got {len(texts)}")
         delay = seconds(delay, "delay", 0.0, MAX_DELAY_SECONDS)
         broker = self._broker
+        if texts and not broker.has_queue(queue):
+            create_queue(broker, queue)
         put = broker.begin_put(queue, texts, delay)
         if not put.seq:  # memory mode: visible already
             return broker.finish_put(put)
@@ -86,6 +88,8 @@ class QueueAPI:
         timeout = min(seconds(timeout, "timeout", 0.0, None), MAX_SERVER_WAIT)
         lease = optional_lease(lease)
         acks = None if acks is None else task_ids(acks)
+        if not self._broker.has_queue(queue):
+            create_queue(self._broker, queue)
         result = self._broker.get_or_wait(queue, max_n, timeout, lease, acks, session.deliver)
         if isinstance(result, list):
             return self._answer(session, queue, result)
@@ -135,6 +139,16 @@ class QueueAPI:
 
 
 # -- argument checks (also used by the compat adapter) -------------------------------------
+
+
+def create_queue(broker: Broker, name: str) -> None:
+    """Create queue ``name`` for a call that needs it (a put or a get), unless the server holds
+    ``QUEUEKIT_MAX_QUEUES`` queues already: then :class:`InvalidRequest`, nothing created."""
+    if not broker.create_queue(name, broker.max_queues):
+        raise InvalidRequest(
+            f"queue {name!r} does not exist and the server already holds its maximum of "
+            f"{broker.max_queues} queues (QUEUEKIT_MAX_QUEUES); existing queues keep working"
+        )
 
 
 def seconds(value: Any, name: str, low: float, high: float | None) -> float:

@@ -106,6 +106,7 @@ class ServerApp:
         broker = self.broker = Broker(
             journal=journal,
             max_task_bytes=settings.max_task_bytes,
+            max_queues=settings.max_queues,
             max_attempts=settings.max_attempts,
             retry_base=settings.retry_base_seconds,
             retry_max=settings.retry_max_seconds,

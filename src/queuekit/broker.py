@@ -14,6 +14,9 @@ States and transitions (``attempts`` counts failed deliveries)::
 Contract:
 - The broker trusts its callers: arguments were checked where they entered the process
   (:mod:`queuekit.api` for what clients send); here they are used as they are.
+- Queues are created on first use by a put or a get (``_queue``), or by ``create_queue``; calls
+  that only read or change existing tasks (ack, nack, extend, release, dead letters, qsize) never
+  create one. How many queues may exist is the API's check (``create_queue`` with a limit).
 - Thread-safe: one lock guards all queues. Nothing blocks waiting for a task: ``get_or_wait``
   parks a :class:`Waiter` when nothing is ready, and whoever makes tasks ready (a put, a nack, a
   release, a lease expiry) takes them for the oldest waiter and calls its ``deliver`` callback.
@@ -159,6 +162,7 @@ class Broker:
         *,
         journal: Journal | None = None,
         max_task_bytes: int = 1024 * 1024,
+        max_queues: int | None = None,
         max_attempts: int = 5,
         retry_base: float = 1.0,
         retry_max: float = 300.0,
@@ -171,6 +175,7 @@ class Broker:
         self._journal = journal or Journal()
         self._durable = self._journal.durable
         self.max_task_bytes = max_task_bytes
+        self.max_queues = max_queues  # for the API's check before a call creates a queue (None: no limit)
         self.max_attempts = max_attempts
         self.retry_base = retry_base
         self.retry_max = retry_max
@@ -338,14 +343,17 @@ class Broker:
 
     def ack_many(self, queue: str, ids: Iterable[int]) -> int:
         with self._lock:
-            return self._ack(self._queue(queue), ids)
+            q = self._queues.get(queue)
+            return 0 if q is None else self._ack(q, ids)
 
     def nack_many(self, queue: str, items: Iterable[NackItem]) -> int:
         """A nack charges an attempt; ``delay=None`` means the server's exponential backoff with
         jitter. Items quoting a stale delivery are ignored."""
         now = self._clock.monotonic()
         with self._lock:
-            q = self._queue(queue)
+            q = self._queues.get(queue)
+            if q is None:
+                return 0
             done = 0
             for item in items:
                 task = q.live.get(item.id)
@@ -363,7 +371,9 @@ class Broker:
         """Renew the leases of ``(id, delivery)`` receipts. Returns the ids that are no longer ours."""
         lease = self.default_lease if lease is None else lease
         with self._lock:
-            q = self._queue(queue)
+            q = self._queues.get(queue)
+            if q is None:
+                return [task_id for task_id, _ in receipts]
             now = self._clock.monotonic()
             self._service(q, now)
             deadline = now + lease
@@ -384,7 +394,9 @@ class Broker:
     def release_many(self, queue: str, receipts: Iterable[tuple[int, int]]) -> int:
         """Give leased tasks back unstarted: to the front of the queue, no attempt charged."""
         with self._lock:
-            q = self._queue(queue)
+            q = self._queues.get(queue)
+            if q is None:
+                return 0
             released = []
             for task_id, delivery in receipts:
                 task = q.live.get(task_id)
@@ -403,7 +415,9 @@ class Broker:
 
     def dead_list(self, queue: str, limit: int = 100) -> list[dict]:
         with self._lock:
-            q = self._queue(queue)
+            q = self._queues.get(queue)
+            if q is None:
+                return []
             return [
                 {
                     "id": t.id,
@@ -418,7 +432,9 @@ class Broker:
     def dead_requeue(self, queue: str, ids: Iterable[int] | None = None) -> int:
         """Move dead tasks (all, or the given ids) back to ready with their attempts reset."""
         with self._lock:
-            q = self._queue(queue)
+            q = self._queues.get(queue)
+            if q is None:
+                return 0
             chosen = list(q.dead) if ids is None else [i for i in ids if i in q.dead]
             ops: list[JournalOp] = []
             for task_id in chosen:
@@ -435,7 +451,9 @@ class Broker:
 
     def dead_purge(self, queue: str, ids: Iterable[int] | None = None) -> int:
         with self._lock:
-            q = self._queue(queue)
+            q = self._queues.get(queue)
+            if q is None:
+                return 0
             chosen = list(q.dead) if ids is None else [i for i in ids if i in q.dead]
             for task_id in chosen:
                 q.dead.pop(task_id).state = GONE
@@ -452,6 +470,25 @@ class Broker:
                 return 0
             self._service(q, self._clock.monotonic())
             return q.n_ready
+
+    def has_queue(self, name: str) -> bool:
+        """Whether queue ``name`` exists (one dict lookup, no lock: a queue is never removed)."""
+        return name in self._queues
+
+    def queue_count(self) -> int:
+        return len(self._queues)
+
+    def create_queue(self, name: str, limit: int | None = None) -> bool:
+        """Make sure queue ``name`` exists. False, and nothing created, when it does not and
+        ``limit`` queues exist already (checked and created under the lock, so concurrent
+        callers cannot overshoot)."""
+        with self._lock:
+            if name in self._queues:
+                return True
+            if limit is not None and len(self._queues) >= limit:
+                return False
+            self._queues[name] = _Queue(name)
+            return True
 
     def stats(self) -> dict[str, dict[str, int]]:
         """Per-queue gauges and counters. Counters count since this server process started."""

@@ -24,6 +24,11 @@ loop answers nothing else from that connection; a pipelining client's next reque
 buffer. A parked get keeps watching for the client hanging up: its waiter is then withdrawn, so a
 task is never handed to a client that is gone. A client that sends anything while its get is
 parked is breaking the protocol and is disconnected.
+
+A request that has started to arrive must be complete within ``frame_timeout`` seconds
+(QUEUEKIT_FRAME_TIMEOUT): a client that sends part of a large message and stalls would otherwise
+hold that much memory for as long as it likes. The deadline is one entry in the loop's timer heap
+per partly received message; a request that arrives in one read costs nothing.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from typing import Any
 from . import logs, transport
 from .broker import Broker, Waiter, receipts
 from .message import WireDelivery
+from .settings import DEFAULT_FRAME_TIMEOUT
 
 _log = logs.get("server")
 READ_SIZE = 65536
@@ -71,7 +77,21 @@ IDLE, ANSWERING, PARKED, WRITING, CLOSED = State.IDLE, State.ANSWERING, State.PA
 class Session:
     """One authenticated connection in the loop: its buffers and the request being answered."""
 
-    __slots__ = ("conn", "fd", "peer", "name", "rbuf", "wbuf", "hook", "waiter", "finish", "deliver", "state", "events")
+    __slots__ = (
+        "conn",
+        "fd",
+        "peer",
+        "name",
+        "rbuf",
+        "wbuf",
+        "hook",
+        "waiter",
+        "finish",
+        "deliver",
+        "state",
+        "events",
+        "frame_timer",
+    )
 
     def __init__(self, conn: transport.Connection, name: str, deliver: Callable[[Session, list[WireDelivery]], None]):
         self.conn = conn
@@ -89,6 +109,7 @@ class Session:
         self.deliver = lambda items: deliver(self, items)  # the deliver callback of its waiters
         self.state = IDLE
         self.events = 0  # selector events registered
+        self.frame_timer: _FrameTimer | None = None  # the deadline of a partly received request
 
     def after_reply(self, hook: Callable[[bool], None]) -> None:
         """Run ``hook(True)`` once the reply being answered was written to the socket, or
@@ -96,10 +117,19 @@ class Session:
         self.hook = hook
 
 
+class _FrameTimer:
+    """The timer-heap entry of one partly received request: still due while it is its session's
+    ``frame_timer``."""
+
+    __slots__ = ()
+
+
 class Loop:
     """Serves sessions until :meth:`stop`. ``dispatch(session, request)`` answers one request:
     it returns the result (sent as ``#RETURN``), raises (sent as an error reply built by
     ``error_reply``) or returns :data:`PENDING` after :meth:`park` or :meth:`after_commit`."""
+
+    frame_timeout = DEFAULT_FRAME_TIMEOUT  # seconds for the rest of a started request (the server sets it)
 
     def __init__(
         self,
@@ -117,7 +147,8 @@ class Loop:
         self._sel.register(self._wake_r, selectors.EVENT_READ, None)
         self._inbox: deque[tuple] = deque()  # work handed over by other threads
         self._sessions: dict[int, Session] = {}
-        self._timers: list[tuple[float, int, Session, Waiter]] = []  # (deadline, seq, session, waiter)
+        # (deadline, seq, session, waiter of a parked get or the _FrameTimer of a partial request)
+        self._timers: list[tuple[float, int, Session, Waiter | _FrameTimer]] = []
         self._timer_seq = itertools.count()
         self._uncommitted: list[tuple[Session, Callable[[BaseException | None], Any]]] = []
         self._commit_seq = 0  # the journal sequence number this turn's commit must reach
@@ -314,6 +345,8 @@ class Loop:
         while session.state is IDLE:
             bounds = transport.frame_bounds(rbuf)
             if bounds is None:
+                if rbuf and session.frame_timer is None:
+                    self._start_frame_timer(session)
                 return
             start, size = bounds
             limit = session.conn.max_message_bytes
@@ -323,10 +356,28 @@ class Loop:
                 return
             end = start + size
             if len(rbuf) < end:
+                if session.frame_timer is None:
+                    self._start_frame_timer(session)
                 return
+            session.frame_timer = None
             data = bytes(rbuf[start:end])
             del rbuf[:end]
             self._handle(session, data)
+
+    def _start_frame_timer(self, session: Session) -> None:
+        timer = session.frame_timer = _FrameTimer()
+        deadline = time.monotonic() + self.frame_timeout
+        heapq.heappush(self._timers, (deadline, next(self._timer_seq), session, timer))
+
+    def _frame_timed_out(self, session: Session) -> None:
+        _log.warning(
+            "frame_timeout",
+            peer=session.peer,
+            client=session.name,
+            received=len(session.rbuf),
+            seconds=self.frame_timeout,
+        )
+        self._close(session, "frame_timeout")
 
     def _handle(self, session: Session, data: bytes) -> None:
         session.state = ANSWERING
@@ -401,12 +452,16 @@ class Loop:
     def _expire(self, now: float) -> None:
         timers = self._timers
         while timers and timers[0][0] <= now:
-            _, _, session, waiter = heapq.heappop(timers)
-            if session.waiter is waiter and session.state is PARKED and self._broker.cancel(waiter):
+            _, _, session, what = heapq.heappop(timers)
+            if isinstance(what, _FrameTimer):
+                if session.frame_timer is what and session.state is not CLOSED:
+                    self._frame_timed_out(session)
+            elif session.waiter is what and session.state is PARKED and self._broker.cancel(what):
                 self._delivered(session, [])
-        # Timers of gets answered early stay until their deadline; rebuild when they pile up.
+        # Timers of gets answered early (and of requests completed in time) stay until their
+        # deadline; rebuild when they pile up.
         if len(timers) > 4096 and len(timers) > 4 * len(self._sessions):
-            self._timers = [t for t in timers if t[2].waiter is t[3]]
+            self._timers = [t for t in timers if t[2].waiter is t[3] or t[2].frame_timer is t[3]]
             heapq.heapify(self._timers)
 
     def _send(self, session: Session, msg: tuple) -> None:
@@ -457,5 +512,7 @@ class Loop:
             hook(False)  # the reply did not (fully) reach the client
         self._set_events(session, 0)
         self._sessions.pop(session.fd, None)
+        session.rbuf = bytearray()  # a partial request may be large; timers may still hold the session
+        session.frame_timer = None
         session.conn.close()
         _log.info("client_disconnected", peer=session.peer, client=session.name, reason=reason)

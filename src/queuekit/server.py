@@ -30,6 +30,7 @@ from . import api, compat, handshake, logs, transport
 from .broker import Broker
 from .errors import QueuekitError
 from .loop import Loop, Session
+from .message import check_queue_name
 from .settings import ServerSettings
 
 API_IDENT = transport.API_IDENT
@@ -43,6 +44,8 @@ class QueuekitServer(managers.Server):
     """Serves ``broker`` on ``settings.bind``. ``info`` is what ``ping`` and ``stats`` report
     (the application: ``durable`` and ``stats()``)."""
 
+    # ``dummy`` does nothing, and stock clients need it: BaseManager.connect() sends it (3.11 to
+    # 3.13) before anything else. ``create`` reaches only the registry below.
     public = ["create", "accept_connection", "get_methods", "incref", "decref", "dummy"]
 
     def __init__(self, broker: Broker, settings: ServerSettings, info: Any):
@@ -62,12 +65,22 @@ class QueuekitServer(managers.Server):
         self._accepter: threading.Thread | None = None
         self.loop = Loop(self.dispatch, _error_reply, broker)
         self._loop_thread: threading.Thread | None = None
+        # One CompatQueue per queue, made by `create` (on handshake threads). Bounded: an entry is
+        # made only for a valid name whose queue exists or is created here within
+        # QUEUEKIT_MAX_QUEUES, and queues are never removed.
         queues: dict[str, compat.CompatQueue] = {}
 
-        def compat_queue(name: str) -> compat.CompatQueue:
-            if name not in queues:
-                queues[name] = compat.CompatQueue(broker, self.loop, name, lambda: self.stopping)
-            return queues[name]
+        def compat_queue(name: Any) -> compat.CompatQueue:
+            found = queues.get(name) if type(name) is str else None
+            if found is not None:
+                return found
+            try:  # builtin errors: a stock client cannot unpickle queuekit's own
+                check_queue_name(name)
+                if not broker.has_queue(name):
+                    api.create_queue(broker, name)
+            except QueuekitError as e:
+                raise ValueError(f"queuekit: {e}") from None
+            return queues.setdefault(name, compat.CompatQueue(broker, self.loop, name, lambda: self.stopping))
 
         proxy = managers.AutoProxy  # type: ignore[attr-defined]
         registry = {
@@ -78,6 +91,9 @@ class QueuekitServer(managers.Server):
         # typeshed types the registry and id_to_obj more narrowly than the standard library uses them.
         address, authkey = settings.bind.tuple(), settings.authkey.reveal()
         super().__init__(registry, address, authkey, transport.SERIALIZER)  # type: ignore[arg-type]
+        # After authentication, bounded: the stock Server made the Listener, so its limit is set here.
+        self.listener.max_message_bytes = settings.max_message_bytes  # type: ignore[attr-defined]
+        self.loop.frame_timeout = settings.frame_timeout
         api_object = api.QueueAPI(broker, self.loop, info)
         self.id_to_obj[API_IDENT] = (api_object, set(api.METHODS), None)  # type: ignore[assignment]
 
@@ -221,6 +237,9 @@ class QueuekitServer(managers.Server):
                 request = conn.recv()
                 conn.set_recv_timeout(None)
                 _, funcname, args, kwds = request
+            except transport.MessageTooLarge as e:
+                _log.warning("message_too_large", peer=conn.peer, limit=conn.max_message_bytes, detail=str(e)[:200])
+                return
             except (OSError, EOFError):
                 return
             except transport.UnpicklingRefused as e:  # hostile: no answer, the connection is closed

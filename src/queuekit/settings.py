@@ -23,6 +23,16 @@ DEFAULT_MAX_TASK_BYTES = 1024 * 1024
 MIN_HTTP_TOKEN_BYTES = 32
 MAX_HTTP_TOKEN_BYTES = 4096
 DEFAULT_HTTP_MAX_QUEUES = 1000
+DEFAULT_FRAME_TIMEOUT = 30.0
+DEFAULT_MAX_QUEUES = 10_000
+# What the derived maximum message size (QUEUEKIT_MAX_MESSAGE_BYTES) allows: the biggest request a
+# legitimate client sends is a put_many. The API takes up to 10,000 texts a call (api.MAX_BATCH);
+# queuekit's own client sends chunks of at most 1,000 texts and 16 Mi characters in all, or one
+# text alone (client._chunks), i.e. at most 64 MiB of UTF-8 (4 bytes a character). Everything
+# else a client sends (acks, receipts, names) is far smaller.
+MESSAGE_BATCH_TASKS = 10_000
+MESSAGE_BATCH_BYTES = 4 * 16 * 1024 * 1024
+MESSAGE_OVERHEAD_BYTES = 1024 * 1024  # the request tuple, the queue name, ~10 bytes of pickle a text
 KEYGEN_HINT = "create one with `queuekit keygen > FILE` and point --authkey-file / QUEUEKIT_AUTHKEY_FILE at it"
 
 
@@ -111,6 +121,15 @@ def _read_secret_file(
         size = "is empty" if not data else f"holds {len(data)} bytes"
         raise error(f"{what} {path} {size}; at least {min_bytes} are required: {hint}")
     return data
+
+
+def derived_max_message_bytes(max_task_bytes: int) -> int:
+    """The default maximum message size for a task limit: a put_many of up to
+    ``MESSAGE_BATCH_TASKS`` texts at the task limit, but at most ``MESSAGE_BATCH_BYTES`` (what the
+    client's chunking can send), never less than one task; plus ``MESSAGE_OVERHEAD_BYTES``.
+    65 MiB for the default 1 MiB task limit."""
+    batch = min(MESSAGE_BATCH_TASKS * max_task_bytes, MESSAGE_BATCH_BYTES)
+    return max(max_task_bytes, batch) + MESSAGE_OVERHEAD_BYTES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -267,6 +286,11 @@ class ServerSettings:
     max_handshakes: int = 64
     max_handshakes_per_address: int = 8
     auth_failures_per_minute: int = 10
+    # After authentication: the largest message a client may send (default derived from the
+    # task limit), how long the rest of a started message may take, how many queues may exist.
+    max_message_bytes: int = derived_max_message_bytes(DEFAULT_MAX_TASK_BYTES)
+    frame_timeout: float = DEFAULT_FRAME_TIMEOUT
+    max_queues: int = DEFAULT_MAX_QUEUES
 
     @classmethod
     def load(
@@ -307,6 +331,16 @@ class ServerSettings:
             auth_failures_per_minute=src.get(
                 "auth_failures_per_minute", "QUEUEKIT_AUTH_FAILURES_PER_MINUTE", 10, _positive_int
             ),
+            max_message_bytes=src.get(
+                "max_message_bytes",
+                "QUEUEKIT_MAX_MESSAGE_BYTES",
+                derived_max_message_bytes(
+                    src.get("max_task_bytes", "QUEUEKIT_MAX_TASK_BYTES", DEFAULT_MAX_TASK_BYTES, _positive_int)
+                ),
+                _positive_int,
+            ),
+            frame_timeout=src.get("frame_timeout", "QUEUEKIT_FRAME_TIMEOUT", DEFAULT_FRAME_TIMEOUT, _positive_float),
+            max_queues=src.get("max_queues", "QUEUEKIT_MAX_QUEUES", DEFAULT_MAX_QUEUES, _positive_int),
         )
 
 
