@@ -13,6 +13,7 @@ from .errors import (  # noqa: E402
     ConfigError,
     PayloadError,
     PayloadTooLarge,
+    PermissionDenied,
     QueuekitError,
     ServerUnavailable,
 )
@@ -30,4 +31,5 @@ __all__ = [
     "ServerUnavailable",
     "PayloadError",
     "PayloadTooLarge",
+    "PermissionDenied",
 ]

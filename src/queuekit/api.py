@@ -21,6 +21,21 @@ MAX_SERVER_WAIT = 60.0  # one get_many call waits at most this long (the client 
 MAX_LEASE_SECONDS = 12 * 3600.0
 MAX_DELAY_SECONDS = 366 * 86400.0
 
+# The methods whose first argument is a queue name (what a key's queue patterns are checked against).
+QUEUE_METHODS = frozenset(
+    {
+        "put_many",
+        "get_many",
+        "ack_many",
+        "nack_many",
+        "extend_many",
+        "release_many",
+        "dead_list",
+        "dead_requeue",
+        "dead_purge",
+        "qsize",
+    }
+)
 METHODS = (
     "ping",
     "put_many",

@@ -16,7 +16,7 @@ import threading
 import time
 from typing import Any
 
-from . import __version__, http, logs, transport
+from . import __version__, http, keys, logs, transport
 from .broker import Broker
 from .errors import ConfigError, ExitCode
 from .journal import Journal
@@ -24,6 +24,7 @@ from .server import QueuekitServer
 from .settings import ServerSettings
 
 REAPER_INTERVAL = 0.2  # seconds between lease-expiry / retry-promotion passes
+KEY_POLL_INTERVAL = 0.5  # seconds between checks of the key files (and of the stop flag)
 
 _log = logs.get("server")
 
@@ -48,6 +49,10 @@ class ServerApp:
         self.server: QueuekitServer | None = None
         self.web: http.HTTPPort | None = None
         self._stop_reaper = threading.Event()
+        # Where the accepted keys come from (the authkey file only if it was loaded).
+        self._key_sources = (settings.authkey_file if settings.authkey.reveal() else None, settings.keys_dir)
+        self._key_signature: tuple = ()
+        self._grants: list[keys.Grant] = []
         self._reaper: threading.Thread | None = None
 
     # -- what the HTTP port and the API report ----------------------------------------------
@@ -87,6 +92,9 @@ class ServerApp:
 
     def start(self) -> None:
         settings = self.settings
+        self._grants = keys.load_grants(*self._key_sources)
+        self._key_signature = keys.sources_signature(*self._key_sources)
+        _log.info("keys_loaded", roles=keys.summary(self._grants), keys_dir=settings.keys_dir)
         journal = self.journal = open_journal(settings)
         _log.info(
             "server_starting",
@@ -129,7 +137,7 @@ class ServerApp:
                 **{f"queue.{name}": n for name, n in sorted(counts.items())},
             )
         try:
-            server = self.server = QueuekitServer(broker, settings, self)
+            server = self.server = QueuekitServer(broker, settings, self, self._grants)
         except OSError as e:
             raise ConfigError(f"cannot listen on {settings.bind}: {e.strerror or e}") from None
         server.start()
@@ -161,6 +169,29 @@ class ServerApp:
             "server_stopped", seconds=round(time.monotonic() - t0, 3), leases_saved=saved if self.durable else None
         )
 
+    def reload_keys(self, why: str) -> bool:
+        """Re-read the key sources; on success the server accepts exactly the new keys and
+        closes connections of keys that are gone. A set that does not load changes nothing."""
+        self._key_signature = keys.sources_signature(*self._key_sources)
+        try:
+            grants = keys.load_grants(*self._key_sources)
+        except ConfigError as e:
+            _log.error("keys_reload_failed", why=why, error=str(e), detail="the keys in force stay")
+            return False
+        if grants != self._grants and self.server is not None:
+            removed = [g.name for g in self._grants if g not in grants]
+            self._grants = grants
+            self.server.set_grants(grants)
+            _log.info("keys_loaded", why=why, roles=keys.summary(grants), removed=",".join(removed) or None)
+        else:
+            _log.info("keys_unchanged", why=why, roles=keys.summary(grants))
+        return True
+
+    def keys_changed(self) -> bool:
+        """The key files changed since they were last read (polled: Kubernetes updates a mounted
+        Secret in place, and nobody sends SIGHUP)."""
+        return keys.sources_signature(*self._key_sources) != self._key_signature
+
     def _reap(self) -> None:
         broker = self.broker
         assert broker is not None
@@ -182,11 +213,21 @@ def run(settings: ServerSettings) -> int:
             os._exit(ExitCode.ERROR)
         stop.set()
 
+    reload = threading.Event()
+
+    def on_hangup(signum: int, frame: Any) -> None:
+        reload.set()
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, on_hangup)
     app = ServerApp(settings)
     app.start()
-    while not stop.wait(0.5):
-        pass
+    while not stop.wait(KEY_POLL_INTERVAL):
+        if reload.is_set():
+            reload.clear()
+            app.reload_keys("sighup")
+        elif app.keys_changed():
+            app.reload_keys("files_changed")
     app.stop()
     return ExitCode.OK

@@ -52,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--authkey-file", metavar="PATH", help="env QUEUEKIT_AUTHKEY_FILE")
     p.add_argument(
+        "--keys-dir",
+        metavar="DIR",
+        help="key files <role>.<label> for producer/consumer/admin keys, re-read on SIGHUP and change "
+        "(env QUEUEKIT_KEYS_DIR)",
+    )
+    p.add_argument(
         "--http-token-file",
         metavar="PATH",
         help="bearer token required for /metrics and /stats (env QUEUEKIT_HTTP_TOKEN_FILE, default none)",

@@ -37,6 +37,10 @@ class CompatQueue:
         self._name = check_queue_name(name)
         self._stopping = stopping
 
+    @property
+    def name(self) -> str:
+        return self._name
+
     def put(self, session: Session, item: Any, block: Any = True, timeout: Any = None) -> Any:
         broker = self._broker
         try:

@@ -47,6 +47,12 @@ class AuthenticationFailed(QueuekitError, multiprocessing.AuthenticationError):
     exit_code = ExitCode.AUTH
 
 
+class PermissionDenied(QueuekitError, PermissionError):
+    """The key this client authenticated with does not grant the call (its role or queues)."""
+
+    exit_code = ExitCode.AUTH
+
+
 class ServerUnavailable(QueuekitError, ConnectionError):
     """The server could not be reached (or stayed unreachable) within the allowed time."""
 

@@ -46,6 +46,7 @@ from typing import Any
 
 from . import logs, transport
 from .broker import Broker, Waiter, receipts
+from .keys import Grant
 from .message import WireDelivery
 from .settings import DEFAULT_FRAME_TIMEOUT
 
@@ -82,6 +83,7 @@ class Session:
         "fd",
         "peer",
         "name",
+        "grant",
         "rbuf",
         "wbuf",
         "hook",
@@ -93,11 +95,18 @@ class Session:
         "frame_timer",
     )
 
-    def __init__(self, conn: transport.Connection, name: str, deliver: Callable[[Session, list[WireDelivery]], None]):
+    def __init__(
+        self,
+        conn: transport.Connection,
+        name: str,
+        grant: Grant,
+        deliver: Callable[[Session, list[WireDelivery]], None],
+    ):
         self.conn = conn
         self.fd = conn.fileno()
         self.peer = conn.peer
         self.name = name
+        self.grant = grant  # the key this connection authenticated with: what it may call
         # Bytes the handshake thread already read past accept_connection belong to us.
         self.rbuf = bytearray(conn.take_buffered())
         self.wbuf: memoryview | None = None  # the unwritten rest of the current reply
@@ -159,12 +168,16 @@ class Loop:
 
     # -- other threads ----------------------------------------------------------------------
 
-    def add(self, conn: transport.Connection, name: str) -> None:
+    def add(self, conn: transport.Connection, name: str, grant: Grant) -> None:
         """Hand over an authenticated connection (called by the handshake thread)."""
         if self._done.is_set():
             conn.close()
             return
-        self._post(("add", conn, name))
+        self._post(("add", conn, name, grant))
+
+    def revoke(self, valid: frozenset[Grant]) -> None:
+        """Close the sessions whose key is no longer in ``valid`` (keys reloaded)."""
+        self._post(("revoke", valid))
 
     def stop(self, grace: float) -> None:
         """Stop reading requests; answer the ones in progress for up to ``grace`` s; hang up."""
@@ -287,18 +300,21 @@ class Loop:
         elif kind == "process":
             self._process(item[1])
         elif kind == "add":
-            self._open(item[1], item[2])
+            self._open(item[1], item[2], item[3])
+        elif kind == "revoke":
+            for session in [s for s in self._sessions.values() if s.grant not in item[1]]:
+                self._close(session, "key_revoked")
         elif kind == "stop":
             self._begin_stop(item[1])
 
-    def _open(self, conn: transport.Connection, name: str) -> None:
+    def _open(self, conn: transport.Connection, name: str, grant: Grant) -> None:
         if self._stop_at is not None:
             conn.close()
             return
-        session = Session(conn, name, lambda s, items: self._post(("items", s, items)))
+        session = Session(conn, name, grant, lambda s, items: self._post(("items", s, items)))
         os.set_blocking(session.fd, False)
         self._sessions[session.fd] = session
-        _log.info("client_connected", peer=session.peer, client=name)
+        _log.info("client_connected", peer=session.peer, client=name, key=grant.name, role=grant.role)
         self._set_events(session, selectors.EVENT_READ)
         if session.rbuf:
             self._process(session)

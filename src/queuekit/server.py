@@ -28,7 +28,8 @@ from typing import Any
 
 from . import api, compat, handshake, logs, transport
 from .broker import Broker
-from .errors import QueuekitError
+from .errors import PermissionDenied, QueuekitError
+from .keys import Grant
 from .loop import Loop, Session
 from .message import check_queue_name
 from .settings import ServerSettings
@@ -48,14 +49,15 @@ class QueuekitServer(managers.Server):
     # 3.13) before anything else. ``create`` reaches only the registry below.
     public = ["create", "accept_connection", "get_methods", "incref", "decref", "dummy"]
 
-    def __init__(self, broker: Broker, settings: ServerSettings, info: Any):
+    def __init__(self, broker: Broker, settings: ServerSettings, info: Any, grants: list[Grant]):
         self.broker = broker
         self.settings = settings
         self.stopping = False
         # Connections still in their handshake, with the monotonic time each must be done by.
         self._conns: dict[transport.Connection, float] = {}
         self._conns_lock = threading.Lock()
-        self._keys = [settings.authkey.reveal()]
+        self._grants: tuple[Grant, ...] = tuple(grants)
+        self._keys: tuple[bytes, ...] = tuple(g.key.reveal() for g in grants)  # the same order
         self._auth_failures: dict[str, collections.deque[float]] = {}  # host -> failure times, last minute
         self.refused: collections.Counter[str] = collections.Counter()  # connections refused, by reason
         self.auth_failures = 0
@@ -225,7 +227,8 @@ class QueuekitServer(managers.Server):
         try:
             try:
                 conn.set_recv_timeout(self.settings.handshake_timeout)
-                handshake.serve(conn, self._keys)
+                grants, keys = self._grants, self._keys  # one consistent set, even during a reload
+                grant = grants[handshake.serve(conn, keys)]
             except AuthenticationError as e:
                 self._auth_failed(conn, str(e))
                 return
@@ -256,7 +259,7 @@ class QueuekitServer(managers.Server):
                 if self._reply(conn, ("#RETURN", None)):
                     with self._conns_lock:  # no handshake deadline from here on
                         self._conns.pop(conn, None)
-                    self.loop.add(conn, str(args[0]) if args else "?")
+                    self.loop.add(conn, str(args[0]) if args else "?", grant)
                     served = True
                 return
             try:
@@ -279,7 +282,30 @@ class QueuekitServer(managers.Server):
             if methodname in ("__str__", "__repr__"):
                 return f"<queuekit {type(obj).__name__}>"
             raise AttributeError(f"method {methodname!r} is not exposed by {type(obj).__name__}")
+        grant = session.grant
+        if not grant.unrestricted:
+            self._authorize(grant, obj, methodname, args, kwds)
         return getattr(obj, methodname)(session, *args, **kwds)
+
+    @staticmethod
+    def _authorize(grant: Grant, obj: Any, methodname: str, args: Any, kwds: Any) -> None:
+        """Refuse a call the session's key does not grant: ``PermissionDenied`` for queuekit
+        clients, the builtin ``PermissionError`` for stock clients (they cannot unpickle ours)."""
+        if isinstance(obj, compat.CompatQueue):
+            try:
+                grant.check(methodname, obj.name)
+            except PermissionDenied as e:
+                raise PermissionError(str(e)) from None
+            return
+        queue = None
+        if methodname in api.QUEUE_METHODS:
+            queue = args[0] if args else kwds.get("queue") if isinstance(kwds, dict) else None
+        grant.check(methodname, queue if isinstance(queue, str) else None)
+
+    def set_grants(self, grants: list[Grant]) -> None:
+        """The keys accepted from now on; sessions of keys no longer among them are closed."""
+        self._grants, self._keys = tuple(grants), tuple(g.key.reveal() for g in grants)
+        self.loop.revoke(frozenset(grants))
 
     @staticmethod
     def _reply(conn: transport.Connection, msg: tuple) -> bool:

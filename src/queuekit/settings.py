@@ -286,6 +286,9 @@ class ServerSettings:
     max_handshakes: int = 64
     max_handshakes_per_address: int = 8
     auth_failures_per_minute: int = 10
+    # Keys per role (queuekit.keys): a directory of <role>.<label> files beside or instead of the
+    # single admin authkey. With it, the authkey file is used only if it exists.
+    keys_dir: str | None = None
     # After authentication: the largest message a client may send (default derived from the
     # task limit), how long the rest of a started message may take, how many queues may exist.
     max_message_bytes: int = derived_max_message_bytes(DEFAULT_MAX_TASK_BYTES)
@@ -299,7 +302,10 @@ class ServerSettings:
         src = _Sources(flags, env)
         authkey_file = src.get("authkey_file", "QUEUEKIT_AUTHKEY_FILE", DEFAULT_AUTHKEY_FILE, str)
         http_token_file = src.get("http_token_file", "QUEUEKIT_HTTP_TOKEN_FILE", None, _optional_path)
+        keys_dir = src.get("keys_dir", "QUEUEKIT_KEYS_DIR", None, _optional_path)
+        use_authkey = need_authkey and (keys_dir is None or os.path.exists(authkey_file))
         return cls(
+            keys_dir=keys_dir,
             http_token_file=http_token_file,
             http_token=load_http_token(http_token_file) if http_token_file and need_authkey else None,
             http_max_queues=src.get(
@@ -310,7 +316,7 @@ class ServerSettings:
                 "http", "QUEUEKIT_HTTP", Address("0.0.0.0", DEFAULT_HTTP_PORT), _optional_address(DEFAULT_HTTP_PORT)
             ),
             authkey_file=authkey_file,
-            authkey=load_authkey(authkey_file) if need_authkey else Secret(b""),
+            authkey=load_authkey(authkey_file) if use_authkey else Secret(b""),
             data_dir=src.get("data_dir", "QUEUEKIT_DATA_DIR", None, _optional_path),
             sync=src.get("sync", "QUEUEKIT_SYNC", "full", _choice("full", "normal")),
             max_task_bytes=src.get("max_task_bytes", "QUEUEKIT_MAX_TASK_BYTES", DEFAULT_MAX_TASK_BYTES, _positive_int),
