@@ -81,6 +81,17 @@ def bounded_stats(stats: dict, max_queues: int) -> dict:
     return {**stats, "queues": dict(busiest[:max_queues]), "omitted": len(queues) - max_queues}
 
 
+# Why the server closes a connection before authenticating it (server.QueuekitServer.refused):
+# listed so that every series exists from the start, at 0.
+REFUSAL_REASONS = (
+    "max_connections",
+    "max_handshakes",
+    "max_handshakes_per_address",
+    "auth_failures",
+    "handshake_timeout",
+)
+
+
 def render_metrics(stats: dict) -> str:
     """Prometheus text exposition format 0.0.4."""
     lines = []
@@ -111,6 +122,17 @@ def render_metrics(stats: dict) -> str:
         "# HELP queuekit_journal_commits_total Journal transactions committed (group commits: many puts each).",
         "# TYPE queuekit_journal_commits_total counter",
         f"queuekit_journal_commits_total {stats['journal_commits']}",
+        "# HELP queuekit_auth_failures_total Handshakes refused because the peer's key did not match.",
+        "# TYPE queuekit_auth_failures_total counter",
+        f"queuekit_auth_failures_total {stats.get('auth_failures', 0)}",
+        "# HELP queuekit_connections_refused_total Connections closed before authentication, by reason.",
+        "# TYPE queuekit_connections_refused_total counter",
+        *(
+            f'queuekit_connections_refused_total{{reason="{reason}"}} {n}'
+            for reason, n in sorted(
+                {**dict.fromkeys(REFUSAL_REASONS, 0), **stats.get("connections_refused", {})}.items()
+            )
+        ),
         "# HELP queuekit_ready 1 when the server accepts work.",
         "# TYPE queuekit_ready gauge",
         f"queuekit_ready {int(stats['ready'])}",

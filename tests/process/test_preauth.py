@@ -151,4 +151,9 @@ def test_wrong_key_attempts_are_throttled_per_address(server, key_file):
     assert works(server, key_file)  # other addresses are not affected
     s = stats(server)
     assert s["auth_failures"] == 3 and s["connections_refused"]["auth_failures"] == 2
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/metrics", timeout=5) as r:
+        metrics = r.read().decode()
+    assert "queuekit_auth_failures_total 3\n" in metrics
+    assert 'queuekit_connections_refused_total{reason="auth_failures"} 2\n' in metrics
+    assert 'queuekit_connections_refused_total{reason="max_handshakes"} 0\n' in metrics
     server.wait_for(r"event=auth_failed peer=127\.0\.0\.40:\d+")
