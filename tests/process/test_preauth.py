@@ -5,9 +5,12 @@ addresses (127.0.0.2 ...), so per-address limits can be told apart from the real
 """
 
 import json
+import re
+import resource
 import socket
 import struct
 import time
+import urllib.error
 import urllib.request
 from multiprocessing import AuthenticationError
 from multiprocessing import connection as mpc
@@ -16,7 +19,8 @@ import pytest
 
 import queuekit
 from queuekit import handshake
-from support.procs import ServerProc, base_env
+from queuekit.errors import ServerUnavailable
+from support.procs import ServerProc, base_env, wait_until
 
 DEADLINE = 2.0
 LIMITS = {
@@ -157,3 +161,37 @@ def test_wrong_key_attempts_are_throttled_per_address(server, key_file):
     assert 'queuekit_connections_refused_total{reason="auth_failures"} 2\n' in metrics
     assert 'queuekit_connections_refused_total{reason="max_handshakes"} 0\n' in metrics
     server.wait_for(r"event=auth_failed peer=127\.0\.0\.40:\d+")
+
+
+def vm_size(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return int(re.search(r"VmSize:\s+(\d+) kB", f.read()).group(1)) * 1024
+
+
+def test_the_acceptor_survives_a_failed_thread_start_and_readiness_tells(tmp_path, key_file):
+    """No thread can start while the server's address space is capped just above what it uses
+    (a thread's stack does not fit): each new connection is dropped, the acceptor lives on,
+    /readyz says 503, and once threads can start again clients are served."""
+    server = ServerProc(tmp_path, key_file, env=base_env(**LIMITS))
+    try:
+        cap = vm_size(server.pid) + 4 * 1024 * 1024
+        resource.prlimit(server.pid, resource.RLIMIT_AS, (cap, resource.RLIM_INFINITY))
+        try:
+            with pytest.raises(ServerUnavailable):
+                queuekit.connect(server.address, authkey_file=str(key_file), connect_timeout=1)
+            server.wait_for(r"event=connection_dropped peer=127\.0\.0\.1:\d+ reason=thread_start_failed")
+        finally:
+            resource.prlimit(server.pid, resource.RLIMIT_AS, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+        assert readyz(server) == 503  # it could not accept a moment ago
+        wait_until(lambda: readyz(server) == 200, timeout=10, what="/readyz to say 200 again")
+        assert works(server, key_file)
+    finally:
+        server.stop()
+
+
+def readyz(server) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/readyz", timeout=5) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
