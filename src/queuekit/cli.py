@@ -46,9 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("server", help="run the queue server")
-    p.add_argument("--bind", metavar="HOST:PORT", help="manager address (env QUEUEKIT_BIND, default 0.0.0.0:50000)")
+    p.add_argument("--bind", metavar="HOST:PORT", help="manager address (env QUEUEKIT_BIND, default 127.0.0.1:50000)")
     p.add_argument(
-        "--http", metavar="HOST:PORT|off", help="health/metrics port (env QUEUEKIT_HTTP, default 0.0.0.0:8080)"
+        "--http", metavar="HOST:PORT|off", help="health/metrics port (env QUEUEKIT_HTTP, default 127.0.0.1:8080)"
     )
     p.add_argument("--authkey-file", metavar="PATH", help="env QUEUEKIT_AUTHKEY_FILE")
     p.add_argument(

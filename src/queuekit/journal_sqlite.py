@@ -12,8 +12,10 @@ next one, so durability costs one fsync per batch of concurrent puts, not one pe
 
 Safety: the database is validated with reads before anything is written to it (a foreign or
 corrupt file, or one from a newer schema, is refused and left untouched), and a lock file keeps a
-second server off the same directory. SQLite WAL needs shared memory between processes on one
-host, so the directory must not be on a network filesystem (NFS, SMB).
+second server off the same directory. The database, its -wal and -shm files and the lock file are
+created 0600 and a directory the server creates 0700 (an existing one keeps its mode). SQLite WAL
+needs shared memory between processes on one host, so the directory must not be on a network
+filesystem (NFS, SMB).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import functools
 import itertools
 import os
 import sqlite3
+import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -288,9 +291,10 @@ def _prepare_dir(data_dir: str) -> int:
             f"data directory {data_dir} is a file, not a directory: point QUEUEKIT_DATA_DIR at a directory"
         )
     try:
-        os.makedirs(data_dir, mode=0o700, exist_ok=True)
+        os.makedirs(data_dir, mode=0o700, exist_ok=True)  # a directory that exists keeps its mode
     except OSError as e:
         raise DataDirError(f"cannot create data directory {data_dir}: {e.strerror}") from None
+    _warn_if_others_can_write(data_dir)
     if not os.access(data_dir, os.W_OK | os.X_OK):
         raise DataDirError(
             f"data directory {data_dir} is not writable by uid {os.getuid()}: fix its owner or mode "
@@ -313,8 +317,44 @@ def _prepare_dir(data_dir: str) -> int:
     return fd
 
 
+def _warn_if_others_can_write(data_dir: str) -> None:
+    """Someone else who can write the directory can replace the journal: say so (the server still
+    starts). Group-writable by the server's own group is fine: a Kubernetes fsGroup volume is."""
+    st = os.stat(data_dir)
+    group_other = st.st_mode & stat.S_IWGRP and st.st_gid != os.getegid()
+    if st.st_mode & stat.S_IWOTH or group_other:
+        _log.warning(
+            "data_dir_writable_by_others",
+            dir=data_dir,
+            mode=oct(stat.S_IMODE(st.st_mode)),
+            hint=f"users other than uid {os.geteuid()} can replace the journal: chmod 700 it",
+        )
+
+
+def _create_private(path: str) -> None:
+    """Create the database file 0600 before SQLite opens it: SQLite would create it 0644 (under the
+    usual umask), and it gives its -wal and -shm files the database file's mode."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise DataDirError(f"cannot create journal {path}: {e.strerror}") from None
+
+
 def _open(path: str, sync: str) -> sqlite3.Connection:
     existed = os.path.exists(path) and os.path.getsize(path) > 0
+    if existed:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+        if mode & 0o077:
+            _log.warning(
+                "journal_readable_by_others",
+                path=path,
+                mode=oct(mode),
+                hint="created by an older queuekit; chmod 600 it (its -wal and -shm files take its mode)",
+            )
+    else:
+        _create_private(path)
     try:
         db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     except sqlite3.Error as e:

@@ -311,9 +311,9 @@ class ServerSettings:
             http_max_queues=src.get(
                 "http_max_queues", "QUEUEKIT_HTTP_MAX_QUEUES", DEFAULT_HTTP_MAX_QUEUES, _positive_int
             ),
-            bind=src.get("bind", "QUEUEKIT_BIND", Address("0.0.0.0", DEFAULT_PORT), _address(DEFAULT_PORT)),
+            bind=src.get("bind", "QUEUEKIT_BIND", Address("127.0.0.1", DEFAULT_PORT), _address(DEFAULT_PORT)),
             http=src.get(
-                "http", "QUEUEKIT_HTTP", Address("0.0.0.0", DEFAULT_HTTP_PORT), _optional_address(DEFAULT_HTTP_PORT)
+                "http", "QUEUEKIT_HTTP", Address("127.0.0.1", DEFAULT_HTTP_PORT), _optional_address(DEFAULT_HTTP_PORT)
             ),
             authkey_file=authkey_file,
             authkey=load_authkey(authkey_file) if use_authkey else Secret(b""),

@@ -64,8 +64,8 @@ def test_settings_repr_never_shows_the_key(keyfile):
 def test_defaults(keyfile):
     s = ServerSettings.load({}, env={"QUEUEKIT_AUTHKEY_FILE": keyfile})
     assert (str(s.bind), str(s.http), s.data_dir, s.sync, s.max_task_bytes, s.max_attempts) == (
-        "0.0.0.0:50000",
-        "0.0.0.0:8080",
+        "127.0.0.1:50000",
+        "127.0.0.1:8080",
         None,
         "full",
         1048576,
