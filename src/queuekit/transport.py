@@ -8,7 +8,8 @@ What this module adds, all on the socket:
   Nagle + delayed ACK (~40 ms);
 - TCP keepalive and ``TCP_USER_TIMEOUT``, so a peer that vanished (network cut, host down) is
   detected in about a minute instead of the kernel's ~15;
-- a handshake timeout, so a peer that connects and sends nothing (or garbage) cannot pin a thread;
+- a per-read timeout during the handshake (the server adds a whole-handshake deadline and caps on
+  connections still in their handshake, see ``server.py``);
 - a maximum message size: a length prefix larger than the limit closes the connection instead of
   allocating whatever a peer claims. The server's connections take theirs from
   ``QUEUEKIT_MAX_MESSAGE_BYTES`` (``Listener.max_message_bytes``; the loop reads it per session),
