@@ -29,14 +29,16 @@ BASE_OBJECTS = {
     ("NetworkPolicy", "queuekit-clients"),
 }
 SECRET = ("Secret", "queuekit-authkey-<hash>")
+EGRESS = ("NetworkPolicy", "queuekit-clients-egress")  # components/egress, in every dev overlay
 EXPECTED = {
     "base": BASE_OBJECTS | {SECRET},
-    "dev": BASE_OBJECTS | {SECRET, ("Namespace", "queuekit-dev")},
-    "dev-existing-secret": BASE_OBJECTS | {("Namespace", "queuekit-dev")},
+    "dev": BASE_OBJECTS | {SECRET, ("Namespace", "queuekit-dev"), EGRESS},
+    "dev-existing-secret": BASE_OBJECTS | {("Namespace", "queuekit-dev"), EGRESS},
     "dev-keda": BASE_OBJECTS
     | {
         SECRET,
         ("Namespace", "queuekit-dev"),
+        EGRESS,
         ("ScaledObject", "queuekit-consumer"),
         ("NetworkPolicy", "queuekit-server-from-keda"),
     },
