@@ -7,7 +7,8 @@
 #   make clean              as down, and remove the data volume too
 #   make images             build queuekit-{server,consumer,producer}:$(QUEUEKIT_IMAGE_TAG)
 #   make base-image         make sure $(BASE_IMAGE) exists (pull it, or build queuekit/base:*)
-#   make secrets            create secrets/queuekit_authkey if absent (dir 0700, file 0644)
+#   make secrets            create the role keys secrets/keys/{producer,consumer,admin}.default if
+#                           absent and set their modes (see the target below)
 #   make lint-docker        hadolint on the Dockerfiles, `docker compose config` on every file
 #
 # Settings: make VAR=... > environment > .env (KEY=value lines, as `cp .env.example .env` makes)
@@ -32,6 +33,15 @@ AIRGAP_BASE_IMAGE := queuekit/base:trixie
 $(call default_setting,BASE_IMAGE,$(DEFAULT_BASE_IMAGE))
 $(call default_setting,QUEUEKIT_IMAGE_TAG,latest)
 $(call default_setting,CONSUMERS,3)
+# Role key files (in $(SECRETS_DIR)/keys) the consumers, the demo producer and `make stats` use.
+$(call default_setting,QUEUEKIT_CONSUMER_KEY,consumer.default)
+$(call default_setting,QUEUEKIT_PRODUCER_KEY,producer.default)
+$(call default_setting,QUEUEKIT_ADMIN_KEY,admin.default)
+# Group the containers are given (group_add) to read the keys; empty: the keys directory's group.
+$(call default_setting,QUEUEKIT_KEYS_GID,)
+SECRETS_DIR ?= secrets
+# The uid:gid every image runs as (images/Dockerfile): the owner of the keys when made by root.
+APP_UID_GID := 10001:10001
 HADOLINT ?= hadolint
 COMPOSE ?= docker compose
 
@@ -49,7 +59,10 @@ STACK = $(COMPOSE) $(if $(wildcard $(ENV_FILE)),--env-file $(ENV_FILE)) -f compo
 # labels as `make images` (the environment wins over --env-file in Compose).
 IMAGE_ENV = BASE_IMAGE="$$(cat $(BASE_IMAGE_STAMP))" QUEUEKIT_IMAGE_TAG='$(QUEUEKIT_IMAGE_TAG)' \
 	QUEUEKIT_VERSION='$(QUEUEKIT_VERSION)' QUEUEKIT_REVISION='$(QUEUEKIT_REVISION)' \
-	QUEUEKIT_SOURCE='$(QUEUEKIT_SOURCE)'
+	QUEUEKIT_SOURCE='$(QUEUEKIT_SOURCE)' $(KEYS_ENV)
+# The key files' names and the group that reads them, for the commands that create containers.
+KEYS_ENV = QUEUEKIT_CONSUMER_KEY='$(QUEUEKIT_CONSUMER_KEY)' QUEUEKIT_PRODUCER_KEY='$(QUEUEKIT_PRODUCER_KEY)' \
+	QUEUEKIT_KEYS_GID="$(or $(QUEUEKIT_KEYS_GID),$$(ls -nd '$(SECRETS_DIR)/keys' 2>/dev/null | awk '{print $$4}'))"
 
 .PHONY: base-image images secrets up down clean logs ps stats lint-docker
 
@@ -81,18 +94,36 @@ images: compose-plugin base-image
 	@echo "images: building queuekit-{server,consumer,producer}:$(QUEUEKIT_IMAGE_TAG) FROM $$(cat $(BASE_IMAGE_STAMP))"
 	@$(IMAGE_ENV) $(STACK) build
 
+# The role keys (issue 11): the server mounts $(SECRETS_DIR)/keys as its keys directory
+# (QUEUEKIT_KEYS_DIR), each consumer only consumer.default, the demo producer only producer.default;
+# admin.default is the operator's (make stats). An old single $(SECRETS_DIR)/queuekit_authkey becomes
+# admin.default, so clients still holding it keep working (as admin) until they are given a role key.
+# Modes: Compose bind-mounts the files as they are (it ignores a secret's uid/gid/mode), and the
+# containers run as uid 10001. As root: keys owned by 10001:10001, files 0400, directory 0500, so
+# only uid 10001 (and root) can read them. As another user, who cannot give files away: files 0640
+# and directory 0750 in your group, which the containers get as a supplementary group (group_add,
+# QUEUEKIT_KEYS_GID). Run it again after adding a key file: it sets the new file's mode too.
 secrets:
 	@$(call need,$(SYSTEM_PYTHON),$(HOW_PYTHON))
-	@install -d -m 0700 secrets
-	@if [ ! -s secrets/queuekit_authkey ]; then \
-	  umask 077; PYTHONPATH=src $(SYSTEM_PYTHON) -m queuekit keygen > secrets/queuekit_authkey.tmp \
-	    && [ -s secrets/queuekit_authkey.tmp ] \
-	    && mv secrets/queuekit_authkey.tmp secrets/queuekit_authkey \
-	    && echo "secrets: created secrets/queuekit_authkey" \
-	    || { rm -f secrets/queuekit_authkey.tmp; echo "error: queuekit keygen failed" >&2; exit 1; }; \
+	@set -e; dir='$(SECRETS_DIR)'; keys="$$dir/keys"; \
+	install -d -m 0700 "$$dir"; \
+	[ -d "$$keys" ] || install -d -m 0700 "$$keys"; \
+	if [ ! -s "$$keys/admin.default" ] && [ -s "$$dir/queuekit_authkey" ]; then \
+	  (umask 077; cp "$$dir/queuekit_authkey" "$$keys/admin.default.tmp") && mv "$$keys/admin.default.tmp" "$$keys/admin.default"; \
+	  echo "secrets: $$keys/admin.default is the old $$dir/queuekit_authkey (an admin key now; give clients role keys)"; \
+	fi; \
+	for role in producer consumer admin; do \
+	  f="$$keys/$$role.default"; \
+	  [ -s "$$f" ] && continue; \
+	  if (umask 077; PYTHONPATH=src $(SYSTEM_PYTHON) -m queuekit keygen > "$$f.tmp") && [ -s "$$f.tmp" ]; then \
+	    mv "$$f.tmp" "$$f"; echo "secrets: created $$f"; \
+	  else rm -f "$$f.tmp"; echo "error: queuekit keygen failed" >&2; exit 1; fi; \
+	done; \
+	if [ "$$(id -u)" = 0 ]; then \
+	  chown -R '$(APP_UID_GID)' "$$keys"; find "$$keys" -type f -exec chmod 0400 {} +; chmod 0500 "$$keys"; \
+	else \
+	  find "$$keys" -type f -exec chmod 0640 {} +; chmod 0750 "$$keys"; \
 	fi
-	@# 0644 so that uid 10001 can read the bind-mounted secret; the 0700 dir keeps host users out.
-	@chmod 0644 secrets/queuekit_authkey
 
 up: compose-plugin secrets images
 	@echo "up: starting the server, $(CONSUMERS) consumers and the demo producer"
@@ -112,8 +143,9 @@ logs: compose-plugin
 ps: compose-plugin
 	$(STACK) ps -a
 
+# With the admin key from the server's keys directory (no other container holds one).
 stats: compose-plugin
-	$(STACK) exec -T server python3 -m queuekit stats
+	$(STACK) exec -T server python3 -m queuekit stats --authkey-file '/run/secrets/queuekit_keys/$(QUEUEKIT_ADMIN_KEY)'
 
 # Compose files are checked with the defaults only (not the local .env), plus the variables the
 # multi-host files require.

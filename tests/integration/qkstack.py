@@ -85,13 +85,17 @@ def http_status(port: int, path: str = "/healthz", timeout: float = 5.0) -> int:
 
 
 class Stack:
-    """Containers of one test on one network of its own, sharing one authkey file."""
+    """Containers of one test on one network of its own, with role keys as the Compose stack has
+    them: the server reads the keys directory, each consumer holds only the consumer key, each
+    producer only the producer key; the host-side client (``key_file``) holds the admin key."""
 
     def __init__(self, images: dict[str, str], workdir: Path, hint: str):
         self.images = images
         self.workdir = workdir
         self.hint = hint
-        self.key_file = dk.write_authkey(workdir)
+        self.keys = dk.write_role_keys(workdir / "keys")
+        self.keys_dir = workdir / "keys"
+        self.key_file = self.keys["admin"]
         self.network = dk.create_network(hint)
         self.volume = dk.create_volume(f"{hint}-data")
         self.containers: list = []
@@ -111,7 +115,7 @@ class Stack:
             network=self.network,
             aliases=["server"],
             env=environment,
-            authkey_file=self.key_file,
+            keys_dir=self.keys_dir,
             volumes={self.volume.name: "/var/lib/queuekit"},
             publish=[50000, 8080],
             wait_log=r"event=server_ready",
@@ -130,7 +134,7 @@ class Stack:
             f"{self.hint}-{name}",
             network=self.network,
             env=environment,
-            authkey_file=key_file or self.key_file,
+            authkey_file=key_file or self.keys["consumer"],
             wait_log=r"event=consumer_started" if wait else None,
         )
         self.containers.append(c)
@@ -150,7 +154,7 @@ class Stack:
             network=self.network,
             env=environment,
             command=list(args),
-            authkey_file=self.key_file,
+            authkey_file=self.keys["producer"],
         )
         self.containers.append(c)
         return c
@@ -160,10 +164,11 @@ class Stack:
     def port(self, container_port: int = 50000) -> int:
         return dk.host_port(self.server_container, container_port)
 
-    def client(self, connect_timeout: float = 15.0):
-        """A host-side client through the published manager port (re-read: it changes on restart)."""
+    def client(self, connect_timeout: float = 15.0, role: str = "admin"):
+        """A host-side client through the published manager port (re-read: it changes on restart),
+        with the admin key unless another ``role`` is asked for."""
         c = queuekit.connect(
-            f"127.0.0.1:{self.port()}", authkey_file=str(self.key_file), connect_timeout=connect_timeout
+            f"127.0.0.1:{self.port()}", authkey_file=str(self.keys[role]), connect_timeout=connect_timeout
         )
         self._clients.append(c)
         return c

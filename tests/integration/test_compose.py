@@ -1,14 +1,18 @@
 """Issue 4, cases 8 and 9: the Compose files of compose/, driven with the ``docker compose`` CLI.
 
-The files are copied into a temporary directory next to a throwaway ``secrets/queuekit_authkey``
-(0644), so the user's real ``secrets/`` is never touched. The images are this session's
+The files are copied into a temporary directory next to throwaway role keys in ``secrets/keys``,
+made there by the real ``make secrets`` (``SECRETS_DIR``), so the user's real ``secrets/`` is never
+touched and the modes under test are the target's. The images are this session's
 (``QUEUEKIT_IMAGE_TAG=test-<sid>``, ``--no-build``), the project names start with ``qktest-``,
 and the host ports are picked free, so nothing clashes with a stack the user runs.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 import shutil
+import subprocess
 
 import pytest
 from qkstack import EXAMPLE_RX, http_json
@@ -20,16 +24,67 @@ pytestmark = pytest.mark.integration
 DEMO_TASKS = 100
 
 
+ROLES = ("producer", "consumer", "admin")
+
+
+def make_secrets(secrets_dir) -> str:
+    """``make secrets SECRETS_DIR=...`` of this checkout; its output."""
+    proc = subprocess.run(
+        ["make", "-s", "--no-print-directory", "-C", str(dk.ROOT), "secrets", f"SECRETS_DIR={secrets_dir}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={k: v for k, v in os.environ.items() if not k.startswith(("MAKE", "MFLAGS"))},
+    )
+    assert proc.returncode == 0, f"make secrets failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
 @pytest.fixture
 def compose_dir(images, tmp_path_factory):
-    """``<tmp>/compose/*.yaml`` (a copy of compose/) and ``<tmp>/secrets/queuekit_authkey``."""
+    """``<tmp>/compose/*.yaml`` (a copy of compose/) and ``<tmp>/secrets/keys/<role>.default``."""
     root = tmp_path_factory.mktemp("compose")
     shutil.copytree(dk.ROOT / "compose", root / "compose")
-    secrets_dir = root / "secrets"
-    secrets_dir.mkdir(mode=0o700)
-    key = dk.write_authkey(secrets_dir)
-    assert dk.file_mode(key) == 0o644
+    out = make_secrets(root / "secrets")
+    for role in ROLES:
+        assert f"created {root}/secrets/keys/{role}.default" in out, out
+    check_key_modes(root / "secrets")
     return root / "compose"
+
+
+def check_key_modes(secrets_dir) -> None:
+    """Only uid 10001 can read the keys (as root), or only the owner and the group the containers
+    are given (as another user); never "others"; secrets/ itself is 0700."""
+    keys = secrets_dir / "keys"
+    assert dk.file_mode(secrets_dir) == 0o700
+    root = os.geteuid() == 0
+    for path in [keys, *sorted(keys.iterdir())]:
+        st = os.stat(path)
+        want = (0o500 if root else 0o750) if path.is_dir() else (0o400 if root else 0o640)
+        assert dk.file_mode(path) == want, f"{path}: mode {oct(dk.file_mode(path))}, expected {oct(want)}"
+        if root:
+            assert (st.st_uid, st.st_gid) == (dk.APP_UID, dk.APP_GID), f"{path}: owner {st.st_uid}:{st.st_gid}"
+
+
+def key_digests(compose_dir) -> dict[str, str]:
+    keys = compose_dir.parent / "secrets" / "keys"
+    return {role: hashlib.sha256((keys / f"{role}.default").read_bytes()).hexdigest() for role in ROLES}
+
+
+def check_holds_only(container, role: str, digests: dict[str, str]) -> None:
+    """The container mounts one key, at the authkey path, and it is the ``role`` key: fails when a
+    consumer holds the producer or admin key (or the keys directory), and the other way round."""
+    container.reload()
+    secret_mounts = {
+        m["Destination"]: m for m in container.attrs["Mounts"] if m["Destination"].startswith("/run/secrets/")
+    }
+    assert list(secret_mounts) == [dk.AUTHKEY_PATH], f"{container.name} mounts {sorted(secret_mounts)}"
+    source = secret_mounts[dk.AUTHKEY_PATH]["Source"]
+    assert os.path.basename(source) == f"{role}.default", f"{container.name} mounts {source} as its key"
+    if container.status == "running":  # and the file it reads there is that key
+        digest = dk.digest_in(container)
+        held = [r for r, d in digests.items() if d == digest]
+        assert held == [role], f"{container.name} holds the key of {held or 'no role'}, not {role}"
 
 
 @pytest.fixture
@@ -96,7 +151,8 @@ def _check_hardening(container) -> None:
     assert cfg["User"] == "10001:10001", cfg["User"]
     assert host["ReadonlyRootfs"] is True and host["CapDrop"] == ["ALL"] and host["Init"] is True, host
     mounts = {m["Destination"]: m for m in container.attrs["Mounts"]}
-    assert dk.AUTHKEY_PATH in mounts and mounts[dk.AUTHKEY_PATH]["Type"] == "bind", mounts
+    secret = dk.KEYS_PATH if "server" in container.name else dk.AUTHKEY_PATH
+    assert secret in mounts and mounts[secret]["Type"] == "bind" and mounts[secret]["RW"] is False, mounts
 
 
 def test_compose_up_scale_consumer_3_processes_all_demo_tasks(compose_dir, projects, metrics):
@@ -117,20 +173,80 @@ def test_compose_up_scale_consumer_3_processes_all_demo_tasks(compose_dir, proje
     _check_demo(project.containers("producer"), consumers)
     assert stats["acked"] == DEMO_TASKS and stats["dead"] == 0, stats
     # Three replicas really run and serve (how the 100 tasks spread depends on start order).
-    for c in consumers:
+    for c in consumers:  # a replica may still be starting when the others finished the demo
+        dk.wait_for_log(c, r"event=consumer_started", timeout=30)
         c.reload()
-        assert c.status == "running" and "event=consumer_started" in dk.logs(c), dk.describe([c])
+        assert c.status == "running", dk.describe([c])
     per = {c.name: len(EXAMPLE_RX.findall(dk.logs(c))) for c in consumers}
     for c in [*consumers, *project.containers("server")]:
         _check_hardening(c)
-    # The manager port is published on loopback, where a client with the key reaches it.
+    check_roles(project, compose_dir, port)
+    metrics["compose --scale consumer=3"] = f"{DEMO_TASKS} demo tasks over 3 consumers: {sorted(per.values())}"
+
+
+def check_roles(project, compose_dir, port: int) -> None:
+    """Issue 11: each container holds only its role's key; a consumer's key cannot put or read
+    stats, a producer's cannot get; the admin key (``make stats``' way) reads the stats; and
+    another uid in a container cannot read the key file (as root, where the files are 10001's)."""
     import queuekit
 
-    with queuekit.connect(
-        f"127.0.0.1:{port}", authkey_file=str(compose_dir.parent / "secrets" / "queuekit_authkey"), connect_timeout=10
-    ) as client:
-        assert client.stats()["durable"] is True
-    metrics["compose --scale consumer=3"] = f"{DEMO_TASKS} demo tasks over 3 consumers: {sorted(per.values())}"
+    digests = key_digests(compose_dir)
+    for c in project.containers("consumer"):
+        check_holds_only(c, "consumer", digests)
+    for c in project.containers("producer"):
+        check_holds_only(c, "producer", digests)
+    (server,) = project.containers("server")
+    server.reload()
+    (keys_mount,) = [m for m in server.attrs["Mounts"] if m["Destination"] == dk.KEYS_PATH]
+    assert keys_mount["Source"] == str(compose_dir.parent / "secrets" / "keys"), keys_mount
+    assert dk.AUTHKEY_PATH not in {m["Destination"] for m in server.attrs["Mounts"]}, "the server holds a key file"
+    if os.geteuid() == 0:
+        consumer = project.containers("consumer")[0]
+        code, out = dk.exec_in(consumer, ["cat", dk.AUTHKEY_PATH], user="10002:10002")
+        assert code != 0 and "Permission denied" in out, f"uid 10002 read the consumer key: exit {code}"
+
+    keys = compose_dir.parent / "secrets" / "keys"
+
+    def client(role: str):
+        return queuekit.connect(f"127.0.0.1:{port}", authkey_file=str(keys / f"{role}.default"), connect_timeout=10)
+
+    with client("consumer") as c:
+        with pytest.raises(queuekit.PermissionDenied, match="producer role"):
+            c.queue("tasks").put({"n": -1, "ms": 0})
+        with pytest.raises(queuekit.PermissionDenied, match="admin role"):
+            c.stats()
+    with client("producer") as c:
+        with pytest.raises(queuekit.PermissionDenied, match="consumer role"):
+            c.queue("tasks").get(timeout=0)
+    with client("admin") as c:
+        stats = c.stats()
+        assert stats["durable"] is True
+        assert stats["queues"]["tasks"]["enqueued"] == DEMO_TASKS, "the refused put enqueued something"
+    admin_in_server = f"{dk.KEYS_PATH}/admin.default"  # what `make stats` runs
+    out = project.run("exec", "-T", "server", "python3", "-m", "queuekit", "stats", "--authkey-file", admin_in_server)
+    assert "tasks" in out.stdout and str(DEMO_TASKS) in out.stdout, out.stdout
+
+
+def test_make_secrets_migrates_the_old_single_key_and_keeps_existing_keys(tmp_path):
+    """An old checkout's secrets/queuekit_authkey becomes the admin key (its holders keep working);
+    a second run creates nothing and keeps every key; the modes are set again."""
+    secrets_dir = tmp_path / "secrets"
+    secrets_dir.mkdir(mode=0o700)
+    old = secrets_dir / "queuekit_authkey"
+    old.write_text(dk.new_authkey() + "\n")
+    old.chmod(0o644)
+    out = make_secrets(secrets_dir)
+    keys = secrets_dir / "keys"
+    assert (keys / "admin.default").read_bytes() == old.read_bytes(), out
+    assert "created" not in out.split("admin.default is the old")[0], out
+    before = {p.name: p.read_bytes() for p in keys.iterdir()}
+    assert sorted(before) == ["admin.default", "consumer.default", "producer.default"]
+    assert len(set(before.values())) == 3, "two roles got the same key"
+    (keys / "consumer.extra").write_text(dk.new_authkey() + "\n")  # a key added for a rotation
+    (keys / "consumer.extra").chmod(0o644)
+    assert make_secrets(secrets_dir).strip() == ""
+    assert {p.name: p.read_bytes() for p in keys.iterdir() if p.name != "consumer.extra"} == before
+    check_key_modes(secrets_dir)
 
 
 def test_multi_host_split_server_and_workers_as_separate_projects(compose_dir, projects, metrics):

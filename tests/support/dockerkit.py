@@ -10,10 +10,11 @@ Typical use::
     images = dk.build_images()                      # {"server": "queuekit-server:test-<sid>", ...}
     net = dk.create_network("e2e")                  # labelled user-defined bridge network
     vol = dk.create_volume("data")                  # labelled named volume
-    key = dk.write_authkey(tmp_path)                # 0644 file for a bind mount at AUTHKEY_PATH
+    keys = dk.write_role_keys(tmp_path / "keys")    # {"producer": Path, "consumer": ..., "admin": ...}
     srv = dk.start_container(images["server"], "server", network=net, aliases=["server"],
-                             authkey_file=key, volumes={vol.name: "/var/lib/queuekit"},
+                             keys_dir=keys["consumer"].parent, volumes={vol.name: "/var/lib/queuekit"},
                              publish=[50000, 8080], wait_log=r"event=server_ready")
+    con = dk.start_container(images["consumer"], "consumer", network=net, authkey_file=keys["consumer"])
     port = dk.host_port(srv, 50000)                 # published on 127.0.0.1 only
     dk.wait_for_log(srv, r"event=client_connected", timeout=10)
     dk.remove(srv); dk.sweep()
@@ -48,6 +49,9 @@ IMAGE_NAMES = ("server", "consumer", "producer")  # the targets of DOCKERFILE
 DOCKERFILE = "images/Dockerfile"  # relative to the build context
 DEFAULT_BASE_IMAGE = "queuekit/base:trixie"
 AUTHKEY_PATH = "/run/secrets/queuekit_authkey"
+KEYS_PATH = "/run/secrets/queuekit_keys"  # the server's QUEUEKIT_KEYS_DIR, as in compose/compose.yaml
+ROLES = ("producer", "consumer", "admin")
+APP_UID = APP_GID = 10001
 APP_USER = "10001:10001"
 COMPOSE_PREFIX = "qktest-"
 
@@ -199,6 +203,37 @@ def write_authkey(directory: Path | str, key: str | None = None, name: str = "qu
     return path
 
 
+def write_role_keys(directory: Path | str, label: str = "default") -> dict[str, Path]:
+    """A keys directory as ``make secrets`` makes it: ``<role>.<label>`` for producer, consumer and
+    admin (random keys), with its modes: as root, owned by uid/gid 10001, files 0400, directory
+    0500 (only uid 10001 reads them); otherwise files 0640 and directory 0750 in our group, which
+    :func:`start_container` adds to the containers (:func:`key_groups`). Returns ``{role: path}``."""
+    keys = Path(directory)
+    keys.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for role in ROLES:
+        path = keys / f"{role}.{label}"
+        path.write_text(new_authkey() + "\n")
+        paths[role] = path
+    protect_keys(keys)
+    return paths
+
+
+def protect_keys(keys: Path | str) -> None:
+    """The modes ``make secrets`` gives a keys directory (see :func:`write_role_keys`)."""
+    keys = Path(keys)
+    root = os.geteuid() == 0
+    for path in [keys, *keys.iterdir()]:
+        if root:
+            os.chown(path, APP_UID, APP_GID)
+        path.chmod((0o500 if root else 0o750) if path.is_dir() else (0o400 if root else 0o640))
+
+
+def key_groups() -> list[str]:
+    """Supplementary groups a container needs to read keys written by :func:`write_role_keys`."""
+    return [] if os.geteuid() == 0 else [str(os.getegid())]
+
+
 def create_network(hint: str = "net", **kwargs: Any):
     """A labelled user-defined bridge network (docker-py ``Network``); ``kwargs`` go to
     ``networks.create`` (e.g. ``internal=True``)."""
@@ -255,6 +290,7 @@ def start_container(
     env: Mapping[str, str] | None = None,
     command: str | Sequence[str] | None = None,
     authkey_file: Path | str | None = None,
+    keys_dir: Path | str | None = None,
     volumes: Mapping[str, str] | None = None,
     publish: Sequence[int] = (),
     wait_log: str | None = None,
@@ -267,6 +303,8 @@ def start_container(
 
     - ``network``: a docker-py Network (or its name); ``aliases``: DNS names on it.
     - ``authkey_file``: bind-mounted read-only at :data:`AUTHKEY_PATH`.
+    - ``keys_dir``: a directory of role keys (:func:`write_role_keys`) bind-mounted read-only at
+      :data:`KEYS_PATH`, with ``QUEUEKIT_KEYS_DIR`` pointing there (the server).
     - ``volumes``: ``{volume name or host path: container path}`` mounted read-write.
     - ``publish``: container ports published on 127.0.0.1 at random host ports (:func:`host_port`).
     - ``wait_log``: a regex; return only once the container logged it (``LogMessageWaitStrategy``,
@@ -279,11 +317,16 @@ def start_container(
     from testcontainers.core.wait_strategies import LogMessageWaitStrategy
 
     kwargs: dict[str, Any] = hardened() if secure else {}
+    if (authkey_file is not None or keys_dir is not None) and key_groups():
+        kwargs["group_add"] = key_groups()
     kwargs.update(docker_kwargs)
+    env = dict(env or {})
+    if keys_dir is not None:
+        env.setdefault("QUEUEKIT_KEYS_DIR", KEYS_PATH)
     kwargs["labels"] = labels(kwargs.get("labels"))
     kwargs.setdefault("name", short_name(hint))
     kwargs.setdefault("hostname", (re.sub(r"[^a-z0-9-]+", "-", hint.lower()).strip("-") or "box")[:63])
-    container = DockerContainer(image, env=dict(env or {}), command=command, **kwargs)
+    container = DockerContainer(image, env=env, command=command, **kwargs)
     if network is not None:
         tc_net = TcNetwork()
         tc_net.name = network if isinstance(network, str) else network.name
@@ -295,6 +338,8 @@ def start_container(
             container.tmpfs[path] = opts
     if authkey_file is not None:
         container.with_volume_mapping(str(authkey_file), AUTHKEY_PATH, "ro")
+    if keys_dir is not None:
+        container.with_volume_mapping(str(keys_dir), KEYS_PATH, "ro")
     for source, target in (volumes or {}).items():
         container.with_volume_mapping(source, target, "rw")
     for port in publish:
@@ -580,6 +625,26 @@ def sweep(session: str | None = None) -> dict[str, int]:
             except docker.errors.APIError:
                 pass
     return counts
+
+
+def exec_in(container, command: Sequence[str], user: str = APP_USER) -> tuple[int, str]:
+    """Run ``command`` in a running container (as ``user``); return (exit code, stdout+stderr).
+    Not bounded by a timeout here: give the command its own (e.g. a client's connect timeout)."""
+    r = raw(container)
+    result = r.exec_run(list(command), user=user, demux=False)
+    return result.exit_code, (result.output or b"").decode("utf-8", "replace")
+
+
+DIGEST_SCRIPT = "import hashlib, sys; print(hashlib.sha256(open(sys.argv[1], 'rb').read()).hexdigest())"
+
+
+def digest_in(container, path: str = AUTHKEY_PATH, user: str = APP_USER) -> str:
+    """SHA-256 (hex) of a file as a process in the running container reads it: compares a key
+    the container holds with the host's key files without the key itself leaving the container."""
+    code, out = exec_in(container, ["python3", "-c", DIGEST_SCRIPT, path], user=user)
+    if code != 0:
+        raise AssertionError(f"{name_of(container)}: cannot read {path} as {user}: {out.strip()}")
+    return out.strip()
 
 
 def file_mode(path: Path | str) -> int:
