@@ -1,6 +1,8 @@
 # Kubernetes manifests (k8s/) and their static tests (included by the top-level Makefile).
 #
-#   make k8s-key             create k8s/base/authkey (mode 0600) if absent; never overwrites
+#   make k8s-key             create the role keys k8s/base/keys/{producer,consumer,admin}.default
+#                            (mode 0600) if absent; never overwrites; an old k8s/base/authkey
+#                            becomes admin.default
 #   make k8s-render          print the rendered overlay (K8S_OVERLAY=dev|dev-existing-secret|dev-keda)
 #   make k8s-deps            pip install the test tools (requirements/k8s.txt + KEDA models)
 #   make k8s-checkov         checkov in its own virtualenv, .cache/checkov-venv
@@ -15,7 +17,8 @@ k8s_mk_default_goal := $(.DEFAULT_GOAL)
 
 K8S_PYTHON ?= $(or $(PYTHON),python3)
 K8S_OVERLAY ?= dev
-K8S_KEY_FILE := k8s/base/authkey
+K8S_KEYS_DIR := k8s/base/keys
+K8S_OLD_KEY_FILE := k8s/base/authkey
 K8S_IMAGE_TAG ?= $(or $(QUEUEKIT_IMAGE_TAG),latest)
 K8S_IMAGES := queuekit-server queuekit-consumer queuekit-producer
 KIND_CLUSTER ?= kind
@@ -27,23 +30,29 @@ HOW_KUBECTL := install kubectl (https://kubernetes.io/docs/tasks/tools/) or set 
 .PHONY: k8s-key k8s-render k8s-deps k8s-checkov k8s-test k8s-kind-load k8s-minikube-load
 
 # Written under umask 077 to a temporary name, then renamed: never a partial or readable key.
+# The old single key (k8s/base/authkey, before keys per role) becomes the admin key, so clients
+# still holding it keep working, as admin, until they get their role's key.
 k8s-key:
 	@$(call need,$(SYSTEM_PYTHON),$(HOW_PYTHON))
-	@if [ -e '$(K8S_KEY_FILE)' ]; then \
-	  echo "$(K8S_KEY_FILE) exists; left as it is (delete it to make a new key)"; \
-	else \
-	  umask 077 && tmp='$(K8S_KEY_FILE).tmp.'$$$$ && \
-	  PYTHONPATH=src $(SYSTEM_PYTHON) -m queuekit keygen > "$$tmp" && \
-	  [ "$$(wc -c < "$$tmp")" -ge 33 ] && chmod 600 "$$tmp" && mv "$$tmp" '$(K8S_KEY_FILE)' \
-	  && echo "created $(K8S_KEY_FILE) (mode 0600, gitignored)" \
-	  || { rm -f "$$tmp"; echo "k8s-key: could not create $(K8S_KEY_FILE)" >&2; exit 1; }; \
-	fi
+	@set -e; umask 077; mkdir -p '$(K8S_KEYS_DIR)'; \
+	if [ ! -e '$(K8S_KEYS_DIR)/admin.default' ] && [ -s '$(K8S_OLD_KEY_FILE)' ]; then \
+	  cp '$(K8S_OLD_KEY_FILE)' '$(K8S_KEYS_DIR)/admin.default'; chmod 600 '$(K8S_KEYS_DIR)/admin.default'; \
+	  echo "$(K8S_KEYS_DIR)/admin.default is the old $(K8S_OLD_KEY_FILE) (an admin key now; the Secret is queuekit-keys)"; \
+	fi; \
+	for role in producer consumer admin; do \
+	  f='$(K8S_KEYS_DIR)/'$$role.default; \
+	  if [ -e "$$f" ]; then echo "$$f exists; left as it is"; continue; fi; \
+	  tmp="$$f.tmp.$$$$"; \
+	  if PYTHONPATH=src $(SYSTEM_PYTHON) -m queuekit keygen > "$$tmp" && [ "$$(wc -c < "$$tmp")" -ge 33 ]; then \
+	    chmod 600 "$$tmp"; mv "$$tmp" "$$f"; echo "created $$f (mode 0600, gitignored)"; \
+	  else rm -f "$$tmp"; echo "k8s-key: could not create $$f" >&2; exit 1; fi; \
+	done
 
 # The output contains the Secret (the key, base64-encoded): do not paste it anywhere.
 k8s-render:
 	@$(call need,$(KUBECTL),$(HOW_KUBECTL))
 	@$(KUBECTL) kustomize k8s/overlays/$(K8S_OVERLAY) || { \
-	  echo "k8s-render: failed; if it names $(K8S_KEY_FILE), run 'make k8s-key' first" >&2; exit 1; }
+	  echo "k8s-render: failed; if it names a file in $(K8S_KEYS_DIR), run 'make k8s-key' first" >&2; exit 1; }
 
 # Installed on top of the test tools ($(VENV), made by the top-level Makefile).
 k8s-deps: $(VENV)/.k8s-tools $(K8S_KEDA_MODELS)/.complete

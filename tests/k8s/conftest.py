@@ -13,9 +13,14 @@ import pytest
 @dataclass(frozen=True)
 class Renders:
     tree: Path  # the temporary copy of k8s/
-    key: bytes  # the throwaway key written into it
+    keys: dict[str, bytes]  # the throwaway keys written into it, by the Secret's key
     docs: dict[str, list[dict]]  # kustomization name -> rendered objects
     text: dict[str, str]  # kustomization name -> rendered YAML
+
+    @property
+    def key(self) -> bytes:
+        """The admin key (what the tests' own host-side clients use)."""
+        return self.keys[k8slib.ROLE_KEYS["admin"]]
 
 
 @pytest.fixture(scope="session")
@@ -25,8 +30,8 @@ def kubectl() -> str:
 
 @pytest.fixture(scope="session")
 def renders(kubectl: str, tmp_path_factory: pytest.TempPathFactory) -> Renders:
-    key = k8slib.throwaway_key()
-    tree = k8slib.copy_k8s_tree(tmp_path_factory.mktemp("render"), key)
+    keys = k8slib.throwaway_keys()
+    tree = k8slib.copy_k8s_tree(tmp_path_factory.mktemp("render"), keys)
     docs: dict[str, list[dict]] = {}
     text: dict[str, str] = {}
     for name, rel in k8slib.KUSTOMIZATIONS.items():
@@ -35,7 +40,7 @@ def renders(kubectl: str, tmp_path_factory: pytest.TempPathFactory) -> Renders:
             pytest.fail(f"kubectl kustomize {rel} failed ({result.returncode}):\n{result.stderr}")
         text[name] = result.stdout
         docs[name] = k8slib.load_docs(result.stdout)
-    return Renders(tree=tree, key=key, docs=docs, text=text)
+    return Renders(tree=tree, keys=keys, docs=docs, text=text)
 
 
 # --- Docker (test_manifests_on_docker.py) ------------------------------------------------------

@@ -1,8 +1,8 @@
 """Helpers for the tests of the Kubernetes manifests (tests/k8s).
 
 Rendering never touches a key in the work tree: the k8s/ directory is copied to a temporary
-directory (without any k8s/base/authkey the user may have) and a throwaway key is written into
-the copy. So the tests neither read a real key (which would end up base64-encoded in rendered
+directory (without any k8s/base/keys/ or old k8s/base/authkey the user may have) and throwaway
+role keys are written into the copy. So the tests neither read a real key (which would end up base64-encoded in rendered
 output and in failure messages) nor leave one behind, even if they are killed.
 """
 
@@ -22,7 +22,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 K8S_DIR = REPO / "k8s"
-KEY_FILE_NAME = "authkey"  # k8s/base/authkey, read by the base's secretGenerator
+KEYS_DIR_NAME = "keys"  # k8s/base/keys/<role>.default, read by the base's secretGenerator
+OLD_KEY_FILE_NAME = "authkey"  # k8s/base/authkey before keys per role: never copied either
 
 # name -> kustomization directory relative to k8s/
 KUSTOMIZATIONS = {
@@ -31,7 +32,7 @@ KUSTOMIZATIONS = {
     "dev-existing-secret": "overlays/dev-existing-secret",
     "dev-keda": "overlays/dev-keda",  # overlays/dev + components/keda
 }
-# The kustomizations that generate the Secret from k8s/base/authkey.
+# The kustomizations that generate the Secret from k8s/base/keys.
 NEEDS_KEY = ("base", "dev", "dev-keda")
 # The ones a user deploys (an overlay picks the namespace); the base is for building on.
 DEPLOYABLE = ("dev", "dev-existing-secret", "dev-keda")
@@ -41,9 +42,12 @@ WORKLOAD_KINDS = ("Deployment", "StatefulSet", "Job", "DaemonSet", "ReplicaSet",
 
 # Contract (docs/ARCHITECTURE.md, "Interfaces")
 UID = GID = 10001
-AUTHKEY_PATH = "/run/secrets/queuekit_authkey"
-SECRET_NAME = "queuekit-authkey"
-SECRET_KEY = "queuekit_authkey"
+AUTHKEY_PATH = "/run/secrets/queuekit_authkey"  # a client's key file (consumer, producer)
+KEYS_PATH = "/run/secrets/queuekit_keys"  # the server's QUEUEKIT_KEYS_DIR: the whole Secret
+SECRET_NAME = "queuekit-keys"  # fixed (no hash suffix): updated in place, see base/kustomization.yaml
+# role -> the Secret's key (= file name in the server's keys directory)
+ROLE_KEYS = {"producer": "producer.default", "consumer": "consumer.default", "admin": "admin.default"}
+KEY_MODE = 0o400  # defaultMode of every key volume (the kubelet adds group read for fsGroup)
 DATA_DIR = "/var/lib/queuekit"
 MANAGER_PORT = 50000
 HTTP_PORT = 8080
@@ -75,23 +79,36 @@ def find_kubectl() -> str:
     return path
 
 
-def copy_k8s_tree(dest: Path, key: bytes | None) -> Path:
-    """Copy k8s/ to dest/k8s, dropping any real key; write `key` as the base's key file."""
+def copy_k8s_tree(dest: Path, keys: dict[str, bytes] | bytes | None) -> Path:
+    """Copy k8s/ to dest/k8s, dropping any real key; write ``keys`` ({Secret key: content}, e.g.
+    :func:`throwaway_keys`) as the base's key files. A single key (bytes) is the admin key, with
+    fresh keys for the other roles. None: no key files (rendering the base must then fail)."""
+    if isinstance(keys, bytes):
+        keys = {**throwaway_keys(), ROLE_KEYS["admin"]: keys}
     target = dest / "k8s"
+    dropped = (KEYS_DIR_NAME, OLD_KEY_FILE_NAME)
     shutil.copytree(
         K8S_DIR,
         target,
-        ignore=lambda d, names: [n for n in names if Path(d) == K8S_DIR / "base" and n == KEY_FILE_NAME],
+        ignore=lambda d, names: [n for n in names if Path(d) == K8S_DIR / "base" and n in dropped],
     )
-    if key is not None:
-        key_file = target / "base" / KEY_FILE_NAME
-        key_file.write_bytes(key)
-        key_file.chmod(0o600)
+    if keys is not None:
+        key_dir = target / "base" / KEYS_DIR_NAME
+        key_dir.mkdir(mode=0o700)
+        for name, content in keys.items():
+            key_file = key_dir / name
+            key_file.write_bytes(content)
+            key_file.chmod(0o600)
     return target
 
 
 def throwaway_key() -> bytes:
     return (secrets.token_hex(32) + "\n").encode()
+
+
+def throwaway_keys() -> dict[str, bytes]:
+    """One fresh key per role, by the Secret's key (``consumer.default``: ...)."""
+    return {name: throwaway_key() for name in ROLE_KEYS.values()}
 
 
 def kustomize(kubectl: str, directory: Path) -> subprocess.CompletedProcess[str]:

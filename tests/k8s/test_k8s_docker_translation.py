@@ -84,14 +84,14 @@ def test_env_value_from_and_service_links(renders):
     container["env"] += [
         {"name": "POD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "NS", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
-        {"name": "KEY", "valueFrom": {"secretKeyRef": {"name": secret_name, "key": k8slib.SECRET_KEY}}},
+        {"name": "KEY", "valueFrom": {"secretKeyRef": {"name": secret_name, "key": k8slib.ROLE_KEYS["consumer"]}}},
         {"name": "WHERE", "value": "$(POD) in $(NS) reads $(QUEUEKIT_QUEUE)"},
     ]
     ns = namespace(docs)
     (pod,) = ns.plan(one(docs, *CONSUMER), replicas=1)
     ns.service_ips["queuekit-server"] = "10.0.0.7"  # as if its forwarder were running
     env = ns._env(pod)
-    assert env["KEY"].encode() == renders.key
+    assert env["KEY"].encode() == renders.keys[k8slib.ROLE_KEYS["consumer"]]
     assert env["WHERE"] == f"{pod.name} in {k8slib.DEV_NAMESPACE} reads tasks"
     assert not any(k.endswith("_SERVICE_HOST") for k in env), "enableServiceLinks: false"
     pod.spec["enableServiceLinks"] = True

@@ -1,10 +1,9 @@
-"""Every kustomization renders with `kubectl kustomize`, to the objects we expect; the authkey
-Secret comes only from the key file, and a missing key file is a loud error."""
+"""Every kustomization renders with `kubectl kustomize`, to the objects we expect; the keys
+Secret comes only from the role key files, and a missing key file is a loud error."""
 
 from __future__ import annotations
 
 import base64
-import re
 from pathlib import Path
 
 import k8slib
@@ -12,8 +11,6 @@ import pytest
 from k8slib import KUSTOMIZATIONS, one, pod_spec, workloads
 
 pytestmark = pytest.mark.k8s
-
-HASHED_SECRET = re.compile(r"^queuekit-authkey-[a-z0-9]{10}$")
 
 BASE_OBJECTS = {
     ("ServiceAccount", "queuekit-server"),
@@ -28,7 +25,7 @@ BASE_OBJECTS = {
     ("NetworkPolicy", "queuekit-server"),
     ("NetworkPolicy", "queuekit-clients"),
 }
-SECRET = ("Secret", "queuekit-authkey-<hash>")
+SECRET = ("Secret", k8slib.SECRET_NAME)
 EGRESS = ("NetworkPolicy", "queuekit-clients-egress")  # components/egress, in every dev overlay
 EXPECTED = {
     "base": BASE_OBJECTS | {SECRET},
@@ -46,13 +43,7 @@ EXPECTED = {
 
 
 def _kind_names(docs: list[dict]) -> list[tuple[str, str]]:
-    out = []
-    for d in docs:
-        name = d["metadata"]["name"]
-        if d["kind"] == "Secret" and HASHED_SECRET.match(name):
-            name = "queuekit-authkey-<hash>"
-        out.append((d["kind"], name))
-    return out
+    return [(d["kind"], d["metadata"]["name"]) for d in docs]
 
 
 @pytest.mark.parametrize("name", list(KUSTOMIZATIONS))
@@ -65,13 +56,23 @@ def test_renders_expected_objects(renders, name):
 
 
 @pytest.mark.parametrize("name", k8slib.NEEDS_KEY)
-def test_missing_key_file_fails_loudly(kubectl, tmp_path, name):
-    tree = k8slib.copy_k8s_tree(tmp_path, key=None)
-    assert not (tree / "base" / "authkey").exists()
+def test_missing_key_files_fail_loudly(kubectl, tmp_path, name):
+    tree = k8slib.copy_k8s_tree(tmp_path, keys=None)
+    assert not (tree / "base" / "keys").exists() and not (tree / "base" / "authkey").exists()
     result = k8slib.kustomize(kubectl, tree / KUSTOMIZATIONS[name])
-    assert result.returncode != 0, "rendered without a key file:\n" + result.stdout[:2000]
+    assert result.returncode != 0, "rendered without key files:\n" + result.stdout[:2000]
     assert result.stdout.strip() == "", "partial output despite the error"
-    missing = str(tree / "base" / "authkey")
+    assert str(tree / "base" / "keys") in result.stderr, f"stderr does not name the keys:\n{result.stderr}"
+
+
+@pytest.mark.parametrize("role", list(k8slib.ROLE_KEYS))
+def test_each_missing_role_key_fails_loudly(kubectl, tmp_path, role):
+    keys = k8slib.throwaway_keys()
+    del keys[k8slib.ROLE_KEYS[role]]
+    tree = k8slib.copy_k8s_tree(tmp_path, keys)
+    result = k8slib.kustomize(kubectl, tree / KUSTOMIZATIONS["dev"])
+    assert result.returncode != 0 and result.stdout.strip() == "", "rendered without the " + role + " key"
+    missing = str(tree / "base" / "keys" / k8slib.ROLE_KEYS[role])
     assert missing in result.stderr, f"stderr does not name {missing}:\n{result.stderr}"
 
 
@@ -83,17 +84,23 @@ def test_existing_secret_overlay_renders_in_place_without_key(kubectl):
     assert not [d for d in docs if d["kind"] == "Secret"]
     names = {v["secret"]["secretName"] for w in workloads(docs) for v in pod_spec(w)["volumes"] if "secret" in v}
     assert names == {k8slib.SECRET_NAME}
+    # the keys the pods ask for are the ones the README tells you to create
+    items = {
+        i["key"] for w in workloads(docs) for v in pod_spec(w)["volumes"] for i in v.get("secret", {}).get("items", [])
+    }
+    assert items == {k8slib.ROLE_KEYS["consumer"], k8slib.ROLE_KEYS["producer"]}
 
 
 @pytest.mark.parametrize("name", k8slib.NEEDS_KEY)
-def test_secret_is_the_key_file_under_the_contract_key(renders, name):
+def test_secret_holds_the_role_key_files_under_their_names(renders, name):
     (secret,) = [d for d in renders.docs[name] if d["kind"] == "Secret"]
-    assert HASHED_SECRET.match(secret["metadata"]["name"])
+    assert secret["metadata"]["name"] == k8slib.SECRET_NAME
     assert secret.get("type") == "Opaque"
     assert "stringData" not in secret
-    assert list(secret["data"]) == [k8slib.SECRET_KEY]
-    assert base64.b64decode(secret["data"][k8slib.SECRET_KEY]) == renders.key
-    # every pod's secret volume points at this very Secret (kustomize rewrote the hashed name)
+    assert sorted(secret["data"]) == sorted(k8slib.ROLE_KEYS.values())
+    for key, content in renders.keys.items():
+        assert base64.b64decode(secret["data"][key]) == content, key
+    # every pod's secret volume points at this very Secret
     refs = {
         v["secret"]["secretName"]
         for w in workloads(renders.docs[name])
@@ -103,20 +110,35 @@ def test_secret_is_the_key_file_under_the_contract_key(renders, name):
     assert refs == {secret["metadata"]["name"]}
 
 
-def test_new_key_renames_secret_and_rolls_every_workload(kubectl, tmp_path):
-    """The name-suffix hash is what makes a key change restart the pods (see base/kustomization)."""
-    names = []
-    templates = []
-    for i, key in enumerate((k8slib.throwaway_key(), k8slib.throwaway_key())):
-        tree = k8slib.copy_k8s_tree(tmp_path / str(i), key)
+def test_keys_change_in_place_without_restarting_the_server(kubectl, tmp_path):
+    """Rotation without a restart (base/kustomization.yaml): new keys, or one more key, change the
+    Secret's data but not its name, so no pod template changes and the kubelet updates the mounted
+    files in place (the server re-reads its keys directory). With kustomize's name hash, any key
+    change would rename the Secret and restart the server."""
+    renders = []
+    rotated = {**k8slib.throwaway_keys(), "consumer.next": k8slib.throwaway_key()}
+    for i, keys in enumerate((k8slib.throwaway_keys(), k8slib.throwaway_keys(), rotated)):
+        tree = k8slib.copy_k8s_tree(tmp_path / str(i), keys)
+        if "consumer.next" in keys:  # a key added to the generator, as k8s/README.md says
+            kfile = tree / "base" / "kustomization.yaml"
+            text = kfile.read_text()
+            assert "      - admin.default=keys/admin.default\n" in text
+            kfile.write_text(
+                text.replace(
+                    "      - admin.default=keys/admin.default\n",
+                    "      - admin.default=keys/admin.default\n      - consumer.next=keys/consumer.next\n",
+                )
+            )
         result = k8slib.kustomize(kubectl, tree / "base")
         assert result.returncode == 0, result.stderr
         docs = k8slib.load_docs(result.stdout)
-        names.append(next(d["metadata"]["name"] for d in docs if d["kind"] == "Secret"))
-        templates.append({w["metadata"]["name"]: w["spec"]["template"] for w in workloads(docs)})
-    assert names[0] != names[1]
-    for workload, template in templates[0].items():
-        assert template != templates[1][workload], f"{workload}'s pod template ignores the key change"
+        (secret,) = [d for d in docs if d["kind"] == "Secret"]
+        renders.append((secret, {w["metadata"]["name"]: w["spec"]["template"] for w in workloads(docs)}))
+    assert {s["metadata"]["name"] for s, _ in renders} == {k8slib.SECRET_NAME}
+    assert renders[0][0]["data"] != renders[1][0]["data"]
+    assert "consumer.next" in renders[2][0]["data"]
+    for _, templates in renders[1:]:
+        assert templates == renders[0][1], "a key change alters a pod template (the pods would restart)"
 
 
 @pytest.mark.parametrize("name", k8slib.DEPLOYABLE)
@@ -163,7 +185,7 @@ def _overlay(tree, name: str, *, components: list[str], namespace: str | None = 
 def test_keda_component_follows_any_namespace(kubectl, tmp_path):
     """components/keda is not tied to queuekit-dev: on another namespace its objects and the
     scaler's URL name that namespace, and the consumer has no replica count."""
-    tree = k8slib.copy_k8s_tree(tmp_path, k8slib.throwaway_key())
+    tree = k8slib.copy_k8s_tree(tmp_path, k8slib.throwaway_keys())
     overlay = _overlay(tree, "team-keda", components=["../../components/keda"], namespace="team-a")
     result = k8slib.kustomize(kubectl, overlay)
     assert result.returncode == 0, result.stderr
@@ -177,7 +199,7 @@ def test_keda_component_follows_any_namespace(kubectl, tmp_path):
 
 def test_keda_component_without_a_namespace_fails_loudly(kubectl, tmp_path):
     """No namespace set before the component: the scaler's URL cannot name one, so no output."""
-    tree = k8slib.copy_k8s_tree(tmp_path, k8slib.throwaway_key())
+    tree = k8slib.copy_k8s_tree(tmp_path, k8slib.throwaway_keys())
     overlay = _overlay(tree, "keda-no-namespace", components=["../../components/keda"])
     result = k8slib.kustomize(kubectl, overlay)
     assert result.returncode != 0, "rendered without a namespace:\n" + result.stdout[:2000]

@@ -183,40 +183,128 @@ def test_commands_and_args_are_explicit(renders, name):
         assert c["args"] == args
 
 
+def key_holding_violations(workload: dict, component: str, secret_name: str = k8slib.SECRET_NAME) -> list[str]:
+    """What is wrong with the keys a workload's pods hold (issue 11): the server mounts the whole
+    keys Secret as its QUEUEKIT_KEYS_DIR (no items, so a key added to the Secret appears; no
+    subPath, so updates arrive); a consumer holds only the consumer key and a producer only the
+    producer key, each at the authkey path; mode 0400 (+ group read for fsGroup 10001), read-only,
+    never in the environment."""
+    out: list[str] = []
+    spec = pod_spec(workload)
+    volumes = {v["name"]: v for v in spec.get("volumes") or []}
+    for c in k8slib.all_containers(spec):
+        where = f"{workload['metadata']['name']}/{c['name']}"
+        mounts = [m for m in c.get("volumeMounts") or [] if "secret" in volumes.get(m["name"], {})]
+        if len(mounts) != 1:
+            out.append(f"{where}: expected one Secret mount, got {[m['mountPath'] for m in mounts]}")
+            continue
+        mount = mounts[0]
+        source = volumes[mount["name"]]["secret"]
+        env = env_map(c)
+        if source.get("secretName") != secret_name:
+            out.append(f"{where}: mounts Secret {source.get('secretName')!r}, not {secret_name!r}")
+        if mount.get("readOnly") is not True:
+            out.append(f"{where}: the key mount is not readOnly")
+        if "subPath" in mount:
+            out.append(f"{where}: subPath mounts never see Secret updates")
+        if source.get("defaultMode") != k8slib.KEY_MODE:
+            out.append(f"{where}: defaultMode {oct(source.get('defaultMode') or 0)}, expected {oct(k8slib.KEY_MODE)}")
+        if source.get("optional") is not False:
+            out.append(f"{where}: the keys Secret must not be optional")
+        items = {i["key"]: i["path"] for i in source.get("items") or []}
+        if any("mode" in i for i in source.get("items") or []):
+            out.append(f"{where}: an item sets its own mode")
+        if component == "server":
+            if items:
+                out.append(f"{where}: the server mounts only {sorted(items)}: keys added later would not appear")
+            if mount["mountPath"] != k8slib.KEYS_PATH or env.get("QUEUEKIT_KEYS_DIR") != mount["mountPath"]:
+                out.append(f"{where}: keys at {mount['mountPath']}, QUEUEKIT_KEYS_DIR={env.get('QUEUEKIT_KEYS_DIR')}")
+            if "QUEUEKIT_AUTHKEY_FILE" in env:
+                out.append(f"{where}: the server has an authkey file of its own (an admin key)")
+        else:
+            want = k8slib.ROLE_KEYS[component]
+            if set(items) != {want}:
+                held = sorted(items) or ["every key of the Secret"]
+                out.append(f"{where}: holds {held}, must hold only {want}")
+            elif f"{mount['mountPath'].rstrip('/')}/{items[want]}" != env.get(
+                "QUEUEKIT_AUTHKEY_FILE", k8slib.AUTHKEY_PATH
+            ):
+                out.append(f"{where}: its key file is not where QUEUEKIT_AUTHKEY_FILE points")
+            if env.get("QUEUEKIT_AUTHKEY_FILE", k8slib.AUTHKEY_PATH) != k8slib.AUTHKEY_PATH:
+                out.append(f"{where}: QUEUEKIT_AUTHKEY_FILE is not the default {k8slib.AUTHKEY_PATH}")
+        for e in c.get("env") or []:
+            if "secretKeyRef" in (e.get("valueFrom") or {}):
+                out.append(f"{where}: env {e['name']} from a Secret")
+        for ref in c.get("envFrom") or []:
+            if "secretRef" in ref:
+                out.append(f"{where}: envFrom a Secret")
+    if (spec.get("securityContext") or {}).get("fsGroup") != k8slib.GID:
+        out.append(f"{workload['metadata']['name']}: without fsGroup {k8slib.GID} uid 10001 cannot read the 0400 keys")
+    return out
+
+
 @pytest.mark.parametrize("name", ALL)
-def test_authkey_is_a_read_only_file_from_the_secret_never_env(renders, name):
+def test_each_pod_holds_only_its_roles_key_as_a_read_only_file(renders, name):
     docs = renders.docs[name]
     secrets = [d for d in docs if d["kind"] == "Secret"]
-    secret_name = secrets[0]["metadata"]["name"] if secrets else k8slib.SECRET_NAME
-    key_text = renders.key.decode().strip()
+    assert [s["metadata"]["name"] for s in secrets] in ([k8slib.SECRET_NAME], [])
+    violations = [
+        v
+        for w in workloads(docs)
+        for v in key_holding_violations(w, EXPECTED_WORKLOADS[(w["kind"], w["metadata"]["name"])])
+    ]
+    assert violations == []
+    # no key's content anywhere in a pod template (env values, args, annotations)
     for w in workloads(docs):
-        spec = pod_spec(w)
-        volumes = {v["name"]: v for v in spec["volumes"]}
-        for c in k8slib.all_containers(spec):
-            where = f"{w['metadata']['name']}/{c['name']}"
-            mounts = [m for m in c.get("volumeMounts") or [] if "secret" in volumes.get(m["name"], {})]
-            assert len(mounts) == 1, f"{where}: expected one Secret mount, got {mounts}"
-            mount = mounts[0]
-            source = volumes[mount["name"]]["secret"]
-            assert source["secretName"] == secret_name
-            assert mount.get("readOnly") is True
-            assert "subPath" not in mount  # subPath mounts never see Secret updates
-            assert source.get("defaultMode") == 0o440
-            assert source.get("optional") is False
-            items = {i["key"]: i["path"] for i in source.get("items") or []}
-            assert items == {k8slib.SECRET_KEY: k8slib.SECRET_KEY}
-            file_path = f"{mount['mountPath'].rstrip('/')}/{items[k8slib.SECRET_KEY]}"
-            assert file_path == k8slib.AUTHKEY_PATH
-            env = env_map(c)
-            assert env.get("QUEUEKIT_AUTHKEY_FILE", k8slib.AUTHKEY_PATH) == file_path
-            # never through the environment
-            for e in c.get("env") or []:
-                assert "secretKeyRef" not in (e.get("valueFrom") or {}), f"{where}: env {e['name']} from a Secret"
-                assert key_text not in str(e.get("value")), f"{where}: the key is in env {e['name']}"
-            for source_ref in c.get("envFrom") or []:
-                assert "secretRef" not in source_ref, f"{where}: envFrom a Secret"
-        # group-readable file: readable by uid 10001 only through fsGroup
-        assert spec["securityContext"]["fsGroup"] == k8slib.GID
+        text = str(pod_template(w))
+        for key in renders.keys.values():
+            assert key.decode().strip() not in text, f"{w['metadata']['name']}: a key is in the pod template"
+
+
+def _items(workload) -> list[dict]:
+    volume = next(v for v in pod_spec(workload)["volumes"] if "secret" in v)
+    return volume["secret"].setdefault("items", [])
+
+
+KEY_MUTATIONS = {
+    # name: (component, mutation)
+    "consumer-holds-producer-key": ("consumer", lambda w: _items(w)[0].update(key="producer.default")),
+    "consumer-holds-admin-key": ("consumer", lambda w: _items(w)[0].update(key="admin.default")),
+    "consumer-holds-every-key": (
+        "consumer",
+        lambda w: next(v for v in pod_spec(w)["volumes"] if "secret" in v)["secret"].pop("items"),
+    ),
+    "consumer-holds-admin-too": ("consumer", lambda w: _items(w).append({"key": "admin.default", "path": "admin"})),
+    "producer-holds-consumer-key": ("producer", lambda w: _items(w)[0].update(key="consumer.default")),
+    "producer-holds-admin-key": ("producer", lambda w: _items(w)[0].update(key="admin.default")),
+    "server-lists-items": ("server", lambda w: _items(w).append({"key": "admin.default", "path": "admin.default"})),
+    "server-authkey-file": (
+        "server",
+        lambda w: the_container(w)["env"].append({"name": "QUEUEKIT_AUTHKEY_FILE", "value": k8slib.AUTHKEY_PATH}),
+    ),
+    "world-readable": (
+        "consumer",
+        lambda w: next(v for v in pod_spec(w)["volumes"] if "secret" in v)["secret"].update(defaultMode=0o444),
+    ),
+    "subpath": ("server", lambda w: the_container(w)["volumeMounts"][1].update(subPath="admin.default")),
+    "no-fsgroup": ("producer", lambda w: pod_spec(w)["securityContext"].pop("fsGroup")),
+    "key-in-env": (
+        "consumer",
+        lambda w: the_container(w)["env"].append(
+            {"name": "K", "valueFrom": {"secretKeyRef": {"name": k8slib.SECRET_NAME, "key": "consumer.default"}}}
+        ),
+    ),
+}
+
+
+@pytest.mark.parametrize("mutation", list(KEY_MUTATIONS))
+def test_the_key_holding_checker_catches(renders, mutation):
+    """A consumer holding the producer or admin key (or all of them), and the other drifts, are caught."""
+    component, mutate = KEY_MUTATIONS[mutation]
+    workload = copy.deepcopy(_workload(renders.docs["dev"], component))
+    assert key_holding_violations(workload, component) == []
+    mutate(workload)
+    assert key_holding_violations(workload, component) != []
 
 
 @pytest.mark.parametrize("name", ALL)

@@ -6,8 +6,9 @@ kustomize k8s/overlays/dev`` of a copy of k8s/ holding a throwaway key, see conf
 every workload's pod spec as containers on a Docker network of their own, through the
 translation in k8s_docker.py (read its docstring for the field-by-field mapping and for what it
 does not model): the manifest's image (retagged to this session's test images), command, args,
-env, the authkey Secret as files named after its keys at the volumeMount's mountPath with the
-kubelet's modes and fsGroup ownership, the Services as forwarders carrying the Service name
+env, the keys Secret as files named after its keys at the volumeMount's mountPath with the
+kubelet's modes and fsGroup ownership (the server: every role key as its keys directory; each
+consumer: only the consumer key, at the authkey path), the Services as forwarders carrying the Service name
 with port -> targetPort, ``replicas`` containers, the Job run to completion, the securityContext
 (user, groups, read-only root filesystem, dropped capabilities, no-new-privileges), emptyDirs as
 tmpfs and the volumeClaimTemplate as a labelled Docker volume.
@@ -17,7 +18,9 @@ test_manifests_run_end_to_end_on_docker
     ``produced=N`` equals the server's ``acked`` count on that queue, the demo handler logged
     ``event=example_task n=`` for every task, on both replicas; every probe (startup, readiness,
     liveness; exec and httpGet) succeeds against the running containers, before and after; the
-    journal is on the claim's volume; each container really runs as the manifest says.
+    journal is on the claim's volume; each container really runs as the manifest says, and holds
+    the keys of its role only (compared by digest inside the container: a consumer holding the
+    producer or admin key fails).
 test_negative_control_*
     The same flow, made small, with ONE drift applied in memory to the rendered objects (Secret
     key, mountPath, Service port/targetPort/selector/name, container port name, env var name or
@@ -38,7 +41,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
+import os
 import re
 import time
 import traceback
@@ -62,7 +67,8 @@ SERVER = ("StatefulSet", "queuekit-server")
 CONSUMER = ("Deployment", "queuekit-consumer")
 PRODUCER = ("Job", "queuekit-producer")
 SERVICE = "queuekit-server"
-AUTHKEY_VOLUME = "authkey"
+KEYS_VOLUME = "keys"  # the server's: the whole Secret, its QUEUEKIT_KEYS_DIR
+AUTHKEY_VOLUME = "authkey"  # a consumer's or the producer's: its role's key only
 
 
 @dataclass(frozen=True)
@@ -103,7 +109,8 @@ EXAMPLE_TASK = re.compile(r"^ts=(\S+) .*event=example_task n=(\d+)\b", re.MULTIL
 
 @pytest.fixture(scope="module")
 def key_file(renders, tmp_path_factory) -> Path:
-    """The throwaway key the Secret was rendered from, for the test's own host-side client."""
+    """The throwaway admin key the Secret was rendered with, for the test's own host-side client
+    (it puts tasks and reads stats)."""
     path = tmp_path_factory.mktemp("k8s-docker-key") / "authkey"
     path.write_bytes(renders.key)
     path.chmod(0o600)
@@ -130,9 +137,9 @@ def mount_of(container: dict, volume: str) -> dict:
     return found[0]
 
 
-def authkey_secret(docs: list[dict]) -> dict:
-    """The Secret the server's authkey volume refers to (its name carries kustomize's hash)."""
-    volume = next(v for v in pod_spec(one(docs, *SERVER))["volumes"] if v["name"] == AUTHKEY_VOLUME)
+def keys_secret(docs: list[dict]) -> dict:
+    """The Secret the server's keys volume refers to."""
+    volume = next(v for v in pod_spec(one(docs, *SERVER))["volumes"] if v["name"] == KEYS_VOLUME)
     return one(docs, "Secret", volume["secret"]["secretName"])
 
 
@@ -198,7 +205,7 @@ def require(result, stage_detail: str = "") -> None:
         raise AssertionError(f"{stage_detail}{getattr(result, 'detail', result)}")
 
 
-def execute(docs, images, key_file, hint, budgets: Budgets, *, thorough=False) -> Run:
+def execute(docs, images, key_file, hint, budgets: Budgets, *, thorough=False, keys=None) -> Run:
     """Run server StatefulSet, consumer Deployment and producer Job from ``docs`` and check the
     flow. A wiring failure ends the run at its stage (``ok`` false, ``stage``, ``detail``);
     anything else (a NotModelled field, a bug here) is kept in ``error`` for the test to raise."""
@@ -207,7 +214,7 @@ def execute(docs, images, key_file, hint, budgets: Budgets, *, thorough=False) -
     ns = None
     try:
         ns = Namespace(docs, images, helper_image=images["queuekit-server"], hint=hint)
-        _stages(ns, run, key_file, budgets, thorough=thorough)
+        _stages(ns, run, key_file, budgets, thorough=thorough, keys=keys)
         run.ok, run.stage = True, "done"
     except (AssertionError, PodConfigError, QueuekitError) as e:
         run.detail = f"{type(e).__name__}: {e}"
@@ -222,7 +229,7 @@ def execute(docs, images, key_file, hint, budgets: Budgets, *, thorough=False) -
     return run
 
 
-def _stages(ns: Namespace, run: Run, key_file: Path, budgets: Budgets, *, thorough: bool) -> None:
+def _stages(ns: Namespace, run: Run, key_file: Path, budgets: Budgets, *, thorough: bool, keys=None) -> None:
     docs = ns.docs
     run.stage = "plan"
     servers = ns.plan(one(docs, *SERVER))
@@ -299,7 +306,7 @@ def _stages(ns: Namespace, run: Run, key_file: Path, budgets: Budgets, *, thorou
     if not thorough:  # the controls stop here: they are about the wiring, and must be quick
         return
     run.stage = "pod-runtime"
-    run.facts["runtime"] = {p.name: check_runtime_facts(p) for p in servers + consumers}
+    run.facts["runtime"] = {p.name: check_runtime_facts(p, keys) for p in servers + consumers}
 
     run.stage = "probes-again"
     for pod in servers + consumers:
@@ -311,7 +318,7 @@ def _stages(ns: Namespace, run: Run, key_file: Path, budgets: Budgets, *, thorou
 # What the kernel says about a process started in the container (docker exec starts it with the
 # container's user and security settings, like the pod's own process).
 RUNTIME_SCRIPT = r"""
-import json, os, sys
+import hashlib, json, os, sys
 status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines() if ":" in line)
 try:
     with open("/.k8s-docker-write-test", "w"):
@@ -323,18 +330,23 @@ files = {}
 for path in sys.argv[1:]:
     st = os.stat(path)
     readable = os.access(path, os.R_OK)
-    files[path] = {"mode": st.st_mode & 0o7777, "uid": st.st_uid, "gid": st.st_gid, "readable": readable}
+    digest = hashlib.sha256(open(path, "rb").read()).hexdigest() if readable else None
+    files[path] = {"mode": st.st_mode & 0o7777, "uid": st.st_uid, "gid": st.st_gid, "readable": readable,
+                   "sha256": digest}
+secret_dirs = sorted({os.path.dirname(p) for p in sys.argv[1:]})
+listed = {d: sorted(n for n in os.listdir(d) if not n.startswith(".")) for d in secret_dirs}
 print(json.dumps({
     "uid": os.getuid(), "gid": os.getgid(), "groups": sorted(os.getgroups()),
     "cap_eff": status["CapEff"].strip(), "no_new_privs": status.get("NoNewPrivs", "").strip(),
-    "rootfs_writable": rootfs_writable, "files": files,
+    "rootfs_writable": rootfs_writable, "files": files, "listed": listed,
 }))
 """
 
 
-def check_runtime_facts(pod: Pod) -> dict:
+def check_runtime_facts(pod: Pod, keys: dict[str, bytes] | None = None) -> dict:
     """The securityContext and the Secret files as the running container sees them, compared
-    with what the pod spec asks for."""
+    with what the pod spec asks for; with ``keys`` (the rendered Secret's keys), also which role
+    keys the container holds: the server all of them, a consumer only the consumer key."""
     c = pod.container_spec
     sc = effective_security(pod.spec, c)
     fs_group = (pod.spec.get("securityContext") or {}).get("fsGroup")
@@ -343,7 +355,8 @@ def check_runtime_facts(pod: Pod) -> dict:
     for vm in c.get("volumeMounts") or []:
         secret = volumes.get(vm["name"], {}).get("secret")
         if secret:
-            for item in secret["items"]:
+            items = secret.get("items") or [{"key": k, "path": k} for k in k8slib.ROLE_KEYS.values()]
+            for item in items:
                 mode = item.get("mode", secret.get("defaultMode", 0o644)) | (0o440 if fs_group is not None else 0)
                 expected_files[f"{vm['mountPath']}/{item['path']}"] = mode
     code, output = pod.exec(["python3", "-c", RUNTIME_SCRIPT, *expected_files], timeout=20)
@@ -366,6 +379,16 @@ def check_runtime_facts(pod: Pod) -> dict:
             problems.append(f"{path}: mode {oct(got['mode'])} owner {got['uid']}:{got['gid']}, expected {oct(mode)}")
         if not got["readable"]:
             problems.append(f"{path} is not readable by the container's user")
+    if keys is not None:
+        by_digest = {hashlib.sha256(v).hexdigest(): k for k, v in keys.items()}
+        held = sorted(by_digest.get(f["sha256"], "an unknown key") for f in facts["files"].values())
+        component = pod.labels.get("app.kubernetes.io/component")
+        want = sorted(keys) if component == "server" else [k8slib.ROLE_KEYS[component]]
+        if held != want:
+            problems.append(f"holds {held}, its role ({component}) must hold exactly {want}")
+        for directory, names in facts["listed"].items():
+            if component != "server" and names != [os.path.basename(p) for p in expected_files]:
+                problems.append(f"{directory} holds {names}: more than its key")
     assert not problems, f"{pod.name}: " + "; ".join(problems)
     return facts
 
@@ -377,7 +400,7 @@ def check_runtime_facts(pod: Pod) -> dict:
 def test_manifests_run_end_to_end_on_docker(renders, docker_images, key_file):
     """The dev overlay exactly as rendered: producer Job -> server <- consumers, probes, journal."""
     docs = fresh_docs(renders)
-    run = execute(docs, docker_images, key_file, "flow", FLOW_BUDGETS, thorough=True)
+    run = execute(docs, docker_images, key_file, "flow", FLOW_BUDGETS, thorough=True, keys=renders.keys)
     _raise_error(run)
     print(f"\nflow: {run.stage} in {run.seconds}s (stage ends {run.timings}): {json.dumps(run.facts)}")
     assert run.ok, f"stage {run.stage!r} failed after {run.seconds}s: {run.detail}"
@@ -399,14 +422,18 @@ def _small(docs: list[dict]) -> None:
 
 
 def _rename_secret_key(docs, *, in_pods: bool) -> None:
-    secret = authkey_secret(docs)
-    secret["data"]["authkey"] = secret["data"].pop(k8slib.SECRET_KEY)
-    if in_pods:  # a consistent rename: the file in the pods is now named "authkey"
+    """The consumer key renamed to ``authkey`` in the Secret (not a ``<role>.<label>`` name, so the
+    server must refuse its keys directory), and in the consumers' items too (``in_pods``), or not
+    (the consumers then ask for a key the Secret lacks)."""
+    secret = keys_secret(docs)
+    old = k8slib.ROLE_KEYS["consumer"]
+    secret["data"]["authkey"] = secret["data"].pop(old)
+    if in_pods:
         for w in k8slib.workloads(docs):
             for v in pod_spec(w).get("volumes") or []:
                 for item in (v.get("secret") or {}).get("items") or []:
-                    if item["key"] == k8slib.SECRET_KEY:
-                        item["key"] = item["path"] = "authkey"
+                    if item["key"] == old:
+                        item["key"] = "authkey"
 
 
 def _service_spec(docs):
@@ -422,7 +449,7 @@ CONTROLS = {
     "secret-key-renamed": (lambda d: _rename_secret_key(d, in_pods=True), "server-startup"),
     "secret-key-missing": (lambda d: _rename_secret_key(d, in_pods=False), "start"),
     "authkey-mountpath-server": (
-        lambda d: mount_of(container_of(d, SERVER), AUTHKEY_VOLUME).update(mountPath="/run/secret"),
+        lambda d: mount_of(container_of(d, SERVER), KEYS_VOLUME).update(mountPath="/run/secret"),
         "server-startup",
     ),
     "authkey-mountpath-consumer": (
@@ -430,6 +457,19 @@ CONTROLS = {
         "consumer-probes",
     ),
     "no-fsgroup-server": (lambda d: pod_spec(one(d, *SERVER))["securityContext"].pop("fsGroup"), "server-startup"),
+    "server-keys-dir-env": (
+        lambda d: env_item(container_of(d, SERVER), "QUEUEKIT_KEYS_DIR").update(value="/run/secrets"),
+        "server-startup",
+    ),
+    "consumer-key-not-in-server": (
+        lambda d: next(v for v in pod_spec(one(d, *SERVER))["volumes"] if v["name"] == KEYS_VOLUME)["secret"].update(
+            items=[
+                {"key": "admin.default", "path": "admin.default"},
+                {"key": "producer.default", "path": "producer.default"},
+            ]
+        ),
+        "consumer-probes",
+    ),
     "consumer-env-server-port": (
         lambda d: env_item(container_of(d, CONSUMER), "QUEUEKIT_SERVER").update(value=f"{SERVICE}:50001"),
         "consumer-probes",
