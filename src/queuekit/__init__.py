@@ -16,6 +16,7 @@ from .errors import (  # noqa: E402
     PermissionDenied,
     QueuekitError,
     ServerUnavailable,
+    TLSError,
 )
 from .message import Task  # noqa: E402
 
@@ -32,4 +33,5 @@ __all__ = [
     "PayloadError",
     "PayloadTooLarge",
     "PermissionDenied",
+    "TLSError",
 ]

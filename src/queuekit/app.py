@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import ssl
 import threading
 import time
 from typing import Any
@@ -54,6 +55,9 @@ class ServerApp:
         self._key_signature: tuple = ()
         self._grants: list[keys.Grant] = []
         self._reaper: threading.Thread | None = None
+        tls_files = (settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
+        self._tls_files: tuple[str, ...] = tuple(f for f in tls_files if f)
+        self._tls_signature: tuple = ()
 
     # -- what the HTTP port and the API report ----------------------------------------------
 
@@ -136,8 +140,9 @@ class ServerApp:
                 seconds=round(time.monotonic() - t0, 3),
                 **{f"queue.{name}": n for name, n in sorted(counts.items())},
             )
+        tls_context = self._load_tls() if self._tls_files else None
         try:
-            server = self.server = QueuekitServer(broker, settings, self, self._grants)
+            server = self.server = QueuekitServer(broker, settings, self, self._grants, tls_context)
         except OSError as e:
             raise ConfigError(f"cannot listen on {settings.bind}: {e.strerror or e}") from None
         server.start()
@@ -149,6 +154,7 @@ class ServerApp:
             bind=transport.format_peer(server.address),
             http=transport.format_peer(self.web.server_address[:2]) if self.web else "off",
             durable=journal.durable,
+            tls="mutual" if settings.tls_client_ca_file else "on" if tls_context else "off",
         )
 
     def stop(self) -> None:
@@ -192,6 +198,35 @@ class ServerApp:
         Secret in place, and nobody sends SIGHUP)."""
         return keys.sources_signature(*self._key_sources) != self._key_signature
 
+    def _load_tls(self) -> ssl.SSLContext:
+        """A TLS context from the certificate files (raises ConfigError naming the setting)."""
+        settings = self.settings
+        assert settings.tls_cert_file and settings.tls_key_file
+        self._tls_signature = _files_signature(self._tls_files)
+        context = transport.server_tls_context(
+            settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file
+        )
+        _log.info("tls_loaded", cert=settings.tls_cert_file, client_ca=settings.tls_client_ca_file)
+        return context
+
+    def reload_tls(self, why: str) -> bool:
+        """Re-read the certificate files: new connections get the new certificate; connections
+        made already keep theirs. Files that do not load change nothing."""
+        if not self._tls_files or self.server is None:
+            return True
+        try:
+            context = self._load_tls()
+        except ConfigError as e:
+            _log.error("tls_reload_failed", why=why, error=str(e), detail="the certificate in force stays")
+            return False
+        self.server.set_tls_context(context)
+        _log.info("tls_reloaded", why=why)
+        return True
+
+    def tls_changed(self) -> bool:
+        """The certificate files changed since they were last read (polled, like the keys)."""
+        return bool(self._tls_files) and _files_signature(self._tls_files) != self._tls_signature
+
     def _reap(self) -> None:
         broker = self.broker
         assert broker is not None
@@ -200,6 +235,19 @@ class ServerApp:
                 broker.tick()
             except Exception as e:  # never let housekeeping die silently
                 _log.error("reaper_failed", exc_info=e)
+
+
+def _files_signature(paths: tuple[str, ...]) -> tuple:
+    """Changes whenever one of the files changes (size, modification time, inode): cheap to poll.
+    ``stat`` follows symlinks, so a Kubernetes Secret volume's swap of its data counts."""
+    sig: list[tuple] = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+            sig.append((path, st.st_size, st.st_mtime_ns, st.st_ino))
+        except OSError as e:
+            sig.append((path, "error", e.errno))
+    return tuple(sig)
 
 
 def run(settings: ServerSettings) -> int:
@@ -227,7 +275,11 @@ def run(settings: ServerSettings) -> int:
         if reload.is_set():
             reload.clear()
             app.reload_keys("sighup")
-        elif app.keys_changed():
+            app.reload_tls("sighup")
+            continue
+        if app.keys_changed():
             app.reload_keys("files_changed")
+        if app.tls_changed():
+            app.reload_tls("files_changed")
     app.stop()
     return ExitCode.OK

@@ -37,6 +37,26 @@ def _client_options(p: argparse.ArgumentParser) -> None:
         metavar="S",
         help="give up reaching the server after S seconds (env QUEUEKIT_CONNECT_TIMEOUT, default 30)",
     )
+    g.add_argument(
+        "--tls-ca-file",
+        metavar="PATH",
+        help="connect with TLS; the server's certificate must be signed by this CA (env QUEUEKIT_TLS_CA_FILE)",
+    )
+    g.add_argument(
+        "--tls-server-name",
+        metavar="NAME",
+        help="the name the server's certificate must hold (env QUEUEKIT_TLS_SERVER_NAME, default the server's host)",
+    )
+    g.add_argument(
+        "--tls-client-cert-file",
+        metavar="PATH",
+        help="client certificate for mutual TLS (env QUEUEKIT_TLS_CLIENT_CERT_FILE)",
+    )
+    g.add_argument(
+        "--tls-client-key-file",
+        metavar="PATH",
+        help="the client certificate's key (env QUEUEKIT_TLS_CLIENT_KEY_FILE)",
+    )
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="env QUEUEKIT_LOG_LEVEL")
 
 
@@ -61,6 +81,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--http-token-file",
         metavar="PATH",
         help="bearer token required for /metrics and /stats (env QUEUEKIT_HTTP_TOKEN_FILE, default none)",
+    )
+    p.add_argument(
+        "--tls-cert-file",
+        metavar="PATH",
+        help="serve TLS with this PEM certificate chain, re-read on SIGHUP and change (env QUEUEKIT_TLS_CERT_FILE)",
+    )
+    p.add_argument("--tls-key-file", metavar="PATH", help="the certificate's PEM key (env QUEUEKIT_TLS_KEY_FILE)")
+    p.add_argument(
+        "--tls-client-ca-file",
+        metavar="PATH",
+        help="mutual TLS: clients must present a certificate from this CA (env QUEUEKIT_TLS_CLIENT_CA_FILE)",
     )
     p.add_argument("--data-dir", metavar="DIR", help="journal directory; unset = memory only (env QUEUEKIT_DATA_DIR)")
     p.add_argument("--sync", choices=("full", "normal"), help="journal fsync mode (env QUEUEKIT_SYNC, default full)")
@@ -148,6 +179,10 @@ def _client(
         connect_timeout=connect_timeout or s.connect_timeout,
         name=name,
         authkey_source=f"key file {s.authkey_file}",
+        tls_ca_file=s.tls_ca_file,
+        tls_cert_file=s.tls_cert_file,
+        tls_key_file=s.tls_key_file,
+        tls_server_name=s.tls_server_name,
     )
 
 

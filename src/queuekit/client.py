@@ -14,19 +14,26 @@ with exponential backoff until ``connect_timeout`` has passed, then raises
 :class:`ServerUnavailable`. A wrong authkey raises :class:`AuthenticationFailed` at once and is
 never retried. A retried ``put`` whose first attempt reached the server before the connection
 broke enqueues twice: delivery is at-least-once, end to end.
+
+TLS: ``connect(..., tls_ca_file=...)`` (``QUEUEKIT_TLS_CA_FILE`` for the commands) verifies the
+server's certificate against that CA and the name connected to (or ``tls_server_name``);
+``tls_cert_file``/``tls_key_file`` present a client certificate (mutual TLS). A TLS failure that
+retrying cannot fix (untrusted, expired or misnamed certificate, a refused client certificate, TLS
+on one side only) raises :class:`TLSError` at once, naming the setting to fix.
 """
 
 from __future__ import annotations
 
 import random
+import ssl
 import threading
 import time
 from collections.abc import Iterable, Iterator
 from multiprocessing import AuthenticationError
 from typing import Any
 
-from . import logs, transport
-from .errors import AuthenticationFailed, QueuekitError, ServerShuttingDown, ServerUnavailable
+from . import handshake, logs, transport
+from .errors import AuthenticationFailed, ConfigError, QueuekitError, ServerShuttingDown, ServerUnavailable, TLSError
 from .message import NackItem, Task, check_queue_name, encode_payload
 from .settings import DEFAULT_PORT, Address, Secret, load_authkey
 
@@ -53,6 +60,10 @@ class Client:
         max_task_bytes: int | None = None,
         name: str = "queuekit-client",
         authkey_source: str = "authkey",
+        tls_ca_file: str | None = None,
+        tls_cert_file: str | None = None,
+        tls_key_file: str | None = None,
+        tls_server_name: str | None = None,
     ):
         if isinstance(address, str):
             address = Address.parse(address, DEFAULT_PORT)
@@ -65,6 +76,16 @@ class Client:
             authkey = authkey.encode()
         self._authkey = bytes(authkey)
         self._authkey_source = authkey_source
+        if (tls_cert_file or tls_key_file) and not tls_ca_file:
+            raise ConfigError(
+                "a client certificate (QUEUEKIT_TLS_CLIENT_CERT_FILE, tls_cert_file=) needs TLS: "
+                "set QUEUEKIT_TLS_CA_FILE (tls_ca_file=) to the CA that signed the server's certificate"
+            )
+        self._tls_files = (tls_ca_file, tls_cert_file)
+        self._tls_context = (
+            transport.client_tls_context(tls_ca_file, tls_cert_file, tls_key_file) if tls_ca_file else None
+        )
+        self._tls_server_name = tls_server_name
         self.connect_timeout = connect_timeout
         self.call_timeout = call_timeout
         self.name = name
@@ -195,7 +216,11 @@ class Client:
             remaining = deadline - time.monotonic()
             try:
                 conn = transport.Client(
-                    self.address.tuple(), authkey=self._authkey, connect_timeout=max(0.5, min(remaining, 10.0))
+                    self.address.tuple(),
+                    authkey=self._authkey,
+                    connect_timeout=max(0.5, min(remaining, 10.0)),
+                    tls=self._tls_context,
+                    server_name=self._tls_server_name,
                 )
                 try:
                     conn.send((None, "accept_connection", (self.name,), {}))
@@ -211,12 +236,21 @@ class Client:
                 if attempt > 1:
                     _log.info("connected", server=self.address, attempts=attempt)
                 return conn
+            except handshake.TLSRequired:
+                raise TLSError(
+                    f"the queuekit server at {self.address} accepts TLS connections only: set QUEUEKIT_TLS_CA_FILE "
+                    "(tls_ca_file=) to the CA file that signed its certificate"
+                ) from None
             except AuthenticationError:
                 raise AuthenticationFailed(
                     f"the queuekit server at {self.address} rejected our authkey ({self._authkey_source}): "
                     f"the keys do not match; give producers, consumers and the server the same key file"
                 ) from None
             except (OSError, EOFError) as e:
+                if isinstance(e, ssl.SSLError):
+                    tls_error = self._tls_error(e)
+                    if tls_error is not None:
+                        raise tls_error from None
                 if time.monotonic() + delay >= deadline:
                     raise ServerUnavailable(
                         f"cannot reach the queuekit server at {self.address} within {self.connect_timeout:g} s "
@@ -226,6 +260,48 @@ class Client:
                     _log.info("connect_retry", server=self.address, attempt=attempt, error=_describe(e))
             time.sleep(delay * random.uniform(0.5, 1.0))
             delay = min(delay * 2, 2.0)
+
+    def _tls_error(self, e: ssl.SSLError) -> TLSError | None:
+        """The one-line error for a TLS failure that retrying cannot fix; None for one that it
+        may (the connection cut during the handshake)."""
+        ca_file, cert_file = self._tls_files
+        where = f"TLS with the queuekit server at {self.address}"
+        if isinstance(e, ssl.SSLCertVerificationError):
+            code, why = e.verify_code, e.verify_message
+            if code in (_X509_HOSTNAME_MISMATCH, _X509_IP_MISMATCH):
+                name = self._tls_server_name or self.address.host
+                return TLSError(
+                    f"{where}: its certificate is not valid for {name!r} ({why}): connect by a name the certificate "
+                    "holds or set QUEUEKIT_TLS_SERVER_NAME (tls_server_name=) to one"
+                )
+            if code == _X509_CERT_HAS_EXPIRED:
+                return TLSError(
+                    f"{where}: its certificate has expired ({why}): renew the server's certificate "
+                    "(the server's QUEUEKIT_TLS_CERT_FILE)"
+                )
+            return TLSError(
+                f"{where}: its certificate is not trusted ({why}): set QUEUEKIT_TLS_CA_FILE (tls_ca_file=, now "
+                f"{ca_file}) to the CA that signed it"
+            )
+        reason = e.reason or ""
+        if reason in ("TLSV13_ALERT_CERTIFICATE_REQUIRED", "SSLV3_ALERT_HANDSHAKE_FAILURE") and not cert_file:
+            return TLSError(
+                f"{where}: the server requires a client certificate (mutual TLS): set QUEUEKIT_TLS_CLIENT_CERT_FILE "
+                "and QUEUEKIT_TLS_CLIENT_KEY_FILE (tls_cert_file=, tls_key_file=)"
+            )
+        if reason in _CLIENT_CERT_REFUSED:
+            return TLSError(
+                f"{where}: the server refused our client certificate {cert_file} ({reason}): use one signed by the CA "
+                "the server trusts (its QUEUEKIT_TLS_CLIENT_CA_FILE), valid now, via QUEUEKIT_TLS_CLIENT_CERT_FILE"
+            )
+        if reason in _NOT_TLS:
+            return TLSError(
+                f"{where}: the server does not speak TLS ({reason}): enable TLS on the server "
+                "(QUEUEKIT_TLS_CERT_FILE/QUEUEKIT_TLS_KEY_FILE) or unset QUEUEKIT_TLS_CA_FILE"
+            )
+        if "ALERT" in reason:
+            return TLSError(f"{where} failed: the server sent {reason}; see the server's tls_handshake_failed log line")
+        return None
 
     def _drop(self, conn: transport.Connection) -> None:
         if getattr(self._tls, "conn", None) is conn:
@@ -318,6 +394,37 @@ class Queue:
         return self.client.call("dead_purge", self.name, None if ids is None else list(ids))
 
 
+# OpenSSL's verify codes (X509_V_ERR_*) that get their own message.
+_X509_CERT_HAS_EXPIRED = 10
+_X509_HOSTNAME_MISMATCH = 62
+_X509_IP_MISMATCH = 64
+# Alerts a server sends when it does not accept our client certificate.
+_CLIENT_CERT_REFUSED = frozenset(
+    {
+        "TLSV1_ALERT_UNKNOWN_CA",
+        "SSLV3_ALERT_BAD_CERTIFICATE",
+        "SSLV3_ALERT_CERTIFICATE_EXPIRED",
+        "SSLV3_ALERT_CERTIFICATE_UNKNOWN",
+        "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE",
+        "SSLV3_ALERT_CERTIFICATE_REVOKED",
+        "TLSV1_ALERT_ACCESS_DENIED",
+        "TLSV1_ALERT_DECRYPT_ERROR",
+    }
+)
+# What OpenSSL says when the bytes it got back are not TLS at all.
+_NOT_TLS = frozenset(
+    {
+        "WRONG_VERSION_NUMBER",
+        "RECORD_LAYER_FAILURE",
+        "PACKET_LENGTH_TOO_LONG",
+        "UNKNOWN_PROTOCOL",
+        "HTTP_REQUEST",
+        "UNEXPECTED_MESSAGE",
+        "UNEXPECTED_RECORD",
+    }
+)
+
+
 def _chunks(texts: list[str]) -> Iterator[list[str]]:
     chunk: list[str] = []
     size = 0
@@ -344,11 +451,18 @@ def connect(
     connect_timeout: float = 30.0,
     name: str = "queuekit-client",
     max_task_bytes: int | None = None,
+    tls_ca_file: str | None = None,
+    tls_cert_file: str | None = None,
+    tls_key_file: str | None = None,
+    tls_server_name: str | None = None,
 ) -> Client:
     """Connect to a queuekit server (retrying until ``connect_timeout``) and check the key.
 
-    Pass ``authkey`` or ``authkey_file``. Raises :class:`AuthenticationFailed` for a wrong key,
-    :class:`ServerUnavailable` when the server cannot be reached in time.
+    Pass ``authkey`` or ``authkey_file``. With ``tls_ca_file`` the connection uses TLS and the
+    server's certificate must be signed by that CA and valid for the address's host (or
+    ``tls_server_name``); ``tls_cert_file``/``tls_key_file``: the client certificate for mutual
+    TLS. Raises :class:`AuthenticationFailed` for a wrong key, :class:`TLSError` for a TLS setup
+    that cannot work, :class:`ServerUnavailable` when the server cannot be reached in time.
     """
     if (authkey is None) == (authkey_file is None):
         raise TypeError("pass exactly one of authkey= or authkey_file=")
@@ -364,6 +478,10 @@ def connect(
         name=name,
         max_task_bytes=max_task_bytes,
         authkey_source=source,
+        tls_ca_file=tls_ca_file,
+        tls_cert_file=tls_cert_file,
+        tls_key_file=tls_key_file,
+        tls_server_name=tls_server_name,
     )
     try:
         client.ping()

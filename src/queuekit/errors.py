@@ -47,6 +47,12 @@ class AuthenticationFailed(QueuekitError, multiprocessing.AuthenticationError):
     exit_code = ExitCode.AUTH
 
 
+class TLSError(AuthenticationFailed):
+    """TLS could not be set up with the peer: a certificate not trusted, expired or for another
+    name, no client certificate where one is required, or TLS on one side only. The message names
+    the cause and the setting to fix. Never retried (exit code AUTH)."""
+
+
 class PermissionDenied(QueuekitError, PermissionError):
     """The key this client authenticated with does not grant the call (its role or queues)."""
 

@@ -29,12 +29,20 @@ from typing import Protocol
 CHALLENGE = b"#CHALLENGE#"
 WELCOME = b"#WELCOME#"
 FAILURE = b"#FAILURE#"
+# What a TLS server sends, in clear, to a peer that sent no TLS ClientHello (a plaintext client
+# waiting for the challenge): queuekit's client names the fix; a stock client's error shows it.
+TLS_REQUIRED_TAG = b"#TLS_REQUIRED#"
+TLS_REQUIRED = TLS_REQUIRED_TAG + b" this queuekit server accepts TLS connections only"
 DIGEST = "sha256"
 NONCE_BYTES = 40  # as Python 3.12+
 MAX_FRAME = 256  # a handshake frame is never longer
 _PREFIX = b"{sha256}"
 _LEGACY_CHALLENGE_LENGTHS = (16, 20)  # unprefixed nonces of older Pythons
 _MD5_BYTES = 16
+
+
+class TLSRequired(AuthenticationError):
+    """The server answered with :data:`TLS_REQUIRED` instead of a challenge: it speaks TLS only."""
 
 
 class Channel(Protocol):
@@ -97,6 +105,8 @@ def _match(keys: Sequence[bytes], message: bytes, response: bytes, allow_legacy:
 
 def _answer(conn: Channel, key: bytes, *, allow_legacy: bool) -> None:
     challenge = conn.recv_bytes(MAX_FRAME)
+    if challenge.startswith(TLS_REQUIRED_TAG):
+        raise TLSRequired("the server accepts TLS connections only")
     if not challenge.startswith(CHALLENGE):
         raise AuthenticationError("protocol error: expected a challenge")
     message = challenge[len(CHALLENGE) :]

@@ -29,6 +29,14 @@ A request that has started to arrive must be complete within ``frame_timeout`` s
 (QUEUEKIT_FRAME_TIMEOUT): a client that sends part of a large message and stalls would otherwise
 hold that much memory for as long as it likes. The deadline is one entry in the loop's timer heap
 per partly received message; a request that arrives in one read costs nothing.
+
+TLS sessions (a :class:`~queuekit.transport.TLSConnection`) are read and written through their
+non-blocking ``ssl.SSLSocket``; each session carries the loop methods that read and write it
+(``on_read``/``on_write``, chosen once when it joins), so a plaintext session keeps its bare
+``os.read``/``os.write`` with no test per call. A TLS read drains the bytes already decrypted
+inside the TLS object (``pending()``: the selector cannot see them); a read that needs to write
+(a TLS 1.3 key update answered) or a write that needs to read waits for the other event, then
+the same operation is retried (OpenSSL requires the same arguments for a retried write).
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ import heapq
 import itertools
 import os
 import selectors
+import ssl
 import threading
 import time
 from collections import deque
@@ -52,6 +61,9 @@ from .settings import DEFAULT_FRAME_TIMEOUT
 
 _log = logs.get("server")
 READ_SIZE = 65536
+TLS_RECORD = 16384  # the largest TLS record's plaintext: a read that returns this much may have more behind it
+TLS_READ_BUDGET = 1024 * 1024  # bytes one TLS read event takes at most (then the next event, fairness)
+TLS_WRITE_CHUNK = 1024 * 1024  # bytes one TLS write call encrypts at most
 
 
 class _Pending:
@@ -93,6 +105,10 @@ class Session:
         "state",
         "events",
         "frame_timer",
+        "on_read",
+        "on_write",
+        "tls",
+        "tls_retry",
     )
 
     def __init__(
@@ -119,11 +135,21 @@ class Session:
         self.state = IDLE
         self.events = 0  # selector events registered
         self.frame_timer: _FrameTimer | None = None  # the deadline of a partly received request
+        # How the loop reads and writes this session (plaintext or TLS), set when it joins.
+        self.on_read: Callable[[Session], None] = _unset
+        self.on_write: Callable[[Session], None] = _unset
+        self.tls: ssl.SSLSocket | None = getattr(conn, "tls", None)
+        # A TLS read or write that waits for the other direction (read wants write, or the reverse).
+        self.tls_retry: Callable[[Session], None] | None = None
 
     def after_reply(self, hook: Callable[[bool], None]) -> None:
         """Run ``hook(True)`` once the reply being answered was written to the socket, or
         ``hook(False)`` if the connection closed before (the client never got it)."""
         self.hook = hook
+
+
+def _unset(session: Session) -> None:
+    raise RuntimeError("session not opened by the loop")
 
 
 class _FrameTimer:
@@ -233,9 +259,9 @@ class Loop:
                         continue
                     try:
                         if mask & selectors.EVENT_WRITE:
-                            self._flush(session)
+                            session.on_write(session)
                         if mask & selectors.EVENT_READ and session.state is not CLOSED:
-                            self._read(session)
+                            session.on_read(session)
                     except Exception as e:
                         self._failed(session, e)
                 self._run_inbox()
@@ -312,12 +338,22 @@ class Loop:
             conn.close()
             return
         session = Session(conn, name, grant, lambda s, items: self._post(("items", s, items)))
-        os.set_blocking(session.fd, False)
+        tls = session.tls
+        if tls is None:
+            os.set_blocking(session.fd, False)
+            session.on_read, session.on_write = self._read, self._flush
+        else:
+            tls.setblocking(False)
+            session.on_read, session.on_write = self._tls_readable, self._tls_writable
         self._sessions[session.fd] = session
-        _log.info("client_connected", peer=session.peer, client=name, key=grant.name, role=grant.role)
+        _log.info(
+            "client_connected", peer=session.peer, client=name, key=grant.name, role=grant.role, tls=tls is not None
+        )
         self._set_events(session, selectors.EVENT_READ)
         if session.rbuf:
             self._process(session)
+        if tls is not None and tls.pending() and session.state is not CLOSED:
+            self._read_tls(session)  # decrypted on the handshake thread, not yet taken
 
     def _begin_stop(self, deadline: float) -> None:
         self._stop_at = deadline
@@ -354,6 +390,90 @@ class Loop:
             return
         session.rbuf += data
         self._process(session)
+
+    # -- TLS sessions -----------------------------------------------------------------------
+
+    def _tls_readable(self, session: Session) -> None:
+        if session.tls_retry is not None:
+            self._tls_retry(session)
+        else:
+            self._read_tls(session)
+
+    def _tls_writable(self, session: Session) -> None:
+        if session.tls_retry is not None:
+            self._tls_retry(session)
+        else:
+            self._flush_tls(session)
+
+    def _tls_retry(self, session: Session) -> None:
+        """The event a blocked TLS operation waited for came: back to its own event, retry it."""
+        op, session.tls_retry = session.tls_retry, None
+        assert op is not None
+        self._set_events(session, selectors.EVENT_READ if op == self._read_tls else selectors.EVENT_WRITE)
+        op(session)
+
+    def _read_tls(self, session: Session) -> None:
+        tls = session.tls
+        assert tls is not None
+        recv = tls.recv
+        data = bytearray()
+        eof = False
+        try:
+            while True:
+                chunk = recv(READ_SIZE)
+                if not chunk:
+                    eof = True
+                    break
+                data += chunk
+                # Decrypted bytes left inside the TLS object are never reported by the selector:
+                # take them now. A full record may have more behind it (a large message): read on
+                # up to a budget; anything still in the socket is reported again (level-triggered).
+                if not tls.pending() and (len(chunk) < TLS_RECORD or len(data) >= TLS_READ_BUDGET):
+                    break
+        except ssl.SSLWantReadError:
+            pass
+        except ssl.SSLWantWriteError:  # the TLS layer must write first (e.g. a key update answered)
+            session.tls_retry = self._read_tls
+            self._set_events(session, selectors.EVENT_WRITE)
+        except OSError as e:  # ssl.SSLError included: a broken record, an alert
+            self._close(session, f"error:{type(e).__name__}")
+            return
+        if not data:
+            if eof:
+                self._close(session, "gone_while_waiting" if session.state is PARKED else "closed")
+            elif session.rbuf and session.state is IDLE and session.tls_retry is None:
+                self._process(session)  # kept when a read had to wait for a write
+            return
+        if session.state is PARKED:
+            self._close(session, "protocol_error:request_while_waiting")
+            return
+        session.rbuf += data
+        if session.tls_retry is None:
+            self._process(session)
+
+    def _flush_tls(self, session: Session) -> None:
+        tls = session.tls
+        assert tls is not None
+        send = tls.send
+        try:
+            wbuf = session.wbuf
+            while wbuf:
+                # A write that raised must be retried with the same bytes: wbuf is unchanged then.
+                wbuf = wbuf[send(wbuf[:TLS_WRITE_CHUNK]) :]
+                session.wbuf = wbuf
+        except ssl.SSLWantWriteError:
+            session.state = WRITING
+            self._set_events(session, selectors.EVENT_WRITE)
+            return
+        except ssl.SSLWantReadError:  # the TLS layer must read first
+            session.state = WRITING
+            session.tls_retry = self._flush_tls
+            self._set_events(session, selectors.EVENT_READ)
+            return
+        except OSError as e:
+            self._close(session, f"send_failed:{type(e).__name__}")
+            return
+        self._written(session)
 
     def _process(self, session: Session) -> None:
         """Answer the complete requests in the read buffer, one at a time."""
@@ -486,7 +606,7 @@ class Loop:
         except Exception as e:  # the stock server answers results that do not pickle like this
             data = transport.encode_message(("#UNSERIALIZABLE", f"{type(e).__name__}: {e}"))
         session.wbuf = memoryview(data)
-        self._flush(session)
+        session.on_write(session)
 
     def _flush(self, session: Session) -> None:
         try:
@@ -501,6 +621,10 @@ class Loop:
         except OSError as e:
             self._close(session, f"send_failed:{type(e).__name__}")
             return
+        self._written(session)
+
+    def _written(self, session: Session) -> None:
+        """The reply is fully written: run its hook, wait for the next request."""
         session.wbuf = None
         hook, session.hook = session.hook, None
         session.state = IDLE

@@ -13,6 +13,12 @@ A short-lived thread per new connection runs the handshake (with a timeout, logg
 authentication failures with the peer's address) and answers its first request; a connection
 that asks to be served (``accept_connection``) then joins the event loop of :mod:`queuekit.loop`,
 where one thread serves every client and :meth:`QueuekitServer.dispatch` answers each request.
+
+With TLS (``tls_context`` set), the handshake thread first runs the TLS handshake, under the same
+whole-handshake deadline (the accepter hangs up on a connection past it, whatever stage it is
+in), then the authkey handshake inside TLS. A peer that sends no TLS ClientHello within
+``TLS_HELLO_WAIT`` seconds (a plaintext client waits for the challenge) is told, in clear,
+that TLS is required (``handshake.TLS_REQUIRED``) and dropped.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import collections
 import math
 import queue as stdqueue
+import ssl
 import threading
 import time
 import traceback
@@ -37,6 +44,7 @@ from .settings import ServerSettings
 API_IDENT = transport.API_IDENT
 ACCEPT_FAILURE_UNREADY_SECONDS = 5.0  # readiness is false this long after the acceptor failed
 MAX_TRACKED_HOSTS = 4096  # hosts whose recent authentication failures are remembered
+TLS_HELLO_WAIT = 1.0  # seconds a TLS server waits for the ClientHello before telling a plaintext client
 
 _log = logs.get("server")
 
@@ -49,9 +57,19 @@ class QueuekitServer(managers.Server):
     # 3.13) before anything else. ``create`` reaches only the registry below.
     public = ["create", "accept_connection", "get_methods", "incref", "decref", "dummy"]
 
-    def __init__(self, broker: Broker, settings: ServerSettings, info: Any, grants: list[Grant]):
+    def __init__(
+        self,
+        broker: Broker,
+        settings: ServerSettings,
+        info: Any,
+        grants: list[Grant],
+        tls_context: ssl.SSLContext | None = None,
+    ):
         self.broker = broker
         self.settings = settings
+        # New connections speak TLS with this context (None: plaintext); replaced on reload.
+        self.tls_context = tls_context
+        self.tls_failures = 0
         self.stopping = False
         # Connections still in their handshake, with the monotonic time each must be done by.
         self._conns: dict[transport.Connection, float] = {}
@@ -225,6 +243,12 @@ class QueuekitServer(managers.Server):
         after ``accept_connection`` the connection is served by the loop."""
         served = False
         try:
+            context = self.tls_context
+            if context is not None:
+                tls_conn = self._start_tls(conn, context)
+                if tls_conn is None:
+                    return
+                conn = tls_conn
             try:
                 conn.set_recv_timeout(self.settings.handshake_timeout)
                 grants, keys = self._grants, self._keys  # one consistent set, even during a reload
@@ -233,6 +257,9 @@ class QueuekitServer(managers.Server):
                 self._auth_failed(conn, str(e))
                 return
             except (OSError, EOFError, ValueError) as e:
+                if context is None and transport.looks_like_tls(conn):
+                    self._tls_failed(conn, "tls_client_on_plaintext_server", "a TLS ClientHello on a plaintext port")
+                    return
                 # Port scanners, garbage bytes, clients that hang up or stall mid-handshake.
                 _log.warning("handshake_failed", peer=conn.peer, reason=type(e).__name__, detail=str(e)[:200])
                 return
@@ -272,6 +299,44 @@ class QueuekitServer(managers.Server):
                 self._conns.pop(conn, None)
             if not served:
                 conn.close()
+
+    def _start_tls(self, conn: transport.Connection, context: ssl.SSLContext) -> transport.TLSConnection | None:
+        """Run the TLS handshake of a new connection (on its handshake thread). Returns the TLS
+        connection, which takes ``conn``'s place (and deadline) among the connections in their
+        handshake; or None after logging why the handshake failed (the caller closes)."""
+        timeout = self.settings.handshake_timeout
+        if not transport.wait_readable(conn, min(TLS_HELLO_WAIT, timeout)):
+            self._tls_failed(conn, "no_client_hello", f"nothing sent for {TLS_HELLO_WAIT:g} s: a plaintext client?")
+            try:
+                conn.send_bytes(handshake.TLS_REQUIRED)
+            except OSError:
+                pass
+            return None
+        with self._conns_lock:
+            deadline = self._conns.pop(conn, None)
+            tls_conn = transport.start_tls_server(conn, context)
+            if deadline is not None:
+                self._conns[tls_conn] = deadline
+        try:
+            tls_conn.set_recv_timeout(timeout)
+            tls_conn.do_handshake()
+            return tls_conn
+        except ssl.SSLError as e:
+            self._tls_failed(tls_conn, _tls_reason(e), str(e))
+        except (OSError, ValueError) as e:
+            self._tls_failed(tls_conn, "timeout" if isinstance(e, TimeoutError) else type(e).__name__, str(e))
+        with self._conns_lock:
+            self._conns.pop(tls_conn, None)
+        tls_conn.close()
+        return None
+
+    def _tls_failed(self, conn: transport.Connection, reason: str, detail: str) -> None:
+        self.tls_failures += 1
+        _log.warning("tls_handshake_failed", peer=conn.peer, reason=reason, detail=detail[:200])
+
+    def set_tls_context(self, context: ssl.SSLContext | None) -> None:
+        """New connections use ``context`` from now on; connections made already keep theirs."""
+        self.tls_context = context
 
     def dispatch(self, session: Session, request: Any) -> Any:
         """Answer one request of a served connection (on the loop thread): the exposed methods
@@ -318,6 +383,21 @@ class QueuekitServer(managers.Server):
             except Exception:
                 pass
             return False
+
+
+def _tls_reason(e: ssl.SSLError) -> str:
+    """A short token for why a TLS handshake failed (the log's ``reason``)."""
+    if isinstance(e, ssl.SSLCertVerificationError):
+        return "client_certificate_rejected"  # the detail names OpenSSL's verify error
+    if isinstance(e, ssl.SSLEOFError | ssl.SSLZeroReturnError | ssl.SSLSyscallError):
+        return "eof"
+    reason = e.reason or type(e).__name__
+    if reason == "PEER_DID_NOT_RETURN_A_CERTIFICATE":
+        return "no_client_certificate"
+    for prefix in ("TLSV13_ALERT_", "TLSV1_ALERT_", "SSLV3_ALERT_"):
+        if reason.startswith(prefix):  # the client refused the handshake (e.g. our certificate)
+            return "client_alert_" + reason[len(prefix) :].lower()
+    return reason.lower()
 
 
 def _host(peer: str) -> str:

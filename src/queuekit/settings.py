@@ -294,6 +294,10 @@ class ServerSettings:
     max_message_bytes: int = derived_max_message_bytes(DEFAULT_MAX_TASK_BYTES)
     frame_timeout: float = DEFAULT_FRAME_TIMEOUT
     max_queues: int = DEFAULT_MAX_QUEUES
+    # TLS on the queue port (both files, or neither: plaintext); with a client CA, mutual TLS.
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    tls_client_ca_file: str | None = None
 
     @classmethod
     def load(
@@ -304,7 +308,22 @@ class ServerSettings:
         http_token_file = src.get("http_token_file", "QUEUEKIT_HTTP_TOKEN_FILE", None, _optional_path)
         keys_dir = src.get("keys_dir", "QUEUEKIT_KEYS_DIR", None, _optional_path)
         use_authkey = need_authkey and (keys_dir is None or os.path.exists(authkey_file))
+        tls_cert_file = src.get("tls_cert_file", "QUEUEKIT_TLS_CERT_FILE", None, _optional_path)
+        tls_key_file = src.get("tls_key_file", "QUEUEKIT_TLS_KEY_FILE", None, _optional_path)
+        tls_client_ca_file = src.get("tls_client_ca_file", "QUEUEKIT_TLS_CLIENT_CA_FILE", None, _optional_path)
+        if (tls_cert_file is None) != (tls_key_file is None):
+            raise ConfigError(
+                "TLS needs both QUEUEKIT_TLS_CERT_FILE and QUEUEKIT_TLS_KEY_FILE (--tls-cert-file, --tls-key-file)"
+            )
+        if tls_client_ca_file and not tls_cert_file:
+            raise ConfigError(
+                "QUEUEKIT_TLS_CLIENT_CA_FILE (mutual TLS) needs TLS: "
+                "set QUEUEKIT_TLS_CERT_FILE and QUEUEKIT_TLS_KEY_FILE"
+            )
         return cls(
+            tls_cert_file=tls_cert_file,
+            tls_key_file=tls_key_file,
+            tls_client_ca_file=tls_client_ca_file,
             keys_dir=keys_dir,
             http_token_file=http_token_file,
             http_token=load_http_token(http_token_file) if http_token_file and need_authkey else None,
@@ -358,6 +377,13 @@ class ClientSettings:
     connect_timeout: float
     max_task_bytes: int
     log_level: str
+    # TLS to the server: on when a CA file is given. The client's own certificate (mutual TLS)
+    # has its own variables, QUEUEKIT_TLS_CLIENT_CERT_FILE/_KEY_FILE, so a shell or an env file
+    # that also configures a server (QUEUEKIT_TLS_CERT_FILE/_KEY_FILE) never mixes the two.
+    tls_ca_file: str | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    tls_server_name: str | None = None
 
     @classmethod
     def load(cls, flags: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None) -> ClientSettings:
@@ -370,6 +396,10 @@ class ClientSettings:
             connect_timeout=src.get("connect_timeout", "QUEUEKIT_CONNECT_TIMEOUT", 30.0, _positive_float),
             max_task_bytes=src.get("max_task_bytes", "QUEUEKIT_MAX_TASK_BYTES", DEFAULT_MAX_TASK_BYTES, _positive_int),
             log_level=_log_level(src),
+            tls_ca_file=src.get("tls_ca_file", "QUEUEKIT_TLS_CA_FILE", None, _optional_path),
+            tls_cert_file=src.get("tls_client_cert_file", "QUEUEKIT_TLS_CLIENT_CERT_FILE", None, _optional_path),
+            tls_key_file=src.get("tls_client_key_file", "QUEUEKIT_TLS_CLIENT_KEY_FILE", None, _optional_path),
+            tls_server_name=src.get("tls_server_name", "QUEUEKIT_TLS_SERVER_NAME", None, _optional_path),
         )
 
 

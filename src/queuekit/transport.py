@@ -17,8 +17,14 @@ What this module adds, all on the socket:
 
 The framing and (un)pickling of messages live here too (``frame_bounds``, ``encode_message``,
 ``decode_message`` / ``decode_reply``), shared by ``Connection`` and the server's event loop
-(``queuekit.loop``), which reads and writes non-blocking sockets itself. TLS belongs here when it
-comes (the socket setup and the loop's reads and writes).
+(``queuekit.loop``), which reads and writes non-blocking sockets itself.
+
+TLS (optional, both ends): :func:`server_tls_context` / :func:`client_tls_context` build the
+contexts (TLS 1.2 minimum, no compression, no renegotiation, the ``ssl`` module's default
+ciphers); :class:`TLSConnection` is a ``Connection`` whose bytes go through an ``ssl.SSLSocket``
+on the same file descriptor. The server moves an accepted connection under TLS on its handshake
+thread (:func:`start_tls_server`, then ``do_handshake`` under the handshake deadline); the loop
+then reads and writes that socket non-blocking (``queuekit.loop``).
 
 Restricted unpickling: nothing that arrives on the wire can run code.
 
@@ -44,13 +50,15 @@ import os
 import pickle
 import pickletools
 import queue
+import select
 import socket
+import ssl
 import struct
 from multiprocessing import connection as mpc
 from multiprocessing import managers
 
 from . import errors, handshake, journal
-from .errors import QueuekitError
+from .errors import ConfigError, QueuekitError
 
 SERIALIZER = "queuekit"
 API_IDENT = "queuekit.v1"  # the server-side id of the queuekit API object (see server.QueueAPI)
@@ -428,6 +436,154 @@ class Connection(mpc.Connection):
             pass
 
 
+class TLSConnection(Connection):
+    """A :class:`Connection` over TLS: the same framing, the bytes go through ``tls`` (an
+    ``ssl.SSLSocket`` on the connection's file descriptor, which it owns). Timeouts are the
+    socket's own (``settimeout``): OpenSSL's blocking reads do not honour ``SO_RCVTIMEO``."""
+
+    def __init__(self, tls: ssl.SSLSocket):
+        super().__init__(tls.fileno())
+        self.tls = tls
+
+    def _fill(self, n: int) -> None:
+        rbuf = self._rbuf
+        want = n - len(rbuf)
+        if want <= 0:
+            return
+        # One buffer for the whole rest (a TLS read returns at most one record, 16 KiB): no
+        # allocation per record, one copy into the read buffer at the end.
+        buf = memoryview(bytearray(max(self._READ_SIZE, want)))
+        got = 0
+        recv_into = self.tls.recv_into
+        try:
+            while got < want:
+                k = recv_into(buf[got:])
+                if not k:
+                    raise EOFError("connection closed mid-message" if rbuf or got else "connection closed by peer")
+                got += k
+        finally:
+            rbuf += buf[:got]
+
+    def _send(self, buf, write=None) -> None:
+        self.tls.sendall(buf)
+
+    def _close(self, _close=None) -> None:
+        self.tls.close()
+
+    def _poll(self, timeout):
+        return self.tls.pending() > 0 or super()._poll(timeout)
+
+    def set_recv_timeout(self, seconds: float | None) -> None:
+        self.tls.settimeout(seconds)
+
+    def do_handshake(self) -> None:
+        """The TLS handshake (bounded by the socket's timeout)."""
+        self.tls.do_handshake()
+
+
+def _require_file(path: str, setting: str) -> None:
+    if not os.path.isfile(path):
+        raise ConfigError(f"{setting}={path}: no such file")
+    if not os.access(path, os.R_OK):
+        raise ConfigError(f"{setting}={path} is not readable by uid {os.getuid()}: fix its mode/owner")
+
+
+def _secure(context: ssl.SSLContext) -> ssl.SSLContext:
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+    return context
+
+
+def server_tls_context(cert_file: str, key_file: str, client_ca_file: str | None = None) -> ssl.SSLContext:
+    """The server's context: its certificate chain and key; with ``client_ca_file``, mutual TLS
+    (a client must present a certificate signed by that CA, and only that CA: the system's CA
+    store is not loaded). Raises :class:`ConfigError` naming the setting to fix."""
+    _require_file(cert_file, "QUEUEKIT_TLS_CERT_FILE/--tls-cert-file")
+    _require_file(key_file, "QUEUEKIT_TLS_KEY_FILE/--tls-key-file")
+    context = _secure(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
+    context.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
+    try:
+        context.load_cert_chain(cert_file, key_file)
+    except (ssl.SSLError, OSError) as e:
+        raise ConfigError(
+            f"cannot load the TLS certificate {cert_file} with key {key_file} ({_ssl_reason(e)}): "
+            "QUEUEKIT_TLS_CERT_FILE must hold the PEM certificate chain and QUEUEKIT_TLS_KEY_FILE its key"
+        ) from None
+    if client_ca_file:
+        _require_file(client_ca_file, "QUEUEKIT_TLS_CLIENT_CA_FILE/--tls-client-ca-file")
+        try:
+            context.load_verify_locations(cafile=client_ca_file)
+        except (ssl.SSLError, OSError) as e:
+            raise ConfigError(
+                f"cannot load the client CA file {client_ca_file} ({_ssl_reason(e)}): "
+                "QUEUEKIT_TLS_CLIENT_CA_FILE must hold PEM CA certificates"
+            ) from None
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def client_tls_context(ca_file: str, cert_file: str | None = None, key_file: str | None = None) -> ssl.SSLContext:
+    """A client's context: the server's certificate must be signed by ``ca_file`` and valid for
+    the name connected to (checked by ``wrap_socket``); with ``cert_file``/``key_file`` the client
+    presents that certificate (mutual TLS). Raises :class:`ConfigError` naming the setting."""
+    _require_file(ca_file, "QUEUEKIT_TLS_CA_FILE/--tls-ca-file")
+    try:
+        context = _secure(ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca_file))
+    except (ssl.SSLError, OSError) as e:
+        raise ConfigError(
+            f"cannot load the TLS CA file {ca_file} ({_ssl_reason(e)}): "
+            "QUEUEKIT_TLS_CA_FILE must hold PEM CA certificates"
+        ) from None
+    if cert_file or key_file:
+        if not (cert_file and key_file):
+            raise ConfigError(
+                "mutual TLS needs both QUEUEKIT_TLS_CLIENT_CERT_FILE and QUEUEKIT_TLS_CLIENT_KEY_FILE "
+                "(--tls-client-cert-file, --tls-client-key-file)"
+            )
+        _require_file(cert_file, "QUEUEKIT_TLS_CLIENT_CERT_FILE/--tls-client-cert-file")
+        _require_file(key_file, "QUEUEKIT_TLS_CLIENT_KEY_FILE/--tls-client-key-file")
+        try:
+            context.load_cert_chain(cert_file, key_file)
+        except (ssl.SSLError, OSError) as e:
+            raise ConfigError(
+                f"cannot load the client certificate {cert_file} with key {key_file} ({_ssl_reason(e)}): "
+                "QUEUEKIT_TLS_CLIENT_CERT_FILE must hold the PEM certificate and QUEUEKIT_TLS_CLIENT_KEY_FILE its key"
+            ) from None
+    return context
+
+
+def _ssl_reason(e: BaseException) -> str:
+    reason = getattr(e, "verify_message", None) or getattr(e, "reason", None) or getattr(e, "strerror", None)
+    return str(reason or type(e).__name__)
+
+
+def wait_readable(conn: Connection, timeout: float) -> bool:
+    """Whether ``conn`` has bytes (or an end of stream) to read within ``timeout`` seconds."""
+    poller = select.poll()
+    poller.register(conn.fileno(), select.POLLIN)
+    return bool(poller.poll(max(0, int(timeout * 1000))))
+
+
+def looks_like_tls(conn: Connection) -> bool:
+    """The bytes read so far start like a TLS handshake record (a TLS client on a plaintext port)."""
+    return bytes(conn._rbuf[:2]) == b"\x16\x03"
+
+
+def start_tls_server(conn: Connection, context: ssl.SSLContext) -> TLSConnection:
+    """Move an accepted connection's socket under TLS, server side (no I/O: the caller runs
+    ``do_handshake``). ``conn`` no longer owns the file descriptor afterwards."""
+    sock = socket.socket(fileno=conn.fileno())
+    conn._handle = None  # type: ignore[attr-defined]  # the socket owns the fd now
+    try:
+        tls = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+    except BaseException:
+        sock.close()
+        raise
+    new = TLSConnection(tls)
+    new.peer, new.max_message_bytes, new.decode = conn.peer, conn.max_message_bytes, conn.decode
+    return new
+
+
 def _timeval(seconds: float | None) -> bytes:
     seconds = seconds or 0.0
     return struct.pack("ll", int(seconds), int((seconds % 1) * 1_000_000))
@@ -528,17 +684,31 @@ def Client(
     connect_timeout: float | None = HANDSHAKE_TIMEOUT,
     handshake_timeout: float = HANDSHAKE_TIMEOUT,
     max_message_bytes: int | None = None,
+    tls: ssl.SSLContext | None = None,
+    server_name: str | None = None,
 ) -> Connection:
     """Connect, tune the socket and run the manager's HMAC handshake (mutual, like the stock Client).
+    With ``tls``, the TLS handshake comes first (the server's certificate checked against
+    ``server_name``, default the address's host) and the HMAC handshake runs inside TLS.
 
-    Raises ``OSError`` subclasses for network trouble, ``EOFError`` when the server drops the
-    connection, and ``multiprocessing.AuthenticationError`` when the keys differ.
+    Raises ``OSError`` subclasses for network trouble (``ssl.SSLError`` for TLS failures),
+    ``EOFError`` when the server drops the connection, and ``multiprocessing.AuthenticationError``
+    when the keys differ (``handshake.TLSRequired`` from a TLS-only server to a plaintext client).
     """
     host, port = address
     sock = socket.create_connection((host, port), timeout=connect_timeout)
+    conn: Connection
     try:
         tune_socket(sock)
-        conn = _wrap(sock, format_peer((host, port)), max_message_bytes)
+        if tls is not None:
+            sock.settimeout(handshake_timeout)
+            # wrap_socket takes the fd over (and closes it if the handshake fails).
+            conn = TLSConnection(tls.wrap_socket(sock, server_hostname=server_name or host))
+            conn.peer = format_peer((host, port))
+            if max_message_bytes:
+                conn.max_message_bytes = max_message_bytes
+        else:
+            conn = _wrap(sock, format_peer((host, port)), max_message_bytes)
         conn.decode = decode_reply
     except BaseException:
         sock.close()
