@@ -12,6 +12,8 @@ in this run):
   4 queuekit API, batch 100, acks       put_many / get_many(100, ack=previous batch)
   5 end to end                          `queuekit produce` + 2 x `queuekit consume` (no-op handler)
   6.. durable modes                     rows 3/4 against a server with --data-dir, sync normal/full
+  10, 11 TLS                            rows 3/4 over TLS (certificates made at bench time with the
+                                        `openssl` command; without it these rows are skipped)
 
 Usage: PYTHONPATH=src python3 bench/throughput.py [--tasks 100000] [--runs 5] [--quick] [--only 3,4]
 Only loopback is used; every process is bounded by the task count and a timeout.
@@ -105,8 +107,12 @@ def classic_consumer(port, n, batch, ready, start, total):
 # -- queuekit ---------------------------------------------------------------------------------
 
 
-def qk_producer(address, keyfile, n, batch, ready, start):
-    q = queuekit.connect(address, authkey_file=keyfile).queue("bench")
+def _qk_connect(address, keyfile, ca_file):
+    return queuekit.connect(address, authkey_file=keyfile, tls_ca_file=ca_file)
+
+
+def qk_producer(address, keyfile, ca_file, n, batch, ready, start):
+    q = _qk_connect(address, keyfile, ca_file).queue("bench")
     ready.release()
     start.wait()
     if batch == 1:
@@ -117,8 +123,8 @@ def qk_producer(address, keyfile, n, batch, ready, start):
             q.put_many(range(i, min(n, i + batch)))
 
 
-def qk_consumer(address, keyfile, n, batch, ready, start, total):
-    q = queuekit.connect(address, authkey_file=keyfile).queue("bench")
+def qk_consumer(address, keyfile, ca_file, n, batch, ready, start, total):
+    q = _qk_connect(address, keyfile, ca_file).queue("bench")
     ready.release()
     start.wait()
     deadline = time.monotonic() + TIMEOUT
@@ -161,8 +167,32 @@ def timed_run(producer, consumer, conn_args: tuple, n: int, batch: int) -> float
     return elapsed
 
 
+def make_tls_files(directory: str) -> tuple[str, str, str] | None:
+    """(CA file, server certificate, server key) for 127.0.0.1, made with the `openssl` command;
+    None when it is missing or fails (the TLS rows are then skipped)."""
+    if shutil.which("openssl") is None:
+        return None
+    d = Path(directory)
+    names = ("ca.key", "ca.pem", "key.pem", "csr.pem", "cert.pem", "ext")
+    ca_key, ca, key, csr, cert, ext = (str(d / name) for name in names)
+    (d / "ext").write_text("subjectAltName=IP:127.0.0.1\nbasicConstraints=critical,CA:FALSE\n")
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    steps = [
+        ["openssl", "req", "-x509", *ec, "-keyout", ca_key, "-out", ca, "-days", "2", "-subj", "/CN=bench CA"],
+        ["openssl", "req", "-new", *ec, "-keyout", key, "-out", csr, "-subj", "/CN=127.0.0.1"],
+        ["openssl", "x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial", "-out", cert]
+        + ["-days", "2", "-extfile", ext],
+    ]
+    for argv in steps:
+        if subprocess.run(argv, capture_output=True).returncode != 0:
+            return None
+    return ca, cert, key
+
+
 class QueuekitServer:
-    def __init__(self, keyfile: str, data_dir: str | None = None, sync: str = "normal"):
+    def __init__(
+        self, keyfile: str, data_dir: str | None = None, sync: str = "normal", tls: tuple[str, str, str] | None = None
+    ):
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         argv = [
@@ -181,9 +211,12 @@ class QueuekitServer:
         ]
         if data_dir:
             argv += ["--data-dir", data_dir, "--sync", sync]
+        if tls:  # (CA file, certificate, key)
+            argv += ["--tls-cert-file", tls[1], "--tls-key-file", tls[2]]
         env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
         self.proc = subprocess.Popen(argv, env=env)
-        queuekit.connect(self.address, authkey_file=keyfile, connect_timeout=20).close()
+        ca_file = tls[0] if tls else None
+        queuekit.connect(self.address, authkey_file=keyfile, connect_timeout=20, tls_ca_file=ca_file).close()
 
     def stop(self):
         self.proc.send_signal(signal.SIGTERM)
@@ -271,12 +304,16 @@ def main() -> int:
 
         return run
 
-    def api(batch, durable=False, sync="normal"):
+    tls_files = make_tls_files(tmp)
+
+    def api(batch, durable=False, sync="normal", tls=False):
         def run():
             data_dir = tempfile.mkdtemp(dir=tmp) if durable else None
-            server = QueuekitServer(keyfile, data_dir, sync)
+            assert tls_files is not None or not tls
+            server = QueuekitServer(keyfile, data_dir, sync, tls_files if tls else None)
+            ca_file = tls_files[0] if tls_files and tls else None
             try:
-                return timed_run(qk_producer, qk_consumer, (server.address, keyfile), n, batch)
+                return timed_run(qk_producer, qk_consumer, (server.address, keyfile, ca_file), n, batch)
             finally:
                 server.stop()
                 if data_dir:
@@ -294,10 +331,15 @@ def main() -> int:
         (7, "durable sync=normal, batch 100, with acks", api(100, True, "normal")),
         (8, "durable sync=full, batch 1, with acks", api(1, True, "full")),
         (9, "durable sync=full, batch 100, with acks", api(100, True, "full")),
+        (10, "TLS batch 1 with acks", api(1, tls=True)),
+        (11, "TLS batch 100 with acks", api(100, tls=True)),
     ]
     wanted = {1, 2} | ({int(x) for x in args.only.split(",")} if args.only else {r[0] for r in rows})
     if args.quick:
         wanted.discard(8)
+    if tls_files is None and wanted & {10, 11}:
+        print("note: no working `openssl` command: the TLS rows 10 and 11 are skipped", flush=True)
+        wanted -= {10, 11}
     results = {}
     print(
         f"{n} tasks per run, {args.runs} runs per mode, 1 producer + {CONSUMERS} consumer processes, loopback; "
@@ -333,6 +375,8 @@ def main() -> int:
         (4, 2, 0.5, "row 4 >= 0.5x row 2"),
         (5, 1, 5.0, "row 5 >= 5x row 1"),
         (7, 4, 0.5, "row 7 >= 0.5x row 4"),
+        (10, 3, 0.6, "row 10 (TLS batch 1) >= 0.6x row 3"),
+        (11, 4, 0.7, "row 11 (TLS batch 100) >= 0.7x row 4"),
     ]
     for row, base, factor, text in targets:
         if row in results and base in results:
