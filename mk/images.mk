@@ -10,6 +10,9 @@
 #   make secrets            create the role keys secrets/keys/{producer,consumer,admin}.default if
 #                           absent and set their modes (see the target below)
 #   make lint-docker        hadolint on the Dockerfiles, `docker compose config` on every file
+#   make up TLS=1           the TLS variant: compose/compose.tls.yaml on top (mutual TLS with the
+#                           certificates of $(SECRETS_DIR)/tls, made by `make certs`); pass TLS=1 to
+#                           logs/ps/stats/down too, or put TLS=1 in .env
 #
 # Settings: make VAR=... > environment > .env (KEY=value lines, as `cp .env.example .env` makes)
 # > defaults. Compose gets the same .env through --env-file (it would otherwise look in compose/).
@@ -39,6 +42,10 @@ $(call default_setting,QUEUEKIT_PRODUCER_KEY,producer.default)
 $(call default_setting,QUEUEKIT_ADMIN_KEY,admin.default)
 # Group the containers are given (group_add) to read the keys; empty: the keys directory's group.
 $(call default_setting,QUEUEKIT_KEYS_GID,)
+# TLS=1: the stack with compose/compose.tls.yaml (mutual TLS on the queue port).
+$(call default_setting,TLS,)
+TLS_ON := $(filter 1 yes true on,$(TLS))
+TLS_FILES := ca.crt server.crt server.key client.crt client.key
 SECRETS_DIR ?= secrets
 # The uid:gid every image runs as (images/Dockerfile): the owner of the keys when made by root.
 APP_UID_GID := 10001:10001
@@ -54,7 +61,8 @@ $(call default_setting,QUEUEKIT_SOURCE,$(or $(shell git remote get-url origin 2>
 # when python:3.13-slim cannot be pulled and queuekit/base:trixie is built instead).
 BASE_IMAGE_STAMP := .cache/base-image
 COMPOSE_FILES := compose/compose.yaml compose/compose.server.yaml compose/compose.workers.yaml
-STACK = $(COMPOSE) $(if $(wildcard $(ENV_FILE)),--env-file $(ENV_FILE)) -f compose/compose.yaml
+STACK = $(COMPOSE) $(if $(wildcard $(ENV_FILE)),--env-file $(ENV_FILE)) -f compose/compose.yaml \
+	$(if $(TLS_ON),-f compose/compose.tls.yaml)
 # Prefix for the compose commands that build or create containers: the same base image, tag and
 # labels as `make images` (the environment wins over --env-file in Compose).
 IMAGE_ENV = BASE_IMAGE="$$(cat $(BASE_IMAGE_STAMP))" QUEUEKIT_IMAGE_TAG='$(QUEUEKIT_IMAGE_TAG)' \
@@ -64,7 +72,7 @@ IMAGE_ENV = BASE_IMAGE="$$(cat $(BASE_IMAGE_STAMP))" QUEUEKIT_IMAGE_TAG='$(QUEUE
 KEYS_ENV = QUEUEKIT_CONSUMER_KEY='$(QUEUEKIT_CONSUMER_KEY)' QUEUEKIT_PRODUCER_KEY='$(QUEUEKIT_PRODUCER_KEY)' \
 	QUEUEKIT_KEYS_GID="$(or $(QUEUEKIT_KEYS_GID),$$(ls -nd '$(SECRETS_DIR)/keys' 2>/dev/null | awk '{print $$4}'))"
 
-.PHONY: base-image images secrets up down clean logs ps stats lint-docker
+.PHONY: base-image images secrets tls-files up down clean logs ps stats lint-docker
 
 base-image:
 	@$(call need,docker,$(HOW_DOCKER))
@@ -125,8 +133,15 @@ secrets:
 	  find "$$keys" -type f -exec chmod 0640 {} +; chmod 0750 "$$keys"; \
 	fi
 
-up: compose-plugin secrets images
-	@echo "up: starting the server, $(CONSUMERS) consumers and the demo producer"
+# TLS=1: the five files compose/compose.tls.yaml mounts must exist (ca.key is never mounted).
+tls-files:
+	@set -e; missing=''; for f in $(TLS_FILES); do [ -s '$(SECRETS_DIR)/tls/'$$f ] || missing="$$missing $$f"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "error: make up TLS=1: missing in $(SECRETS_DIR)/tls:$$missing (run 'make certs' first)" >&2; exit 1; \
+	fi
+
+up: compose-plugin secrets $(if $(TLS_ON),tls-files) images
+	@echo "up: starting the server, $(CONSUMERS) consumers and the demo producer$(if $(TLS_ON), (mutual TLS))"
 	@$(IMAGE_ENV) $(STACK) up -d --scale consumer=$(CONSUMERS)
 	@$(STACK) ps
 	@echo "queuekit is up: 'make logs' to follow, 'make stats' for queue counts, 'make down' to stop."
@@ -148,7 +163,7 @@ stats: compose-plugin
 	$(STACK) exec -T server python3 -m queuekit stats --authkey-file '/run/secrets/queuekit_keys/$(QUEUEKIT_ADMIN_KEY)'
 
 # Compose files are checked with the defaults only (not the local .env), plus the variables the
-# multi-host files require.
+# multi-host files require; the TLS override on top of compose.yaml.
 lint-docker: compose-plugin
 	@$(call need,$(HADOLINT),pip install -r requirements/lint.txt (make lint installs it into $(VENV)))
 	$(HADOLINT) images/Dockerfile
@@ -156,6 +171,8 @@ lint-docker: compose-plugin
 	  echo "docker compose config -q $$f"; \
 	  QUEUEKIT_SERVER=queuekit-server.invalid:50000 QUEUEKIT_PUBLISH_ADDR=127.0.0.1 \
 	    $(COMPOSE) --env-file /dev/null -f $$f config -q; \
-	done
+	done; \
+	echo "docker compose config -q compose/compose.yaml + compose/compose.tls.yaml"; \
+	$(COMPOSE) --env-file /dev/null -f compose/compose.yaml -f compose/compose.tls.yaml config -q
 
 .DEFAULT_GOAL := $(images_mk_default_goal)
