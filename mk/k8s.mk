@@ -3,8 +3,9 @@
 #   make k8s-key             create the role keys k8s/base/keys/{producer,consumer,admin}.default
 #                            (mode 0600) if absent; never overwrites; an old k8s/base/authkey
 #                            becomes admin.default
-#   make k8s-render          print the rendered overlay (K8S_OVERLAY=dev|dev-existing-secret|dev-keda)
-#   make k8s-deps            pip install the test tools (requirements/k8s.txt + KEDA models)
+#   make k8s-render          print the rendered overlay (K8S_OVERLAY=dev|dev-existing-secret|dev-keda|
+#                            dev-tls|dev-tls-cert-manager)
+#   make k8s-deps            pip install the test tools (requirements/k8s.txt + KEDA and cert-manager models)
 #   make k8s-checkov         checkov in its own virtualenv, .cache/checkov-venv
 #   make k8s-test            pytest -m k8s tests/k8s (render, schemas, policy, checkov)
 #   make k8s-kind-load       kind load docker-image queuekit-*:$(K8S_IMAGE_TAG) (KIND_CLUSTER=...)
@@ -62,9 +63,11 @@ $(VENV)/.k8s-tools: requirements/k8s.txt $(VENV)/.test-tools
 	@touch $@
 
 # Into a side directory (see requirements/keda-models.txt), replaced as a whole.
-$(K8S_KEDA_MODELS)/.complete: requirements/keda-models.txt | $(PYTHON)
+# cert-manager's models too (requirements/cert-manager-models.txt): they share the cloudcoil package.
+$(K8S_KEDA_MODELS)/.complete: requirements/keda-models.txt requirements/cert-manager-models.txt | $(PYTHON)
 	@rm -rf $(K8S_KEDA_MODELS)
-	$(K8S_PYTHON) -m pip install -q --no-deps --target $(K8S_KEDA_MODELS) -r requirements/keda-models.txt
+	$(K8S_PYTHON) -m pip install -q --no-deps --target $(K8S_KEDA_MODELS) -r requirements/keda-models.txt \
+	  -r requirements/cert-manager-models.txt
 	@touch $@
 
 k8s-checkov: $(K8S_CHECKOV_VENV)/.complete

@@ -24,6 +24,10 @@ REPO = Path(__file__).resolve().parents[2]
 K8S_DIR = REPO / "k8s"
 KEYS_DIR_NAME = "keys"  # k8s/base/keys/<role>.default, read by the base's secretGenerator
 OLD_KEY_FILE_NAME = "authkey"  # k8s/base/authkey before keys per role: never copied either
+TLS_CERTS_DIR = Path("components") / "tls" / "secrets" / "certs"  # files copied from make certs: never copied
+# The Secrets of components/tls (type kubernetes.io/tls): checked by test_k8s_tls.py, not as keys.
+TLS_SECRET_NAMES = frozenset({"queuekit-server-tls", "queuekit-client-tls"})
+TLS_CERT_FILES = ("ca.crt", "server.crt", "server.key", "client.crt", "client.key")
 
 # name -> kustomization directory relative to k8s/
 KUSTOMIZATIONS = {
@@ -31,11 +35,15 @@ KUSTOMIZATIONS = {
     "dev": "overlays/dev",
     "dev-existing-secret": "overlays/dev-existing-secret",
     "dev-keda": "overlays/dev-keda",  # overlays/dev + components/keda
+    "dev-tls": "overlays/dev-tls",  # overlays/dev + components/tls/secrets + components/tls
+    "dev-tls-cert-manager": "overlays/dev-tls-cert-manager",  # overlays/dev + cert-manager + tls
 }
 # The kustomizations that generate the Secret from k8s/base/keys.
-NEEDS_KEY = ("base", "dev", "dev-keda")
+NEEDS_KEY = ("base", "dev", "dev-keda", "dev-tls", "dev-tls-cert-manager")
 # The ones a user deploys (an overlay picks the namespace); the base is for building on.
-DEPLOYABLE = ("dev", "dev-existing-secret", "dev-keda")
+DEPLOYABLE = ("dev", "dev-existing-secret", "dev-keda", "dev-tls", "dev-tls-cert-manager")
+# The ones with mutual TLS on the queue port (components/tls).
+TLS_OVERLAYS = ("dev-tls", "dev-tls-cert-manager")
 DEV_NAMESPACE = "queuekit-dev"
 
 WORKLOAD_KINDS = ("Deployment", "StatefulSet", "Job", "DaemonSet", "ReplicaSet", "CronJob", "Pod")
@@ -79,10 +87,14 @@ def find_kubectl() -> str:
     return path
 
 
-def copy_k8s_tree(dest: Path, keys: dict[str, bytes] | bytes | None) -> Path:
+def copy_k8s_tree(
+    dest: Path, keys: dict[str, bytes] | bytes | None, tls: dict[str, bytes] | None | bool = True
+) -> Path:
     """Copy k8s/ to dest/k8s, dropping any real key; write ``keys`` ({Secret key: content}, e.g.
     :func:`throwaway_keys`) as the base's key files. A single key (bytes) is the admin key, with
-    fresh keys for the other roles. None: no key files (rendering the base must then fail)."""
+    fresh keys for the other roles. None: no key files (rendering the base must then fail).
+    Any real certificate in components/tls/secrets/certs is dropped too; ``tls``: the files
+    written there instead ({file name: content}; True: :func:`throwaway_tls_files`; None: none)."""
     if isinstance(keys, bytes):
         keys = {**throwaway_keys(), ROLE_KEYS["admin"]: keys}
     target = dest / "k8s"
@@ -90,8 +102,18 @@ def copy_k8s_tree(dest: Path, keys: dict[str, bytes] | bytes | None) -> Path:
     shutil.copytree(
         K8S_DIR,
         target,
-        ignore=lambda d, names: [n for n in names if Path(d) == K8S_DIR / "base" and n in dropped],
+        ignore=lambda d, names: [
+            n for n in names if (Path(d) == K8S_DIR / "base" and n in dropped) or Path(d) / n == K8S_DIR / TLS_CERTS_DIR
+        ],
     )
+    if tls is True:
+        tls = throwaway_tls_files()
+    if tls:
+        cert_dir = target / TLS_CERTS_DIR
+        cert_dir.mkdir(mode=0o700)
+        for name, content in tls.items():
+            (cert_dir / name).write_bytes(content)
+            (cert_dir / name).chmod(0o600)
     if keys is not None:
         key_dir = target / "base" / KEYS_DIR_NAME
         key_dir.mkdir(mode=0o700)
@@ -100,6 +122,21 @@ def copy_k8s_tree(dest: Path, keys: dict[str, bytes] | bytes | None) -> Path:
             key_file.write_bytes(content)
             key_file.chmod(0o600)
     return target
+
+
+def throwaway_tls_files() -> dict[str, bytes]:
+    """A fresh CA, server and client certificate (trustme), as the files of components/tls/secrets."""
+    trustme = require_module("trustme", "pip install -r requirements/dev.txt")
+    ca = trustme.CA()
+    server = ca.issue_cert("queuekit-server", "localhost", "127.0.0.1")
+    client = ca.issue_cert("queuekit-client")
+    return {
+        "ca.crt": ca.cert_pem.bytes(),
+        "server.crt": b"".join(blob.bytes() for blob in server.cert_chain_pems),
+        "server.key": server.private_key_pem.bytes(),
+        "client.crt": b"".join(blob.bytes() for blob in client.cert_chain_pems),
+        "client.key": client.private_key_pem.bytes(),
+    }
 
 
 def throwaway_key() -> bytes:
@@ -338,6 +375,20 @@ def restricted_violations(workload: dict) -> list[str]:
 KEDA_MODELS_DIR = Path(os.environ.get("QUEUEKIT_KEDA_MODELS") or REPO / ".cache" / "keda-models")
 
 
+def close_schema(node: Any) -> None:
+    """Close every object schema that lists its properties (additionalProperties: false), in place:
+    the "strict" meaning kubernetes-validate uses. Map-typed fields keep their own
+    additionalProperties and stay open."""
+    if isinstance(node, dict):
+        if node.get("type") == "object" and "properties" in node:
+            node.setdefault("additionalProperties", False)
+        for value in node.values():
+            close_schema(value)
+    elif isinstance(node, list):
+        for value in node:
+            close_schema(value)
+
+
 def keda_scaledobject_schema() -> dict:
     """Strict JSON schema of KEDA's ScaledObject (keda.sh/v1alpha1), from PyPI.
 
@@ -372,3 +423,32 @@ def keda_scaledobject_schema() -> dict:
 
     close(schema)
     return schema
+
+
+# ---------------------------------------------------------------------------------------------
+# cert-manager Issuer / Certificate schemas
+
+
+def cert_manager_schemas() -> dict[str, dict]:
+    """Strict JSON schemas of cert-manager's Issuer and Certificate (cert-manager.io/v1), by kind.
+
+    cloudcoil-models-cert-manager ships pydantic models generated from cert-manager's published
+    CRDs (v1.17.1 for the pinned release, requirements/cert-manager-models.txt), installed into the
+    same side directory as the KEDA models (they share the cloudcoil package) and closed the same
+    way (:func:`close_schema`).
+    """
+    require_module("pydantic")
+    if not (KEDA_MODELS_DIR / "cloudcoil" / "models" / "cert_manager").is_dir():
+        missing_tool(
+            f"cert-manager models not found in {KEDA_MODELS_DIR} (make k8s-deps, or: pip install --no-deps "
+            f"--target {KEDA_MODELS_DIR} -r requirements/keda-models.txt -r requirements/cert-manager-models.txt)"
+        )
+    if str(KEDA_MODELS_DIR) not in sys.path:
+        sys.path.append(str(KEDA_MODELS_DIR))
+    models = importlib.import_module("cloudcoil.models.cert_manager.v1")
+    schemas = {}
+    for kind in ("Issuer", "Certificate"):
+        schema = getattr(models, kind).model_json_schema(by_alias=True)
+        close_schema(schema)
+        schemas[kind] = schema
+    return schemas

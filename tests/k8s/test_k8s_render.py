@@ -39,6 +39,27 @@ EXPECTED = {
         ("ScaledObject", "queuekit-consumer"),
         ("NetworkPolicy", "queuekit-server-from-keda"),
     },
+    # components/tls/secrets + components/tls
+    "dev-tls": BASE_OBJECTS
+    | {
+        SECRET,
+        ("Namespace", "queuekit-dev"),
+        EGRESS,
+        ("Secret", "queuekit-server-tls"),
+        ("Secret", "queuekit-client-tls"),
+    },
+    # components/cert-manager + components/tls: cert-manager writes the TLS Secrets
+    "dev-tls-cert-manager": BASE_OBJECTS
+    | {
+        SECRET,
+        ("Namespace", "queuekit-dev"),
+        EGRESS,
+        ("Issuer", "queuekit-selfsigned"),
+        ("Issuer", "queuekit-ca"),
+        ("Certificate", "queuekit-ca"),
+        ("Certificate", "queuekit-server"),
+        ("Certificate", "queuekit-client"),
+    },
 }
 
 
@@ -93,19 +114,20 @@ def test_existing_secret_overlay_renders_in_place_without_key(kubectl):
 
 @pytest.mark.parametrize("name", k8slib.NEEDS_KEY)
 def test_secret_holds_the_role_key_files_under_their_names(renders, name):
-    (secret,) = [d for d in renders.docs[name] if d["kind"] == "Secret"]
+    secrets = [d for d in renders.docs[name] if d["kind"] == "Secret"]
+    (secret,) = [d for d in secrets if d["metadata"]["name"] not in k8slib.TLS_SECRET_NAMES]
     assert secret["metadata"]["name"] == k8slib.SECRET_NAME
     assert secret.get("type") == "Opaque"
     assert "stringData" not in secret
     assert sorted(secret["data"]) == sorted(k8slib.ROLE_KEYS.values())
     for key, content in renders.keys.items():
         assert base64.b64decode(secret["data"][key]) == content, key
-    # every pod's secret volume points at this very Secret
+    # every pod's secret volume points at this very Secret (or, with TLS, a TLS Secret)
     refs = {
         v["secret"]["secretName"]
         for w in workloads(renders.docs[name])
         for v in pod_spec(w)["volumes"]
-        if "secret" in v
+        if "secret" in v and v["secret"]["secretName"] not in k8slib.TLS_SECRET_NAMES
     }
     assert refs == {secret["metadata"]["name"]}
 

@@ -1,7 +1,8 @@
 """Strict schema validation of every rendered object (unknown fields are errors).
 
 Core kinds: kubernetes-validate's schemas (from the upstream OpenAPI) for several Kubernetes
-minor versions. KEDA's ScaledObject: the schema of KEDA's published CRD (see k8slib). Any other
+minor versions. KEDA's ScaledObject: the schema of KEDA's published CRD (see k8slib). cert-manager's
+Issuer and Certificate: the schemas of cert-manager's published CRDs (k8slib). Any other
 kind without a schema fails the test instead of being waved through (the kubernetes-validate
 CLI only warns about those).
 """
@@ -19,7 +20,8 @@ pytestmark = pytest.mark.k8s
 # Oldest to newest Kubernetes minor versions we claim to support. Everything used is GA in 1.30
 # (PDB unhealthyPodEvictionPolicy: beta and on by default since 1.27, GA 1.31).
 K8S_VERSIONS = ("1.30.0", "1.32.0", "1.34.0", "1.36.0")
-CRD_KINDS = {("keda.sh/v1alpha1", "ScaledObject")}
+CERT_MANAGER_KINDS = {("cert-manager.io/v1", "Issuer"), ("cert-manager.io/v1", "Certificate")}
+CRD_KINDS = {("keda.sh/v1alpha1", "ScaledObject"), *CERT_MANAGER_KINDS}
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +35,16 @@ def keda_validator():
     schema = k8slib.keda_scaledobject_schema()
     jsonschema.Draft202012Validator.check_schema(schema)
     return jsonschema.Draft202012Validator(schema)
+
+
+@pytest.fixture(scope="module")
+def cert_manager_validators():
+    jsonschema = k8slib.require_module("jsonschema")
+    validators = {}
+    for kind, schema in k8slib.cert_manager_schemas().items():
+        jsonschema.Draft202012Validator.check_schema(schema)
+        validators[kind] = jsonschema.Draft202012Validator(schema)
+    return validators
 
 
 def _validate_core(kv, doc: dict, version: str) -> str | None:
@@ -134,4 +146,49 @@ def test_keda_schema_rejects_bad_scaledobjects(renders, keda_validator, mutate, 
     so = copy.deepcopy(one(renders.docs["dev-keda"], "ScaledObject", "queuekit-consumer"))
     mutate(so)
     errors = _keda_errors(keda_validator, so)
+    assert errors and any(fragment in e for e in errors), errors
+
+
+# --- cert-manager (components/cert-manager) ----------------------------------------------------
+
+
+def test_cert_manager_objects_validate_against_its_crd_schemas(renders, cert_manager_validators):
+    checked = 0
+    for name, docs in renders.docs.items():
+        for doc in docs:
+            if (doc["apiVersion"], doc["kind"]) in CERT_MANAGER_KINDS:
+                errors = _keda_errors(cert_manager_validators[doc["kind"]], doc)
+                assert errors == [], f"{name}: {doc['kind']}/{doc['metadata']['name']}: {errors}"
+                checked += 1
+    assert checked == 5  # dev-tls-cert-manager: 2 Issuers, 3 Certificates
+
+
+@pytest.mark.parametrize(
+    "kind, name, mutate, fragment",
+    [
+        ("Certificate", "queuekit-server", lambda c: c["spec"].update(dnsName=["x"]), "'dnsName' was unexpected"),
+        ("Certificate", "queuekit-server", lambda c: c["spec"].pop("secretName"), "'secretName' is a required"),
+        ("Certificate", "queuekit-server", lambda c: c["spec"].update(duration=2160), "spec.duration"),
+        ("Certificate", "queuekit-client", lambda c: c["spec"]["issuerRef"].pop("name"), "'name' is a required"),
+        ("Certificate", "queuekit-client", lambda c: c["spec"]["privateKey"].update(algorithm="DSA"), "DSA"),
+        ("Certificate", "queuekit-ca", lambda c: c.update(apiVersion="cert-manager.io/v1alpha2"), "apiVersion"),
+        ("Issuer", "queuekit-ca", lambda i: i["spec"]["ca"].update(secret="queuekit-ca"), "'secret' was unexpected"),
+        ("Issuer", "queuekit-selfsigned", lambda i: i["spec"].update(selfsigned={}), "'selfsigned' was unexpected"),
+    ],
+    ids=[
+        "misspelt-dnsnames",
+        "missing-secretname",
+        "numeric-duration",
+        "issuerref-without-name",
+        "unknown-key-algorithm",
+        "old-api-version",
+        "misspelt-ca-secretname",
+        "misspelt-selfsigned",
+    ],
+)
+def test_cert_manager_schemas_reject_bad_objects(renders, cert_manager_validators, kind, name, mutate, fragment):
+    obj = copy.deepcopy(one(renders.docs["dev-tls-cert-manager"], kind, name))
+    assert _keda_errors(cert_manager_validators[kind], obj) == []
+    mutate(obj)
+    errors = _keda_errors(cert_manager_validators[kind], obj)
     assert errors and any(fragment in e for e in errors), errors

@@ -194,7 +194,13 @@ def key_holding_violations(workload: dict, component: str, secret_name: str = k8
     volumes = {v["name"]: v for v in spec.get("volumes") or []}
     for c in k8slib.all_containers(spec):
         where = f"{workload['metadata']['name']}/{c['name']}"
-        mounts = [m for m in c.get("volumeMounts") or [] if "secret" in volumes.get(m["name"], {})]
+        mounts = [
+            m
+            for m in c.get("volumeMounts") or []
+            if "secret" in volumes.get(m["name"], {})
+            # TLS certificates (components/tls) are checked by test_k8s_tls.py
+            and volumes[m["name"]]["secret"].get("secretName") not in k8slib.TLS_SECRET_NAMES
+        ]
         if len(mounts) != 1:
             out.append(f"{where}: expected one Secret mount, got {[m['mountPath'] for m in mounts]}")
             continue
@@ -246,7 +252,7 @@ def key_holding_violations(workload: dict, component: str, secret_name: str = k8
 @pytest.mark.parametrize("name", ALL)
 def test_each_pod_holds_only_its_roles_key_as_a_read_only_file(renders, name):
     docs = renders.docs[name]
-    secrets = [d for d in docs if d["kind"] == "Secret"]
+    secrets = [d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"] not in k8slib.TLS_SECRET_NAMES]
     assert [s["metadata"]["name"] for s in secrets] in ([k8slib.SECRET_NAME], [])
     violations = [
         v
