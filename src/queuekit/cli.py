@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from . import __version__, logs
 from .errors import ExitCode, QueuekitError
-from .settings import ClientSettings, ServerSettings, WorkerSettings
+from .settings import ClientSettings, ServerSettings, TunnelSettings, WorkerSettings
 
 if TYPE_CHECKING:  # the client is imported only by the commands that use it
     from .client import Client
@@ -141,6 +141,64 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--yes", action="store_true", help="confirm purging every dead task of the queue")
     _client_options(p)
     p.set_defaults(run=cmd_dead)
+
+    p = sub.add_parser(
+        "tunnel",
+        help="plaintext on loopback, TLS to the server: for stock BaseManager clients",
+        description="Accept plaintext connections on --listen and forward each, byte for byte, over TLS to "
+        "--server (the clients' authkey handshake passes through, inside TLS). Runs until SIGTERM/SIGINT.",
+    )
+    p.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        help="where stock clients connect, plaintext (env QUEUEKIT_TUNNEL_LISTEN, default 127.0.0.1:50000)",
+    )
+    p.add_argument(
+        "--allow-remote",
+        action="store_true",
+        help="allow --listen on a non-loopback address: the listening side is plaintext, so tasks, results and "
+        "queue names would cross that network in clear (only the authkey is never sent)",
+    )
+    p.add_argument("--server", metavar="HOST:PORT", help="the TLS queuekit server (env QUEUEKIT_SERVER)")
+    p.add_argument(
+        "--tls-ca-file",
+        metavar="PATH",
+        help="required: the server's certificate must be signed by this CA (env QUEUEKIT_TLS_CA_FILE)",
+    )
+    p.add_argument(
+        "--tls-server-name",
+        metavar="NAME",
+        help="the name the server's certificate must hold (env QUEUEKIT_TLS_SERVER_NAME, default the server's host)",
+    )
+    p.add_argument(
+        "--tls-client-cert-file",
+        metavar="PATH",
+        help="mutual TLS: client certificate (env QUEUEKIT_TLS_CLIENT_CERT_FILE)",
+    )
+    p.add_argument(
+        "--tls-client-key-file", metavar="PATH", help="the client certificate's key (env QUEUEKIT_TLS_CLIENT_KEY_FILE)"
+    )
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        metavar="N",
+        help="connections at once, more are closed (env QUEUEKIT_TUNNEL_MAX_CONNECTIONS, default 256)",
+    )
+    p.add_argument(
+        "--idle-timeout",
+        type=float,
+        metavar="S",
+        help="close a connection with no bytes either way for S seconds, 0 never "
+        "(env QUEUEKIT_TUNNEL_IDLE_TIMEOUT, default 3600)",
+    )
+    p.add_argument(
+        "--handshake-timeout",
+        type=float,
+        metavar="S",
+        help="TCP connect + TLS handshake to the server (env QUEUEKIT_HANDSHAKE_TIMEOUT, default 10)",
+    )
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="env QUEUEKIT_LOG_LEVEL")
+    p.set_defaults(run=cmd_tunnel)
 
     p = sub.add_parser("keygen", help="print a new random authkey (32 bytes, hex)")
     p.set_defaults(run=cmd_keygen)
@@ -326,6 +384,12 @@ def cmd_dead(flags: dict) -> int:
                 raise QueuekitError("purge drops every dead task of the queue: add --yes (or pick tasks with --id)")
             print(f"purged={queue.dead_purge(ids)} queue={queue.name}")
     return ExitCode.OK
+
+
+def cmd_tunnel(flags: dict) -> int:
+    from . import tunnel
+
+    return tunnel.run(TunnelSettings.load(flags))
 
 
 def cmd_keygen(flags: dict) -> int:

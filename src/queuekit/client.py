@@ -265,43 +265,7 @@ class Client:
         """The one-line error for a TLS failure that retrying cannot fix; None for one that it
         may (the connection cut during the handshake)."""
         ca_file, cert_file = self._tls_files
-        where = f"TLS with the queuekit server at {self.address}"
-        if isinstance(e, ssl.SSLCertVerificationError):
-            code, why = e.verify_code, e.verify_message
-            if code in (_X509_HOSTNAME_MISMATCH, _X509_IP_MISMATCH):
-                name = self._tls_server_name or self.address.host
-                return TLSError(
-                    f"{where}: its certificate is not valid for {name!r} ({why}): connect by a name the certificate "
-                    "holds or set QUEUEKIT_TLS_SERVER_NAME (tls_server_name=) to one"
-                )
-            if code == _X509_CERT_HAS_EXPIRED:
-                return TLSError(
-                    f"{where}: its certificate has expired ({why}): renew the server's certificate "
-                    "(the server's QUEUEKIT_TLS_CERT_FILE)"
-                )
-            return TLSError(
-                f"{where}: its certificate is not trusted ({why}): set QUEUEKIT_TLS_CA_FILE (tls_ca_file=, now "
-                f"{ca_file}) to the CA that signed it"
-            )
-        reason = e.reason or ""
-        if reason in ("TLSV13_ALERT_CERTIFICATE_REQUIRED", "SSLV3_ALERT_HANDSHAKE_FAILURE") and not cert_file:
-            return TLSError(
-                f"{where}: the server requires a client certificate (mutual TLS): set QUEUEKIT_TLS_CLIENT_CERT_FILE "
-                "and QUEUEKIT_TLS_CLIENT_KEY_FILE (tls_cert_file=, tls_key_file=)"
-            )
-        if reason in _CLIENT_CERT_REFUSED:
-            return TLSError(
-                f"{where}: the server refused our client certificate {cert_file} ({reason}): use one signed by the CA "
-                "the server trusts (its QUEUEKIT_TLS_CLIENT_CA_FILE), valid now, via QUEUEKIT_TLS_CLIENT_CERT_FILE"
-            )
-        if reason in _NOT_TLS:
-            return TLSError(
-                f"{where}: the server does not speak TLS ({reason}): enable TLS on the server "
-                "(QUEUEKIT_TLS_CERT_FILE/QUEUEKIT_TLS_KEY_FILE) or unset QUEUEKIT_TLS_CA_FILE"
-            )
-        if "ALERT" in reason:
-            return TLSError(f"{where} failed: the server sent {reason}; see the server's tls_handshake_failed log line")
-        return None
+        return tls_failure(e, self.address, ca_file, cert_file, self._tls_server_name)
 
     def _drop(self, conn: transport.Connection) -> None:
         if getattr(self._tls, "conn", None) is conn:
@@ -423,6 +387,52 @@ _NOT_TLS = frozenset(
         "UNEXPECTED_RECORD",
     }
 )
+
+
+def tls_failure(
+    e: ssl.SSLError, address: Address, ca_file: str | None, cert_file: str | None, server_name: str | None
+) -> TLSError | None:
+    """The one-line :class:`TLSError` for a TLS handshake with the server at ``address`` that
+    failed in a way retrying cannot fix, naming the cause and the setting to fix; None for a
+    failure that retrying may fix (the connection cut during the handshake). Also used by
+    ``queuekit tunnel`` for its log line."""
+    where = f"TLS with the queuekit server at {address}"
+    if isinstance(e, ssl.SSLCertVerificationError):
+        code, why = e.verify_code, e.verify_message
+        if code in (_X509_HOSTNAME_MISMATCH, _X509_IP_MISMATCH):
+            name = server_name or address.host
+            return TLSError(
+                f"{where}: its certificate is not valid for {name!r} ({why}): connect by a name the certificate "
+                "holds or set QUEUEKIT_TLS_SERVER_NAME (tls_server_name=) to one"
+            )
+        if code == _X509_CERT_HAS_EXPIRED:
+            return TLSError(
+                f"{where}: its certificate has expired ({why}): renew the server's certificate "
+                "(the server's QUEUEKIT_TLS_CERT_FILE)"
+            )
+        return TLSError(
+            f"{where}: its certificate is not trusted ({why}): set QUEUEKIT_TLS_CA_FILE (tls_ca_file=, now "
+            f"{ca_file}) to the CA that signed it"
+        )
+    reason = e.reason or ""
+    if reason in ("TLSV13_ALERT_CERTIFICATE_REQUIRED", "SSLV3_ALERT_HANDSHAKE_FAILURE") and not cert_file:
+        return TLSError(
+            f"{where}: the server requires a client certificate (mutual TLS): set QUEUEKIT_TLS_CLIENT_CERT_FILE "
+            "and QUEUEKIT_TLS_CLIENT_KEY_FILE (tls_cert_file=, tls_key_file=)"
+        )
+    if reason in _CLIENT_CERT_REFUSED:
+        return TLSError(
+            f"{where}: the server refused our client certificate {cert_file} ({reason}): use one signed by the CA "
+            "the server trusts (its QUEUEKIT_TLS_CLIENT_CA_FILE), valid now, via QUEUEKIT_TLS_CLIENT_CERT_FILE"
+        )
+    if reason in _NOT_TLS:
+        return TLSError(
+            f"{where}: the server does not speak TLS ({reason}): enable TLS on the server "
+            "(QUEUEKIT_TLS_CERT_FILE/QUEUEKIT_TLS_KEY_FILE) or unset QUEUEKIT_TLS_CA_FILE"
+        )
+    if "ALERT" in reason:
+        return TLSError(f"{where} failed: the server sent {reason}; see the server's tls_handshake_failed log line")
+    return None
 
 
 def _chunks(texts: list[str]) -> Iterator[list[str]]:

@@ -429,3 +429,54 @@ class WorkerSettings:
             lease_seconds=src.get("lease", "QUEUEKIT_LEASE_SECONDS", 30.0, _positive_float),
             drain_timeout=src.get("drain_timeout", "QUEUEKIT_DRAIN_TIMEOUT", 25.0, _non_negative_float),
         )
+
+
+DEFAULT_TUNNEL_MAX_CONNECTIONS = 256
+DEFAULT_TUNNEL_IDLE_TIMEOUT = 3600.0
+
+
+@dataclasses.dataclass(frozen=True)
+class TunnelSettings:
+    """``queuekit tunnel``: plaintext on ``listen`` (loopback unless ``allow_remote``), TLS to
+    ``server``. No authkey: the clients' handshake passes through, inside TLS."""
+
+    listen: Address
+    server: Address
+    allow_remote: bool
+    tls_ca_file: str
+    tls_cert_file: str | None
+    tls_key_file: str | None
+    tls_server_name: str | None
+    max_connections: int
+    idle_timeout: float  # 0: never
+    handshake_timeout: float  # TCP connect + TLS handshake to the server
+    log_level: str
+
+    @classmethod
+    def load(cls, flags: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None) -> TunnelSettings:
+        src = _Sources(flags, env)
+        tls_ca_file = src.get("tls_ca_file", "QUEUEKIT_TLS_CA_FILE", None, _optional_path)
+        if not tls_ca_file:
+            raise ConfigError(
+                "queuekit tunnel forwards over TLS: set QUEUEKIT_TLS_CA_FILE (--tls-ca-file) to the CA that signed "
+                "the server's certificate"
+            )
+        return cls(
+            listen=src.get(
+                "listen", "QUEUEKIT_TUNNEL_LISTEN", Address("127.0.0.1", DEFAULT_PORT), _address(DEFAULT_PORT)
+            ),
+            server=src.get("server", "QUEUEKIT_SERVER", Address("localhost", DEFAULT_PORT), _server_address),
+            allow_remote=bool(src.flags.get("allow_remote")),
+            tls_ca_file=tls_ca_file,
+            tls_cert_file=src.get("tls_client_cert_file", "QUEUEKIT_TLS_CLIENT_CERT_FILE", None, _optional_path),
+            tls_key_file=src.get("tls_client_key_file", "QUEUEKIT_TLS_CLIENT_KEY_FILE", None, _optional_path),
+            tls_server_name=src.get("tls_server_name", "QUEUEKIT_TLS_SERVER_NAME", None, _optional_path),
+            max_connections=src.get(
+                "max_connections", "QUEUEKIT_TUNNEL_MAX_CONNECTIONS", DEFAULT_TUNNEL_MAX_CONNECTIONS, _positive_int
+            ),
+            idle_timeout=src.get(
+                "idle_timeout", "QUEUEKIT_TUNNEL_IDLE_TIMEOUT", DEFAULT_TUNNEL_IDLE_TIMEOUT, _non_negative_float
+            ),
+            handshake_timeout=src.get("handshake_timeout", "QUEUEKIT_HANDSHAKE_TIMEOUT", 10.0, _positive_float),
+            log_level=_log_level(src),
+        )
