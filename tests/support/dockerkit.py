@@ -292,6 +292,7 @@ def start_container(
     authkey_file: Path | str | None = None,
     keys_dir: Path | str | None = None,
     volumes: Mapping[str, str] | None = None,
+    files: Mapping[Path | str, str] | None = None,
     publish: Sequence[int] = (),
     wait_log: str | None = None,
     wait_timeout: float = 30.0,
@@ -306,6 +307,7 @@ def start_container(
     - ``keys_dir``: a directory of role keys (:func:`write_role_keys`) bind-mounted read-only at
       :data:`KEYS_PATH`, with ``QUEUEKIT_KEYS_DIR`` pointing there (the server).
     - ``volumes``: ``{volume name or host path: container path}`` mounted read-write.
+    - ``files``: ``{host file or directory: container path}`` bind-mounted read-only (certificates).
     - ``publish``: container ports published on 127.0.0.1 at random host ports (:func:`host_port`).
     - ``wait_log``: a regex; return only once the container logged it (``LogMessageWaitStrategy``,
       polling every 0.1 s); raises with the logs if it exits first or ``wait_timeout`` passes.
@@ -317,7 +319,7 @@ def start_container(
     from testcontainers.core.wait_strategies import LogMessageWaitStrategy
 
     kwargs: dict[str, Any] = hardened() if secure else {}
-    if (authkey_file is not None or keys_dir is not None) and key_groups():
+    if (authkey_file is not None or keys_dir is not None or files) and key_groups():
         kwargs["group_add"] = key_groups()
     kwargs.update(docker_kwargs)
     env = dict(env or {})
@@ -342,6 +344,8 @@ def start_container(
         container.with_volume_mapping(str(keys_dir), KEYS_PATH, "ro")
     for source, target in (volumes or {}).items():
         container.with_volume_mapping(source, target, "rw")
+    for source, target in (files or {}).items():
+        container.with_volume_mapping(str(source), target, "ro")
     for port in publish:
         container.ports[f"{port}/tcp"] = ("127.0.0.1", None)  # type: ignore[assignment]
     if wait_log:
