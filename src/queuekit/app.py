@@ -146,6 +146,13 @@ class ServerApp:
         except OSError as e:
             raise ConfigError(f"cannot listen on {settings.bind}: {e.strerror or e}") from None
         server.start()
+        if server.plaintext_address is not None:
+            _log.warning(
+                "plaintext_listener",
+                bind=transport.format_peer(server.plaintext_address),
+                detail="QUEUEKIT_PLAINTEXT_BIND: a second queue port without TLS, for stock clients; "
+                "its traffic is not encrypted (same keys, handshake and limits)",
+            )
         self._reaper = threading.Thread(target=self._reap, name="reaper", daemon=True)
         self._reaper.start()
         self.serving = True
@@ -155,6 +162,7 @@ class ServerApp:
             http=transport.format_peer(self.web.server_address[:2]) if self.web else "off",
             durable=journal.durable,
             tls="mutual" if settings.tls_client_ca_file else "on" if tls_context else "off",
+            plaintext=transport.format_peer(server.plaintext_address) if server.plaintext_address else None,
         )
 
     def stop(self) -> None:

@@ -93,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="mutual TLS: clients must present a certificate from this CA (env QUEUEKIT_TLS_CLIENT_CA_FILE)",
     )
+    p.add_argument(
+        "--plaintext-bind",
+        metavar="[HOST:]PORT",
+        help="with TLS: a second listener WITHOUT TLS for stock clients, 127.0.0.1 unless a host is given; its "
+        "traffic is not encrypted (env QUEUEKIT_PLAINTEXT_BIND, default off)",
+    )
     p.add_argument("--data-dir", metavar="DIR", help="journal directory; unset = memory only (env QUEUEKIT_DATA_DIR)")
     p.add_argument("--sync", choices=("full", "normal"), help="journal fsync mode (env QUEUEKIT_SYNC, default full)")
     p.add_argument("--max-task-bytes", type=int, metavar="N", help="env QUEUEKIT_MAX_TASK_BYTES (default 1048576)")

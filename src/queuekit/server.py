@@ -19,6 +19,10 @@ whole-handshake deadline (the accepter hangs up on a connection past it, whateve
 in), then the authkey handshake inside TLS. A peer that sends no TLS ClientHello within
 ``TLS_HELLO_WAIT`` seconds (a plaintext client waits for the challenge) is told, in clear,
 that TLS is required (``handshake.TLS_REQUIRED``) and dropped.
+
+With ``settings.plaintext_bind`` (only beside TLS, for stock clients that cannot speak it), a
+second listener accepts plaintext connections: its own accepter thread, the same handshake,
+limits and caps (connections, handshakes, per-address budgets are shared with the TLS port).
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from typing import Any
 
 from . import api, compat, handshake, logs, transport
 from .broker import Broker
-from .errors import PermissionDenied, QueuekitError
+from .errors import ConfigError, PermissionDenied, QueuekitError
 from .keys import Grant
 from .loop import Loop, Session
 from .message import check_queue_name
@@ -82,7 +86,7 @@ class QueuekitServer(managers.Server):
         self._last_accept_failure = -math.inf
         self._log_limiter = _LogLimiter()
         self._stopped = threading.Event()
-        self._accepter: threading.Thread | None = None
+        self._accepters: list[threading.Thread] = []
         self.loop = Loop(self.dispatch, _error_reply, broker)
         self._loop_thread: threading.Thread | None = None
         # One CompatQueue per queue, made by `create` (on handshake threads). Bounded: an entry is
@@ -113,6 +117,17 @@ class QueuekitServer(managers.Server):
         super().__init__(registry, address, authkey, transport.SERIALIZER)  # type: ignore[arg-type]
         # After authentication, bounded: the stock Server made the Listener, so its limit is set here.
         self.listener.max_message_bytes = settings.max_message_bytes  # type: ignore[attr-defined]
+        self.plaintext_listener: transport.Listener | None = None
+        if settings.plaintext_bind is not None:
+            try:
+                self.plaintext_listener = transport.Listener(
+                    settings.plaintext_bind.tuple(), max_message_bytes=settings.max_message_bytes
+                )
+            except OSError as e:
+                self.listener.close()  # type: ignore[attr-defined]
+                raise ConfigError(
+                    f"cannot listen on {settings.plaintext_bind} (QUEUEKIT_PLAINTEXT_BIND): {e.strerror or e}"
+                ) from None
         self.loop.frame_timeout = settings.frame_timeout
         api_object = api.QueueAPI(broker, self.loop, info)
         self.id_to_obj[API_IDENT] = (api_object, set(api.METHODS), None)  # type: ignore[assignment]
@@ -122,16 +137,28 @@ class QueuekitServer(managers.Server):
     def start(self) -> None:
         self._loop_thread = threading.Thread(target=self.loop.run, name="loop", daemon=True)
         self._loop_thread.start()
-        self._accepter = threading.Thread(target=self.accepter, name="accepter", daemon=True)
-        self._accepter.start()
+        listeners = [(self.listener, False)]  # type: ignore[attr-defined]
+        if self.plaintext_listener is not None:
+            listeners.append((self.plaintext_listener, True))
+        for listener, plaintext in listeners:
+            name = "accepter plaintext" if plaintext else "accepter"
+            thread = threading.Thread(target=self.accepter, args=(listener, plaintext), name=name, daemon=True)
+            thread.start()
+            self._accepters.append(thread)
+
+    @property
+    def plaintext_address(self) -> tuple | None:
+        return self.plaintext_listener.address if self.plaintext_listener is not None else None
 
     def stop(self, grace: float) -> None:
         """Stop accepting, answer waiting gets, give calls in progress ``grace`` seconds, hang up."""
         self.stopping = True
         self._stopped.set()
-        if self._accepter is not None:
-            self._accepter.join(timeout=2)
+        for thread in self._accepters:
+            thread.join(timeout=2)
         self.listener.close()  # type: ignore[attr-defined]
+        if self.plaintext_listener is not None:
+            self.plaintext_listener.close()
         self.broker.close()  # parked gets are answered with nothing, new puts are refused
         self.loop.stop(grace)
         self.loop.wait_stopped(grace + 2.0)
@@ -142,25 +169,27 @@ class QueuekitServer(managers.Server):
 
     @property
     def accepting(self) -> bool:
-        """The acceptor runs and accepted without failing for the last few seconds (readiness)."""
-        alive = self._accepter is not None and self._accepter.is_alive()
+        """The acceptors run and accepted without failing for the last few seconds (readiness)."""
+        alive = bool(self._accepters) and all(thread.is_alive() for thread in self._accepters)
         return alive and time.monotonic() - self._last_accept_failure > ACCEPT_FAILURE_UNREADY_SECONDS
 
-    def accepter(self) -> None:
-        """Accept connections until stopped. Nothing ends this loop but ``stop``: a failure costs
-        the connection involved, never the acceptor (the only way in)."""
+    def accepter(self, listener: Any = None, plaintext: bool = False) -> None:
+        """Accept connections on ``listener`` (default: the main one) until stopped. Nothing ends
+        this loop but ``stop``: a failure costs the connection involved, never the acceptor (the
+        only way in). ``plaintext``: the explicit plaintext listener beside TLS."""
+        listener = self.listener if listener is None else listener  # type: ignore[attr-defined]
         while not self._stopped.is_set():
             try:
-                self._accept_one()
+                self._accept_one(listener, plaintext)
                 self._expire_handshakes(time.monotonic())
             except Exception as e:
                 self._last_accept_failure = time.monotonic()
                 _log.error("accepter_error", exc_info=e, error=repr(e)[:200])
                 self._stopped.wait(0.05)
 
-    def _accept_one(self) -> None:
+    def _accept_one(self, listener: Any, plaintext: bool) -> None:
         try:
-            conn = self.listener.accept()  # type: ignore[attr-defined]
+            conn = listener.accept()
         except TimeoutError:
             return
         except OSError as e:
@@ -182,7 +211,9 @@ class QueuekitServer(managers.Server):
             conn.close()
             return
         try:
-            threading.Thread(target=self.handle_request, args=(conn,), name=f"conn {conn.peer}", daemon=True).start()
+            threading.Thread(
+                target=self.handle_request, args=(conn, plaintext), name=f"conn {conn.peer}", daemon=True
+            ).start()
         except RuntimeError as e:  # can't start new thread (a process or memory limit)
             with self._conns_lock:
                 self._conns.pop(conn, None)
@@ -238,12 +269,13 @@ class QueuekitServer(managers.Server):
 
     # -- per connection ---------------------------------------------------------------------
 
-    def handle_request(self, conn: transport.Connection) -> None:  # type: ignore[override]
+    def handle_request(self, conn: transport.Connection, plaintext: bool = False) -> None:  # type: ignore[override]
         """Authenticate a new connection and answer its first request (the manager's protocol);
-        after ``accept_connection`` the connection is served by the loop."""
+        after ``accept_connection`` the connection is served by the loop. ``plaintext``: accepted
+        on the plaintext listener (no TLS, whatever the main port does)."""
         served = False
         try:
-            context = self.tls_context
+            context = None if plaintext else self.tls_context
             if context is not None:
                 tls_conn = self._start_tls(conn, context)
                 if tls_conn is None:

@@ -230,6 +230,18 @@ def _server_address(text: Any) -> Address:
     return Address.parse(str(text), DEFAULT_PORT)
 
 
+def _plaintext_bind(text: Any) -> Address | None:
+    """``HOST:PORT``; a port alone (``50001`` or ``:50001``) binds 127.0.0.1; ``off`` disables."""
+    text = str(text).strip()
+    if text.lower() in ("off", "none", "false", "no"):
+        return None
+    if text.isdigit():
+        text = ":" + text
+    if text.startswith(":"):
+        text = "127.0.0.1" + text
+    return Address.parse(text)
+
+
 def _optional_path(text: Any) -> str | None:
     text = str(text).strip()
     return text or None
@@ -298,6 +310,9 @@ class ServerSettings:
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
     tls_client_ca_file: str | None = None
+    # A second, plaintext listener beside TLS, for stock clients (None: off). Loopback unless a
+    # host is named.
+    plaintext_bind: Address | None = None
 
     @classmethod
     def load(
@@ -320,7 +335,14 @@ class ServerSettings:
                 "QUEUEKIT_TLS_CLIENT_CA_FILE (mutual TLS) needs TLS: "
                 "set QUEUEKIT_TLS_CERT_FILE and QUEUEKIT_TLS_KEY_FILE"
             )
+        plaintext_bind = src.get("plaintext_bind", "QUEUEKIT_PLAINTEXT_BIND", None, _plaintext_bind)
+        if plaintext_bind is not None and not tls_cert_file:
+            raise ConfigError(
+                "QUEUEKIT_PLAINTEXT_BIND (--plaintext-bind) adds a plaintext listener beside TLS: it needs "
+                "QUEUEKIT_TLS_CERT_FILE and QUEUEKIT_TLS_KEY_FILE (without TLS, QUEUEKIT_BIND is plaintext already)"
+            )
         return cls(
+            plaintext_bind=plaintext_bind,
             tls_cert_file=tls_cert_file,
             tls_key_file=tls_key_file,
             tls_client_ca_file=tls_client_ca_file,

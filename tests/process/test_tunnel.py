@@ -8,6 +8,7 @@ without being told to, and one that is unbounded or does not stop cleanly.
 
 from __future__ import annotations
 
+import os
 import re
 import secrets
 import signal
@@ -248,3 +249,69 @@ def test_sigterm_closes_connections_and_exits_zero(tmp_path, server, key_file, c
     assert log.rstrip().endswith("event=tunnel_stopped")
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", tunnel.port), timeout=2).close()
+
+
+# -- the explicit plaintext listener of a TLS server (QUEUEKIT_PLAINTEXT_BIND) -----------------
+
+
+def listening_ports(pid: int) -> set[int]:
+    """TCP ports the process listens on (from /proc: its socket inodes in LISTEN state)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for row in f.read().splitlines()[1:]:
+                fields = row.split()
+                if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                    ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def test_a_stock_client_works_on_the_explicit_plaintext_port_of_a_tls_server(tmp_path, key_file, certs):
+    proc = tls_server(tmp_path, key_file, certs, "--plaintext-bind", "0")  # a port alone: loopback
+    ready = proc.wait_for(r"event=server_ready .* plaintext=(\S+)")
+    host, port = ready.group(1).rsplit(":", 1)
+    assert host == "127.0.0.1"
+    warning = proc.wait_for(r"level=warning component=server event=plaintext_listener bind=(\S+) .*").group(0)
+    assert f"bind=127.0.0.1:{port}" in warning and "not encrypted" in warning
+    assert listening_ports(proc.pid) == {proc.port, proc.http_port, int(port)}
+    out = stock(int(port), key_file, "put", "5")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["put", "6"]
+    # The main port still speaks TLS only: the same stock client is refused there.
+    refused = stock(proc.port, key_file, "put", "1", timeout=30)
+    assert refused.returncode != 0
+    proc.wait_for(r"event=tls_handshake_failed peer=\S+ reason=no_client_hello")
+    with tls_client(proc, key_file, certs) as client:
+        assert client.queue("tasks").qsize() == 6
+    tls_lines = [line for line in proc.log().splitlines() if "event=client_connected" in line]
+    assert any(line.endswith("tls=false") for line in tls_lines)  # the stock client, on the plaintext port
+    assert any(line.endswith("tls=true") for line in tls_lines)  # ours, on the TLS port
+    proc.stop()
+
+
+def test_without_the_setting_a_tls_server_has_no_plaintext_port(server):
+    assert listening_ports(server.pid) == {server.port, server.http_port}
+    ready = server.wait_for(r"event=server_ready .*").group(0)
+    assert "plaintext=" not in ready and "event=plaintext_listener" not in server.log()
+
+
+def test_the_plaintext_port_needs_tls(tmp_path, key_file):
+    out = subprocess.run(
+        [sys.executable, "-m", "queuekit", "server", "--authkey-file", str(key_file), "--bind", "127.0.0.1:0"]
+        + ["--http", "off", "--plaintext-bind", "0"],
+        env=base_env(),
+        cwd=str(ROOT),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == ExitCode.CONFIG
+    assert "QUEUEKIT_PLAINTEXT_BIND" in out.stderr and "QUEUEKIT_TLS_CERT_FILE" in out.stderr
