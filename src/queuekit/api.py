@@ -36,20 +36,7 @@ QUEUE_METHODS = frozenset(
         "qsize",
     }
 )
-METHODS = (
-    "ping",
-    "put_many",
-    "get_many",
-    "ack_many",
-    "nack_many",
-    "extend_many",
-    "release_many",
-    "dead_list",
-    "dead_requeue",
-    "dead_purge",
-    "stats",
-    "qsize",
-)
+METHODS = ("ping", "stats", *sorted(QUEUE_METHODS))  # everything a queuekit client may call
 
 
 class QueueAPI:
