@@ -1,9 +1,7 @@
 """The durable journal: SQLite in WAL mode, one database file in the data directory.
 
-Group commit: the broker appends ops under its lock (no I/O); one writer thread takes everything
-queued so far, applies it in one transaction and commits (fsync per ``sync`` mode), then wakes
-every put that was waiting for it. Producers that arrive while a commit is in progress share the
-next one, so durability costs one fsync per batch of concurrent puts, not one per task.
+Group commit (queuekit.journal_group): everything appended since the last commit goes into one
+transaction, committed (fsync per ``sync`` mode) before the puts waiting for it are answered.
 
 ``sync=full``  — SQLite ``synchronous=FULL``: the WAL is fsynced at every commit; an acknowledged
                  put survives power loss.
@@ -26,20 +24,18 @@ import itertools
 import os
 import sqlite3
 import stat
-import threading
 import time
 from collections.abc import Iterator
 
 from . import logs
 from .errors import DataDirError
-from .journal import DeleteOp, Journal, JournalError, JournalOp, LeaseOp, PutOp, Recovered, StoredTask, UpdateOp
+from .journal import DeleteOp, JournalOp, LeaseOp, PutOp, Recovered, StoredTask, UpdateOp
+from .journal_group import GroupCommitJournal
 
 DB_NAME = "queuekit.db"
 LOCK_NAME = "queuekit.lock"
 SCHEMA_VERSION = 1
 APPLICATION_ID = 0x716B6A31  # "qkj1": marks the file as a queuekit journal
-VACUUM_EVERY = 10.0  # seconds between incremental vacuum passes
-WRITE_BEHIND_DELAY = 0.02  # write-behind ops wait this long for a put to carry them in its commit
 TASK_COLUMNS = {
     "id",
     "queue",
@@ -71,8 +67,8 @@ CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
 """
 
 
-class SqliteJournal(Journal):
-    durable = True
+class SqliteJournal(GroupCommitJournal):
+    _commit_errors = (sqlite3.Error,)
 
     def __init__(self, data_dir: str, sync: str = "full"):
         if sync not in ("full", "normal"):
@@ -87,23 +83,7 @@ class SqliteJournal(Journal):
         except BaseException:
             os.close(self._lock_fd)
             raise
-        self._cond = threading.Condition()  # guards the pending ops and sequence numbers
-        self._db_lock = threading.Lock()  # guards the connection
-        self._pending: list[JournalOp] = []
-        self._seq = 0  # last sequence number handed out by append
-        self._committed = 0
-        self._committing = False  # a thread is running a commit (the leader)
-        self._writer_idle = False  # the writer thread sleeps until the next append
-        self._error: BaseException | None = None
-        self._closing = False
-        self._next_vacuum = time.monotonic() + VACUUM_EVERY
-        self.commits = 0
-        self._writer = threading.Thread(target=self._write_loop, name="journal-writer", daemon=True)
-        self._writer.start()
-
-    @property
-    def healthy(self) -> bool:
-        return self._error is None
+        self._start_group_commit()
 
     def load(self) -> Recovered:
         with self._db_lock:
@@ -120,98 +100,14 @@ class SqliteJournal(Journal):
             [StoredTask(q, i, p, a, e, nb, bool(d), le, ld, lu) for q, i, p, a, e, nb, d, le, ld, lu in rows], next_id
         )
 
-    def append(self, ops: list[JournalOp]) -> int:
-        with self._cond:
-            self._pending.extend(ops)
-            self._seq += 1
-            if self._writer_idle:  # otherwise it is busy or already counting down to a commit
-                self._cond.notify_all()
-            return self._seq
-
-    def wait(self, seq: int, timeout: float | None = None) -> None:
-        """Return once ``seq`` is committed. If no commit is running, the caller runs it itself
-        (leader): a lone producer then pays no hand-off to the writer thread and back."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
-            while self._committed < seq:
-                if self._error is not None:
-                    raise JournalError(f"journal commit failed, nothing was stored: {self._error}")
-                if not self._committing:
-                    self._lead()
-                    continue
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    raise JournalError(f"journal commit did not finish within {timeout} s")
-                self._cond.wait(remaining)
-
-    def flush(self, timeout: float | None = None) -> None:
-        with self._cond:
-            seq = self._seq
-        try:
-            self.wait(seq, timeout)
-        except JournalError as e:
-            _log.error("journal_flush_failed", error=str(e))
-
     def close(self) -> None:
-        with self._cond:
-            self._closing = True
-            self._cond.notify_all()
-        self._writer.join(timeout=10)
         try:
-            if self._error is None and not self._writer.is_alive():
+            if self._stop_writer():
                 self._db.executescript("PRAGMA incremental_vacuum;")  # every free page, not a slice
                 self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
             self._db.close()
         finally:
             os.close(self._lock_fd)
-
-    # -- writer -----------------------------------------------------------------------------
-
-    def _write_loop(self) -> None:
-        """Commits what nobody waits for (acks, nacks: written behind) and vacuums."""
-        with self._cond:
-            while self._error is None:
-                if not self._pending and not self._closing and time.monotonic() < self._next_vacuum:
-                    self._writer_idle = True
-                    self._cond.wait(1.0)
-                    self._writer_idle = False
-                    continue
-                if self._closing and not self._pending:
-                    return
-                # Let write-behind ops wait a little: usually a put's commit carries them along
-                # (one transaction instead of two).
-                until = time.monotonic() + WRITE_BEHIND_DELAY
-                while self._pending and not self._closing and (left := until - time.monotonic()) > 0:
-                    self._cond.wait(left)
-                if self._committing:
-                    self._cond.wait(WRITE_BEHIND_DELAY)
-                elif self._pending or time.monotonic() >= self._next_vacuum:
-                    self._lead()
-
-    def _lead(self) -> None:
-        """Commit everything pending (called with the condition held; released meanwhile, so
-        producers keep appending and their ops form the next group commit)."""
-        batch, self._pending = self._pending, []
-        upto = self._seq
-        self._committing = True
-        self._cond.release()
-        try:
-            with self._db_lock:
-                if batch:
-                    self._commit(batch)
-                self._maybe_vacuum()
-            error = None
-        except sqlite3.Error as e:
-            error = e
-            _log.error("journal_failed", path=self.path, error=f"{type(e).__name__}: {e}")
-        finally:
-            self._cond.acquire()
-        self._committing = False
-        if error is None:
-            self._committed = max(self._committed, upto)
-        else:
-            self._error = error
-        self._cond.notify_all()
 
     def _commit(self, batch: list[JournalOp]) -> None:
         db = self._db
@@ -254,14 +150,9 @@ class SqliteJournal(Journal):
                     "ON CONFLICT (key) DO UPDATE SET value = max(value, excluded.value)",
                     (max_id + 1,),
                 )
-        self.commits += 1
 
-    def _maybe_vacuum(self) -> None:
+    def _housekeeping(self) -> None:
         """Give the pages of deleted tasks back to the filesystem, a slice at a time."""
-        now = time.monotonic()
-        if now < self._next_vacuum:
-            return
-        self._next_vacuum = now + VACUUM_EVERY
         free = self._db.execute("PRAGMA freelist_count").fetchone()[0]
         if free > 256:
             # executescript steps the pragma to completion; execute() would free a single page.

@@ -278,7 +278,7 @@ def test_sqlite_vacuum_gives_pages_back_while_running(tmp_path):
     journal.wait(journal.append([PutOp("q", 0, ['"' + "x" * 3000 + '"'] * 2000, 0.0, 0.0)]))
     journal.wait(journal.append([DeleteOp(list(range(2000)))]))
     assert journal._db.execute("PRAGMA freelist_count").fetchone()[0] > 1000
-    journal._next_vacuum = 0  # due now
+    journal._next_housekeeping = 0  # due now
     journal.wait(journal.append([DeleteOp([-1])]))
     assert journal._db.execute("PRAGMA freelist_count").fetchone()[0] < 100
     journal.close()
