@@ -12,6 +12,7 @@ from typing import Any
 
 from . import __version__
 from .broker import Broker, receipts
+from .consumer_metrics import check_report
 from .errors import InvalidRequest
 from .loop import Loop, Session
 from .message import NackItem, WireDelivery, check_queue_name, validate_texts
@@ -36,7 +37,7 @@ QUEUE_METHODS = frozenset(
         "qsize",
     }
 )
-METHODS = ("ping", "stats", *sorted(QUEUE_METHODS))  # everything a queuekit client may call
+METHODS = ("ping", "stats", "report", *sorted(QUEUE_METHODS))  # everything a queuekit client may call
 
 
 class QueueAPI:
@@ -138,6 +139,15 @@ class QueueAPI:
 
     def qsize(self, session: Session, queue: Any) -> int:
         return self._broker.qsize(check_queue_name(queue))
+
+    def report(self, session: Session, report: Any) -> bool:
+        """A consumer's metrics since its last report (:mod:`queuekit.consumer_metrics`). Queues
+        that do not exist are left out (they would be series nobody bounds). False: a duplicate."""
+        reporter, seq, queues = check_report(report)
+        for name in queues:
+            session.grant.check("report", name)
+        known = {name: item for name, item in queues.items() if self._broker.has_queue(name)}
+        return self._info.reports.add(session.name, reporter, seq, known)
 
 
 # -- argument checks (also used by the compat adapter) -------------------------------------

@@ -17,7 +17,7 @@ import threading
 import time
 from typing import Any
 
-from . import __version__, http, keys, logs, transport
+from . import __version__, consumer_metrics, http, keys, logs, transport
 from .broker import Broker
 from .errors import ConfigError, ExitCode
 from .journal import Journal
@@ -49,6 +49,7 @@ class ServerApp:
         self.broker: Broker | None = None
         self.server: QueuekitServer | None = None
         self.web: http.HTTPPort | None = None
+        self.reports = consumer_metrics.Store()  # what consumers report (API report), for /metrics
         self._stop_reaper = threading.Event()
         # Where the accepted keys come from (the authkey file only if it was loaded).
         self._key_sources = (settings.authkey_file if settings.authkey.reveal() else None, settings.keys_dir)
@@ -127,7 +128,12 @@ class ServerApp:
         if settings.http:
             try:
                 self.web = http.serve(
-                    settings.http, self, self.stats, token=settings.http_token, max_queues=settings.http_max_queues
+                    settings.http,
+                    self,
+                    self.stats,
+                    token=settings.http_token,
+                    max_queues=settings.http_max_queues,
+                    reported=self.reports.snapshot,
                 )
             except OSError as e:
                 raise ConfigError(f"cannot listen for HTTP on {settings.http}: {e.strerror or e}") from None

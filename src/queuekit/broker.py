@@ -490,16 +490,23 @@ class Broker:
             self._queues[name] = _Queue(name)
             return True
 
-    def stats(self) -> dict[str, dict[str, int]]:
+    def stats(self) -> dict[str, dict[str, float]]:
         """Per-queue gauges and counters. Counters count since this server process started."""
         with self._lock:
             now = self._clock.monotonic()
+            wall = self._clock.wall()
             out = {}
             for name, q in self._queues.items():
                 self._service(q, now)
+                ready = q.ready
+                while ready and ready[0].state is not READY:  # stale entries (acked while ready)
+                    ready.popleft()
                 out[name] = {
                     "ready": q.n_ready,
                     "inflight": q.n_leased,
+                    "backlog": q.n_ready + q.n_leased,  # what KEDA scales on (k8s/components/keda)
+                    # The next task in line; a retried task may be older but waits behind it.
+                    "oldest_ready_age_seconds": round(max(0.0, wall - ready[0].enqueued_at), 3) if ready else 0.0,
                     "delayed": q.n_delayed,
                     "dead": len(q.dead),
                     "waiting": len(q.waiters),

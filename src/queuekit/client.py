@@ -111,6 +111,11 @@ class Client:
     def stats(self) -> dict:
         return self.call("stats")
 
+    def report(self, report: dict) -> bool:
+        """Send consumer metrics (a :class:`queuekit.consumer_metrics.Recorder` report); False
+        when the server had applied that report already (a retry)."""
+        return self.call("report", report)
+
     @property
     def max_task_bytes(self) -> int:
         if self._max_task_bytes is None:

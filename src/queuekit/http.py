@@ -35,7 +35,8 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
 
-from . import logs
+from . import logs, metrics
+from .consumer_metrics import Reported
 from .settings import Address, Secret
 
 DEADLINE_SECONDS = 5.0  # per connection: request head in and response out
@@ -46,20 +47,6 @@ DEFAULT_MAX_QUEUES = 1000
 PROBES = ("/healthz", "/readyz")
 
 _log = logs.get("http")
-
-GAUGES = (
-    ("ready", "Tasks waiting to be delivered."),
-    ("inflight", "Tasks leased to consumers and not yet acknowledged."),
-    ("delayed", "Tasks waiting for their retry backoff to elapse."),
-    ("dead", "Tasks in the dead-letter list."),
-)
-COUNTERS = (
-    ("enqueued", "Tasks put since the server started."),
-    ("acked", "Tasks acknowledged since the server started."),
-    ("nacked", "Negative acknowledgements since the server started."),
-    ("redelivered", "Leases that expired (task handed out again) since the server started."),
-    ("dead_lettered", "Tasks moved to the dead-letter list since the server started."),
-)
 
 _BUSY = (
     b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n"
@@ -79,72 +66,6 @@ def bounded_stats(stats: dict, max_queues: int) -> dict:
         return {**stats, "omitted": 0}
     busiest = sorted(queues.items(), key=lambda kv: (-(kv[1]["ready"] + kv[1]["inflight"] + kv[1]["dead"]), kv[0]))
     return {**stats, "queues": dict(busiest[:max_queues]), "omitted": len(queues) - max_queues}
-
-
-# Why the server closes a connection before authenticating it (server.QueuekitServer.refused):
-# listed so that every series exists from the start, at 0.
-REFUSAL_REASONS = (
-    "max_connections",
-    "max_handshakes",
-    "max_handshakes_per_address",
-    "auth_failures",
-    "handshake_timeout",
-)
-
-
-def render_metrics(stats: dict) -> str:
-    """Prometheus text exposition format 0.0.4."""
-    lines = []
-    queues = stats["queues"]
-    for name, help_text in GAUGES:
-        metric = f"queuekit_tasks_{name}"
-        lines += [f"# HELP {metric} {help_text}", f"# TYPE {metric} gauge"]
-        lines += [f'{metric}{{queue="{_label(q)}"}} {v[name]}' for q, v in sorted(queues.items())]
-    for name, help_text in COUNTERS:
-        metric = f"queuekit_tasks_{name}_total"
-        lines += [f"# HELP {metric} {help_text}", f"# TYPE {metric} counter"]
-        lines += [f'{metric}{{queue="{_label(q)}"}} {v[name]}' for q, v in sorted(queues.items())]
-    lines += [
-        "# HELP queuekit_gets_waiting Gets parked on the server until a task is ready.",
-        "# TYPE queuekit_gets_waiting gauge",
-    ]
-    lines += [f'queuekit_gets_waiting{{queue="{_label(q)}"}} {v["waiting"]}' for q, v in sorted(queues.items())]
-    lines += [
-        "# HELP queuekit_queues_omitted Queues left out of /metrics and /stats (QUEUEKIT_HTTP_MAX_QUEUES).",
-        "# TYPE queuekit_queues_omitted gauge",
-        f"queuekit_queues_omitted {stats.get('omitted', 0)}",
-        "# HELP queuekit_connections Open client connections.",
-        "# TYPE queuekit_connections gauge",
-        f"queuekit_connections {stats['connections']}",
-        "# HELP queuekit_durable 1 when tasks are journaled to disk.",
-        "# TYPE queuekit_durable gauge",
-        f"queuekit_durable {int(stats['durable'])}",
-        "# HELP queuekit_journal_commits_total Journal transactions committed (group commits: many puts each).",
-        "# TYPE queuekit_journal_commits_total counter",
-        f"queuekit_journal_commits_total {stats['journal_commits']}",
-        "# HELP queuekit_auth_failures_total Handshakes refused because the peer's key did not match.",
-        "# TYPE queuekit_auth_failures_total counter",
-        f"queuekit_auth_failures_total {stats.get('auth_failures', 0)}",
-        "# HELP queuekit_connections_refused_total Connections closed before authentication, by reason.",
-        "# TYPE queuekit_connections_refused_total counter",
-        *(
-            f'queuekit_connections_refused_total{{reason="{reason}"}} {n}'
-            for reason, n in sorted(
-                {**dict.fromkeys(REFUSAL_REASONS, 0), **stats.get("connections_refused", {})}.items()
-            )
-        ),
-        "# HELP queuekit_ready 1 when the server accepts work.",
-        "# TYPE queuekit_ready gauge",
-        f"queuekit_ready {int(stats['ready'])}",
-        "# HELP queuekit_uptime_seconds Seconds since the server started.",
-        "# TYPE queuekit_uptime_seconds gauge",
-        f"queuekit_uptime_seconds {stats['uptime_seconds']}",
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def _label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 class _HeadTooLarge(Exception):
@@ -229,7 +150,8 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             stats = bounded_stats(stats, port.max_queues)
             if path == "/metrics":
-                self._send(200, "text/plain; version=0.0.4; charset=utf-8", render_metrics(stats), with_body)
+                reported = port.reported() if port.reported is not None else None
+                self._send(200, metrics.CONTENT_TYPE, metrics.render(stats, reported), with_body)
             else:
                 self._send(200, "application/json", json.dumps(stats, sort_keys=True) + "\n", with_body)
         else:
@@ -286,11 +208,13 @@ class HTTPPort(HTTPServer):
         max_queues: int = DEFAULT_MAX_QUEUES,
         max_connections: int = MAX_CONNECTIONS,
         deadline_seconds: float = DEADLINE_SECONDS,
+        reported: Callable[[], Reported] | None = None,
     ):
         self.address_family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
         self.status = status
         self.get_stats = get_stats
         self.max_queues = max_queues
+        self.reported = reported  # what consumers reported, for /metrics
         self.deadline_seconds = deadline_seconds
         self._token = token
         self._slots = threading.BoundedSemaphore(max_connections)
@@ -363,8 +287,10 @@ def serve(
     *,
     token: Secret | None = None,
     max_queues: int = DEFAULT_MAX_QUEUES,
+    reported: Callable[[], Reported] | None = None,
 ) -> HTTPPort:
-    """Start the HTTP port's acceptor in a daemon thread; ``status.ready`` and ``get_stats()`` feed it."""
-    port = HTTPPort(address, status, get_stats, token=token, max_queues=max_queues)
+    """Start the HTTP port's acceptor in a daemon thread; ``status.ready``, ``get_stats()`` and
+    ``reported()`` feed it."""
+    port = HTTPPort(address, status, get_stats, token=token, max_queues=max_queues, reported=reported)
     threading.Thread(target=port.serve_forever, kwargs={"poll_interval": 0.25}, name="http", daemon=True).start()
     return port

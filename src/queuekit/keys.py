@@ -43,6 +43,7 @@ CONSUMER_METHODS = frozenset(
         "nack_many",
         "extend_many",
         "release_many",
+        "report",
         "qsize",
         "get",
         "get_nowait",

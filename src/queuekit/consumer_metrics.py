@@ -1,0 +1,279 @@
+"""Metrics that only consumers can measure, reported to the server on their heartbeat.
+
+A consumer knows how long its handler ran, how long a task waited between its enqueue and the
+start of its handler, and how the handler ended (``ok``, ``failed``, ``timeout``). The worker's
+:class:`Recorder` accumulates these per queue into fixed-bucket histograms; every heartbeat it
+sends the *delta* since its last acknowledged report (``Client.report``); the server's
+:class:`Store` adds deltas up, so ``/metrics`` shows counters and histograms over all consumers
+(per queue; per consumer only for a bounded number of consumers).
+
+Why deltas with a sequence number: deltas merge by addition whatever the number of consumers and
+however they come and go (a cumulative report would need the server to remember every consumer's
+last value, and break when a consumer restarts). A report is retried until the server acknowledged
+it, always with the same ``(reporter, seq)``; the server drops a report whose ``seq`` it has
+applied already, so a retry after a lost answer is not counted twice, and an unacknowledged
+report is never lost while the consumer lives. New observations wait for the next report.
+
+Everything on the wire is plain ``dict``/``list``/``int``/``float``/``str`` (the transport
+unpickles nothing else); :func:`check_report` checks a report where it enters the server.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import InvalidRequest
+from .message import check_queue_name
+
+# Upper bounds in seconds of the histogram buckets (+Inf is implicit): from 5 ms to 10 min, for
+# handlers from a cache lookup to a report build, and waits from "picked up at once" to a backlog.
+BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+OUTCOMES = ("ok", "failed", "timeout")
+MAX_REPORT_QUEUES = 256  # queues in one report
+MAX_REPORTER_CHARS = 64
+MAX_COUNT = 10**12  # per field of one report: far above any real delta, below float trouble
+MAX_CONSUMER_SERIES = 50  # consumers with series of their own; the rest are summed as "other"
+MAX_CONSUMER_LABEL = 64
+MAX_REPORTERS_REMEMBERED = 4096  # (reporter -> last seq) entries kept for duplicate detection
+OTHER = "other"
+
+
+def _bucket(seconds: float) -> int:
+    for i, bound in enumerate(BUCKETS):
+        if seconds <= bound:
+            return i
+    return len(BUCKETS)
+
+
+@dataclass
+class Histogram:
+    """Counts per bucket (not cumulative; the last one is +Inf) and the sum of the observations."""
+
+    counts: list[int] = field(default_factory=lambda: [0] * (len(BUCKETS) + 1))
+    total: float = 0.0
+
+    def observe(self, seconds: float) -> None:
+        seconds = max(0.0, seconds)
+        self.counts[_bucket(seconds)] += 1
+        self.total += seconds
+
+    def add(self, counts: list[int], total: float) -> None:
+        for i, n in enumerate(counts):
+            self.counts[i] += n
+        self.total += total
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+
+@dataclass
+class QueueMetrics:
+    """What consumers reported for one queue."""
+
+    outcomes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(OUTCOMES, 0))
+    duration: Histogram = field(default_factory=Histogram)
+    wait: Histogram = field(default_factory=Histogram)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            **self.outcomes,
+            "duration": list(self.duration.counts),
+            "duration_sum": self.duration.total,
+            "wait": list(self.wait.counts),
+            "wait_sum": self.wait.total,
+        }
+
+    def add_wire(self, item: dict[str, Any]) -> None:
+        for o in OUTCOMES:
+            self.outcomes[o] += item[o]
+        self.duration.add(item["duration"], item["duration_sum"])
+        self.wait.add(item["wait"], item["wait_sum"])
+
+
+@dataclass
+class Reported:
+    """A copy of the server's totals for ``/metrics``."""
+
+    queues: dict[str, QueueMetrics]
+    consumers: dict[str, dict[str, int]]
+    reports: int
+
+
+# -- worker side ---------------------------------------------------------------------------
+
+
+class Recorder:
+    """The worker's accumulator: ``observe`` from handler threads, ``send`` from the heartbeat."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._queues: dict[str, QueueMetrics] = {}
+        self._reporter = secrets.token_hex(8)  # this process, for the server's duplicate check
+        self._seq = 0
+        self._pending: dict[str, Any] | None = None  # sent, not yet acknowledged: resent as it is
+
+    def observe(self, queue: str, outcome: str, duration: float, wait: float) -> None:
+        """One handled task: ``duration`` its handler's run time, ``wait`` start - enqueued_at."""
+        with self._lock:
+            q = self._queues.get(queue)
+            if q is None:
+                q = self._queues[queue] = QueueMetrics()
+            q.outcomes[outcome] += 1
+            q.duration.observe(duration)
+            q.wait.observe(wait)
+
+    @contextmanager
+    def measure(self, queue: str, enqueued_at: float, timeout: type[BaseException] = TimeoutError) -> Iterator[None]:
+        """Around a handler call: observes its duration, its wait (now - ``enqueued_at``, wall
+        clock) and its outcome (``failed`` if it raises, ``timeout`` if what it raises is a
+        ``timeout``); the exception goes on."""
+        begun_wall, begun = time.time(), time.monotonic()
+        outcome = "failed"
+        try:
+            yield
+            outcome = "ok"
+        except timeout:
+            outcome = "timeout"
+            raise
+        finally:
+            self.observe(queue, outcome, time.monotonic() - begun, begun_wall - enqueued_at)
+
+    def next_report(self) -> dict[str, Any] | None:
+        """The report to send now: the unacknowledged one again, else the delta since the last
+        (None when there is nothing to report)."""
+        with self._lock:
+            if self._pending is None and self._queues:
+                self._seq += 1
+                queues, self._queues = self._queues, {}
+                self._pending = {
+                    "reporter": self._reporter,
+                    "seq": self._seq,
+                    "queues": {name: q.to_wire() for name, q in queues.items()},
+                }
+            return self._pending
+
+    def acknowledged(self, report: dict[str, Any]) -> None:
+        with self._lock:
+            if self._pending is report:
+                self._pending = None
+
+    def send(self, client: Any) -> bool:
+        """Report to the server through ``client.report``; False (and kept for the next call)
+        when that failed. Never raises a queuekit error: metrics must not stop a worker."""
+        from .errors import QueuekitError
+
+        report = self.next_report()
+        if report is None:
+            return True
+        try:
+            client.report(report)
+        except QueuekitError:
+            return False
+        self.acknowledged(report)
+        return True
+
+
+# -- server side ---------------------------------------------------------------------------
+
+
+def _count(value: Any, what: str) -> int:
+    if type(value) is not int or not 0 <= value <= MAX_COUNT:
+        raise InvalidRequest(f"report: {what} must be an int in 0..{MAX_COUNT}, got {value!r}")
+    return value
+
+
+def _seconds_sum(value: Any, what: str) -> float:
+    if type(value) not in (int, float) or not math.isfinite(value) or not 0 <= value <= MAX_COUNT:
+        raise InvalidRequest(f"report: {what} must be a finite number of seconds >= 0, got {value!r}")
+    return float(value)
+
+
+def _counts(value: Any, what: str) -> list[int]:
+    if type(value) is not list or len(value) != len(BUCKETS) + 1:
+        raise InvalidRequest(f"report: {what} must be a list of {len(BUCKETS) + 1} bucket counts")
+    return [_count(n, what) for n in value]
+
+
+def check_report(report: Any) -> tuple[str, int, dict[str, dict[str, Any]]]:
+    """``(reporter, seq, queues)`` of a report a client sent, or :class:`InvalidRequest`."""
+    if type(report) is not dict:
+        raise InvalidRequest(f"report must be a dict, got {type(report).__name__}")
+    reporter, seq, queues = report.get("reporter"), report.get("seq"), report.get("queues")
+    if type(reporter) is not str or not 1 <= len(reporter) <= MAX_REPORTER_CHARS:
+        raise InvalidRequest(f"report: reporter must be a str of 1..{MAX_REPORTER_CHARS} chars")
+    if type(seq) is not int or seq < 1:
+        raise InvalidRequest(f"report: seq must be a positive int, got {seq!r}")
+    if type(queues) is not dict or len(queues) > MAX_REPORT_QUEUES:
+        raise InvalidRequest(f"report: queues must be a dict of at most {MAX_REPORT_QUEUES} queues")
+    checked: dict[str, dict[str, Any]] = {}
+    for name, item in queues.items():
+        check_queue_name(name)
+        if type(item) is not dict:
+            raise InvalidRequest(f"report: queue {name!r}: expected a dict, got {type(item).__name__}")
+        checked[name] = {
+            **{o: _count(item.get(o, 0), f"{name}.{o}") for o in OUTCOMES},
+            "duration": _counts(item.get("duration"), f"{name}.duration"),
+            "duration_sum": _seconds_sum(item.get("duration_sum"), f"{name}.duration_sum"),
+            "wait": _counts(item.get("wait"), f"{name}.wait"),
+            "wait_sum": _seconds_sum(item.get("wait_sum"), f"{name}.wait_sum"),
+        }
+    return reporter, seq, checked
+
+
+class Store:
+    """The server's totals of what consumers reported (thread-safe: the loop writes, HTTP reads)."""
+
+    def __init__(self, max_consumers: int = MAX_CONSUMER_SERIES):
+        self._lock = threading.Lock()
+        self._queues: dict[str, QueueMetrics] = {}
+        self._consumers: dict[str, dict[str, int]] = {}
+        self._max_consumers = max_consumers
+        self._seen: OrderedDict[str, int] = OrderedDict()  # reporter -> last seq applied
+        self._reports = 0
+
+    def add(self, consumer: str, reporter: str, seq: int, queues: dict[str, dict[str, Any]]) -> bool:
+        """Apply a checked report from the connection named ``consumer``. False: a duplicate."""
+        with self._lock:
+            if self._seen.get(reporter, 0) >= seq:
+                return False
+            self._seen[reporter] = seq
+            self._seen.move_to_end(reporter)
+            while len(self._seen) > MAX_REPORTERS_REMEMBERED:
+                self._seen.popitem(last=False)
+            self._reports += 1
+            label = consumer[:MAX_CONSUMER_LABEL] or "unnamed"
+            if label not in self._consumers and len(self._consumers) >= self._max_consumers:
+                label = OTHER
+            per_consumer = self._consumers.setdefault(label, dict.fromkeys(OUTCOMES, 0))
+            for name, item in queues.items():
+                q = self._queues.get(name)
+                if q is None:
+                    q = self._queues[name] = QueueMetrics()
+                q.add_wire(item)
+                for o in OUTCOMES:
+                    per_consumer[o] += item[o]
+            return True
+
+    def snapshot(self) -> Reported:
+        with self._lock:
+            return Reported(
+                {
+                    name: QueueMetrics(
+                        dict(q.outcomes),
+                        Histogram(list(q.duration.counts), q.duration.total),
+                        Histogram(list(q.wait.counts), q.wait.total),
+                    )
+                    for name, q in self._queues.items()
+                },
+                {c: dict(v) for c, v in self._consumers.items()},
+                self._reports,
+            )

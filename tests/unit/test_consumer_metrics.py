@@ -1,0 +1,133 @@
+"""Consumer-reported metrics: the worker's accumulator, the report checks, the server's totals."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from queuekit.consumer_metrics import BUCKETS, OTHER, Histogram, Recorder, Store, check_report
+from queuekit.errors import InvalidRequest, QueuekitError, ServerUnavailable
+
+
+class FlakyClient:
+    """Client.report stand-in for the Recorder (the Recorder's own logic is under test here;
+    the real call is exercised against a server process in tests/process/test_metrics_scrape.py)."""
+
+    def __init__(self, store: Store, fail: int = 0, lose_answer: int = 0):
+        self.store, self.fail, self.lose_answer, self.calls = store, fail, lose_answer, 0
+
+    def report(self, report):
+        self.calls += 1
+        if self.fail:
+            self.fail -= 1
+            raise ServerUnavailable("down")
+        reporter, seq, queues = check_report(report)
+        applied = self.store.add("worker-1", reporter, seq, queues)
+        if self.lose_answer:  # applied on the server, answer lost on the way back
+            self.lose_answer -= 1
+            raise ServerUnavailable("connection lost after the call")
+        return applied
+
+
+def test_histogram_buckets_edges_and_sum():
+    h = Histogram()
+    for s in (0.0, BUCKETS[0], BUCKETS[0] + 1e-9, BUCKETS[-1], BUCKETS[-1] * 2, -1.0):
+        h.observe(s)
+    assert h.counts[0] == 3  # 0, the bound itself (le is inclusive), and a negative clamped to 0
+    assert h.counts[1] == 1
+    assert h.counts[len(BUCKETS) - 1] == 1
+    assert h.counts[-1] == 1  # +Inf
+    assert h.count == 6
+    assert h.total == pytest.approx(BUCKETS[0] * 2 + 1e-9 + BUCKETS[-1] * 3)
+
+
+def test_recorder_reports_deltas_once_even_when_answers_are_lost():
+    store = Store()
+    rec = Recorder()
+    rec.observe("q", "ok", 0.02, 1.5)
+    rec.observe("q", "failed", 0.2, 0.001)
+    client = FlakyClient(store, fail=1)
+    assert rec.send(client) is False  # server down: kept
+    rec.observe("q", "timeout", 30.0, 0.0)  # new work waits for the next report
+    client.lose_answer = 1
+    assert rec.send(client) is False  # applied, but we do not know: resent as it is
+    assert rec.send(client) is True  # the duplicate is dropped by the server
+    totals = store.snapshot()
+    assert totals.queues["q"].outcomes == {"ok": 1, "failed": 1, "timeout": 0}
+    assert totals.reports == 1
+    assert rec.send(client) is True  # now the third observation, in a report of its own
+    totals = store.snapshot()
+    assert totals.queues["q"].outcomes == {"ok": 1, "failed": 1, "timeout": 1}
+    assert totals.queues["q"].duration.count == 3 and totals.queues["q"].wait.count == 3
+    assert totals.queues["q"].duration.total == pytest.approx(30.22)
+    assert totals.consumers == {"worker-1": {"ok": 1, "failed": 1, "timeout": 1}}
+    calls = client.calls
+    assert rec.send(client) is True and client.calls == calls  # nothing new: no call
+
+
+def test_recorder_send_swallows_only_queuekit_errors():
+    rec = Recorder()
+    rec.observe("q", "ok", 0.1, 0.1)
+
+    class Broken:
+        def report(self, report):
+            raise QueuekitError("refused")
+
+    assert rec.send(Broken()) is False
+    assert rec.next_report()["seq"] == 1  # still the first report
+
+
+def test_store_caps_consumer_series():
+    store = Store(max_consumers=2)
+    item = check_report({"reporter": "r", "seq": 1, "queues": {"q": _item(ok=1)}})[2]
+    for i, name in enumerate(("a", "b", "c", "d", "a")):
+        assert store.add(name, f"r{i}", 1, item)
+    consumers = store.snapshot().consumers
+    assert set(consumers) == {"a", "b", OTHER}
+    assert consumers["a"]["ok"] == 2 and consumers[OTHER]["ok"] == 2
+
+
+def test_store_drops_old_and_repeated_sequence_numbers():
+    store = Store()
+    item = check_report({"reporter": "r", "seq": 1, "queues": {"q": _item(ok=1)}})[2]
+    assert store.add("c", "r", 2, item)
+    assert not store.add("c", "r", 2, item)
+    assert not store.add("c", "r", 1, item)
+    assert store.add("c", "other-process", 1, item)
+    assert store.snapshot().queues["q"].outcomes["ok"] == 2
+
+
+def _item(**outcomes):
+    return {
+        **outcomes,
+        "duration": [0] * (len(BUCKETS) + 1),
+        "duration_sum": 0.0,
+        "wait": [0] * (len(BUCKETS) + 1),
+        "wait_sum": 0.0,
+    }
+
+
+@pytest.mark.parametrize(
+    "report, message",
+    [
+        ([], "must be a dict"),
+        ({"reporter": "", "seq": 1, "queues": {}}, "reporter"),
+        ({"reporter": "x" * 65, "seq": 1, "queues": {}}, "reporter"),
+        ({"reporter": "r", "seq": 0, "queues": {}}, "seq"),
+        ({"reporter": "r", "seq": True, "queues": {}}, "seq"),
+        ({"reporter": "r", "seq": 1, "queues": []}, "queues"),
+        ({"reporter": "r", "seq": 1, "queues": {f"q{i}": _item() for i in range(257)}}, "at most 256"),
+        ({"reporter": "r", "seq": 1, "queues": {"bad name!": _item()}}, "queue"),
+        ({"reporter": "r", "seq": 1, "queues": {"q": "x"}}, "expected a dict"),
+        ({"reporter": "r", "seq": 1, "queues": {"q": _item(ok=-1)}}, "q.ok"),
+        ({"reporter": "r", "seq": 1, "queues": {"q": _item(ok=1.0)}}, "q.ok"),
+        ({"reporter": "r", "seq": 1, "queues": {"q": {**_item(), "duration": [0] * 3}}}, "bucket counts"),
+        ({"reporter": "r", "seq": 1, "queues": {"q": {**_item(), "wait_sum": math.nan}}}, "wait_sum"),
+        ({"reporter": "r", "seq": 1, "queues": {"q": {**_item(), "duration_sum": -1.0}}}, "duration_sum"),
+        ({"reporter": "r", "seq": 1, "queues": {"q": {**_item(), "wait": [True] + [0] * len(BUCKETS)}}}, "q.wait"),
+    ],
+)
+def test_bad_reports_are_refused_with_a_clear_error(report, message):
+    with pytest.raises(InvalidRequest, match=message):
+        check_report(report)
