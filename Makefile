@@ -43,8 +43,8 @@ $(PYTHON):
 	  || { echo "error: make $@: $(SYSTEM_PYTHON) is older than 3.11 or lacks venv/ensurepip: $(HOW_PYTHON)" >&2; exit 1; }
 	$(SYSTEM_PYTHON) -m venv $(VENV)
 
-$(VENV)/.test-tools: requirements/dev.txt requirements/unit.txt | $(PYTHON)
-	$(PYTHON) -m pip install -q -r requirements/dev.txt
+$(VENV)/.test-tools: requirements/dev.txt requirements/unit.txt requirements/postgres.txt | $(PYTHON)
+	$(PYTHON) -m pip install -q -r requirements/dev.txt -r requirements/postgres.txt
 	@touch $@
 
 $(VENV)/.lint-tools: requirements/lint.txt | $(PYTHON)

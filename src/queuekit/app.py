@@ -31,6 +31,10 @@ _log = logs.get("server")
 
 
 def open_journal(settings: ServerSettings) -> Journal:
+    if settings.journal_url:
+        from .journal_postgres import PostgresJournal  # psycopg: only with a journal URL
+
+        return PostgresJournal(settings.journal_url, settings.journal_password)
     if not settings.data_dir:
         return Journal()
     from .journal_sqlite import SqliteJournal

@@ -24,7 +24,10 @@ _log = logs.get("cli")
 def _client_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("connection")
     g.add_argument(
-        "--server", metavar="HOST:PORT", help="server address (env QUEUEKIT_SERVER, default localhost:50000)"
+        "--server",
+        metavar="HOST:PORT[,HOST:PORT]",
+        help="server address; several, comma-separated, are tried in turn (a leader and its standbys) "
+        "(env QUEUEKIT_SERVER, default localhost:50000)",
     )
     g.add_argument(
         "--authkey-file",

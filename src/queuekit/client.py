@@ -15,6 +15,12 @@ with exponential backoff until ``connect_timeout`` has passed, then raises
 never retried. A retried ``put`` whose first attempt reached the server before the connection
 broke enqueues twice: delivery is at-least-once, end to end.
 
+Several addresses (``connect("a:50000,b:50000")``, ``QUEUEKIT_SERVER=a:50000,b:50000``): servers
+sharing a PostgreSQL journal, one leader and standbys. The client tries them in turn: an address
+that cannot be reached, or a standby that refuses with :class:`NotLeader`, sends it to the next
+one at once; the backoff applies after a whole round. A connection that breaks, or a leader that
+steps down, starts the next attempt at the following address.
+
 TLS: ``connect(..., tls_ca_file=...)`` (``QUEUEKIT_TLS_CA_FILE`` for the commands) verifies the
 server's certificate against that CA and the name connected to (or ``tls_server_name``);
 ``tls_cert_file``/``tls_key_file`` present a client certificate (mutual TLS). A TLS failure that
@@ -33,9 +39,17 @@ from multiprocessing import AuthenticationError
 from typing import Any
 
 from . import handshake, logs, transport
-from .errors import AuthenticationFailed, ConfigError, QueuekitError, ServerShuttingDown, ServerUnavailable, TLSError
+from .errors import (
+    AuthenticationFailed,
+    ConfigError,
+    NotLeader,
+    QueuekitError,
+    ServerShuttingDown,
+    ServerUnavailable,
+    TLSError,
+)
 from .message import NackItem, Task, check_queue_name, encode_payload
-from .settings import DEFAULT_PORT, Address, Secret, load_authkey
+from .settings import Address, Secret, ServerList, load_authkey
 
 CALL_TIMEOUT = 30.0  # seconds a reply may take beyond any server-side wait
 MAX_WAIT_PER_CALL = 30.0
@@ -43,6 +57,9 @@ PUT_CHUNK_TASKS = 1000
 PUT_CHUNK_BYTES = 16 * 1024 * 1024
 
 _log = logs.get("client")
+NOT_LEADER = "not the leader"  # in the builtin error a standby answers accept_connection with
+# Errors after which the same call is retried on another connection (nothing was done).
+_RETRY_ELSEWHERE = (ServerShuttingDown, NotLeader)
 
 
 class RemoteError(QueuekitError):
@@ -52,7 +69,7 @@ class RemoteError(QueuekitError):
 class Client:
     def __init__(
         self,
-        address: Address | str | tuple,
+        address: Address | str | tuple | list,
         authkey: bytes | str | Secret,
         *,
         connect_timeout: float = 30.0,
@@ -65,11 +82,9 @@ class Client:
         tls_key_file: str | None = None,
         tls_server_name: str | None = None,
     ):
-        if isinstance(address, str):
-            address = Address.parse(address, DEFAULT_PORT)
-        elif isinstance(address, tuple):
-            address = Address(*address)
-        self.address = address
+        self.addresses = parse_addresses(address)
+        self.address = self.addresses[0]  # the one connected to last (or to try first)
+        self._next = 0  # index of the address the next connection attempt starts with
         if isinstance(authkey, Secret):
             authkey = authkey.reveal()
         elif isinstance(authkey, str):
@@ -97,7 +112,7 @@ class Client:
         self._closed = False
 
     def __repr__(self) -> str:
-        return f"Client(address={str(self.address)!r}, authkey=<redacted>)"
+        return f"Client(address={format_addresses(self.addresses)!r}, authkey=<redacted>)"
 
     # -- public -----------------------------------------------------------------------------
 
@@ -153,7 +168,7 @@ class Client:
                 self._drop(conn)  # not a queuekit server's reply: never retried
                 raise
             except (OSError, EOFError) as e:
-                self._drop(conn)
+                self._drop(conn, failed=True)
                 if not retry or self._closed:
                     raise ServerUnavailable(
                         f"queuekit server at {self.address}: {method} failed: {_describe(e)}"
@@ -161,9 +176,9 @@ class Client:
             else:
                 if kind == "#RETURN":
                     return result
-                if kind != "#ERROR" or not isinstance(result, ServerShuttingDown) or not retry:
+                if kind != "#ERROR" or not isinstance(result, _RETRY_ELSEWHERE) or not retry:
                     raise result if kind == "#ERROR" else RemoteError(f"server error in {method}: {result}")
-                self._drop(conn)
+                self._drop(conn, failed=True)
         return self._call_retrying(method, args, retry)
 
     def _call_retrying(self, method: str, args: tuple, retry: bool) -> Any:
@@ -181,7 +196,7 @@ class Client:
                 self._drop(conn)  # not a queuekit server's reply: never retried
                 raise
             except (OSError, EOFError) as e:
-                self._drop(conn)
+                self._drop(conn, failed=True)
                 if not retry or self._closed or time.monotonic() >= deadline:
                     raise ServerUnavailable(
                         f"queuekit server at {self.address}: {method} failed: {_describe(e)}"
@@ -191,8 +206,8 @@ class Client:
                 if kind == "#RETURN":
                     return result
                 if kind == "#ERROR":
-                    if isinstance(result, ServerShuttingDown) and retry and time.monotonic() < deadline:
-                        self._drop(conn)  # it restarts: try the next incarnation
+                    if isinstance(result, _RETRY_ELSEWHERE) and retry and time.monotonic() < deadline:
+                        self._drop(conn, failed=True)  # it restarts or stepped down: try the next
                     else:
                         raise result
                 else:
@@ -211,17 +226,21 @@ class Client:
         return conn
 
     def _connect(self, deadline: float) -> transport.Connection:
-        """Connect and authenticate, retrying with backoff until ``deadline``."""
+        """Connect and authenticate, retrying with backoff until ``deadline``: each address in
+        turn, the backoff after each round."""
         delay = 0.1
         attempt = 0
+        n = len(self.addresses)
         while True:
             if self._closed:
                 raise ServerUnavailable("client is closed")
             attempt += 1
             remaining = deadline - time.monotonic()
+            index = self._next % n
+            address = self.address = self.addresses[index]
             try:
                 conn = transport.Client(
-                    self.address.tuple(),
+                    address.tuple(),
                     authkey=self._authkey,
                     connect_timeout=max(0.5, min(remaining, 10.0)),
                     tls=self._tls_context,
@@ -233,48 +252,61 @@ class Client:
                         raise TimeoutError("no answer to accept_connection")
                     kind, result = conn.recv()
                     if kind != "#RETURN":
+                        if isinstance(result, ConnectionError) and NOT_LEADER in str(result):
+                            raise NotLeader(f"{address} is a standby: {result}")
                         raise ConnectionError(f"server refused the connection: {result}")
                     conn.set_recv_timeout(self.call_timeout + MAX_WAIT_PER_CALL)
                 except BaseException:
                     conn.close()
                     raise
                 if attempt > 1:
-                    _log.info("connected", server=self.address, attempts=attempt)
+                    _log.info("connected", server=address, attempts=attempt)
+                self._tls.index = index
                 return conn
             except handshake.TLSRequired:
                 raise TLSError(
-                    f"the queuekit server at {self.address} accepts TLS connections only: set QUEUEKIT_TLS_CA_FILE "
+                    f"the queuekit server at {address} accepts TLS connections only: set QUEUEKIT_TLS_CA_FILE "
                     "(tls_ca_file=) to the CA file that signed its certificate"
                 ) from None
             except AuthenticationError:
                 raise AuthenticationFailed(
-                    f"the queuekit server at {self.address} rejected our authkey ({self._authkey_source}): "
+                    f"the queuekit server at {address} rejected our authkey ({self._authkey_source}): "
                     f"the keys do not match; give producers, consumers and the server the same key file"
                 ) from None
             except (OSError, EOFError) as e:
                 if isinstance(e, ssl.SSLError):
-                    tls_error = self._tls_error(e)
+                    tls_error = self._tls_error(e, address)
                     if tls_error is not None:
                         raise tls_error from None
-                if time.monotonic() + delay >= deadline:
-                    raise ServerUnavailable(
-                        f"cannot reach the queuekit server at {self.address} within {self.connect_timeout:g} s "
-                        f"({attempt} attempts; last error: {_describe(e)})"
+                self._next = index + 1
+                round_done = self._next % n == 0
+                if time.monotonic() + (delay if round_done else 0.0) >= deadline:
+                    where = "server at" if n == 1 else "servers at"
+                    # Only standbys answered (no leader yet): still NotLeader, a ServerUnavailable.
+                    raise (NotLeader if isinstance(e, NotLeader) else ServerUnavailable)(
+                        f"cannot reach the queuekit {where} {format_addresses(self.addresses)} within "
+                        f"{self.connect_timeout:g} s ({attempt} attempts; last error: {_describe(e)})"
                     ) from e
                 if attempt == 1 or attempt % 10 == 0:
-                    _log.info("connect_retry", server=self.address, attempt=attempt, error=_describe(e))
+                    _log.info("connect_retry", server=address, attempt=attempt, error=_describe(e))
+                if not round_done:
+                    continue  # the next address at once
             time.sleep(delay * random.uniform(0.5, 1.0))
             delay = min(delay * 2, 2.0)
 
-    def _tls_error(self, e: ssl.SSLError) -> TLSError | None:
+    def _tls_error(self, e: ssl.SSLError, address: Address) -> TLSError | None:
         """The one-line error for a TLS failure that retrying cannot fix; None for one that it
         may (the connection cut during the handshake)."""
         ca_file, cert_file = self._tls_files
-        return tls_failure(e, self.address, ca_file, cert_file, self._tls_server_name)
+        return tls_failure(e, address, ca_file, cert_file, self._tls_server_name)
 
-    def _drop(self, conn: transport.Connection) -> None:
+    def _drop(self, conn: transport.Connection, failed: bool = False) -> None:
+        """Forget ``conn``; ``failed``: its server broke it or refused (gone, draining, no longer
+        the leader), so the next connection starts with the following address."""
         if getattr(self._tls, "conn", None) is conn:
             self._tls.conn = None
+            if failed:
+                self._next = getattr(self._tls, "index", 0) + 1
         with self._lock:
             self._conns.discard(conn)
         conn.close()
@@ -440,6 +472,25 @@ def tls_failure(
     return None
 
 
+def parse_addresses(address: Address | str | tuple | list) -> tuple[Address, ...]:
+    """One or more server addresses: ``"host:port"``, ``"a:50000,b:50000"``, an :class:`Address`,
+    a ``(host, port)`` tuple, or a list of those. Raises ``ValueError`` naming a bad one."""
+    if isinstance(address, Address):
+        return (address,)
+    if isinstance(address, str):
+        return tuple(ServerList.parse(address))
+    if isinstance(address, tuple) and len(address) == 2 and isinstance(address[1], int):
+        return (Address(str(address[0]), address[1]),)
+    found = tuple(a for item in address for a in parse_addresses(item))
+    if not found:
+        raise ValueError("no server address given")
+    return found
+
+
+def format_addresses(addresses: tuple[Address, ...]) -> str:
+    return str(ServerList(addresses))
+
+
 def _chunks(texts: list[str]) -> Iterator[list[str]]:
     chunk: list[str] = []
     size = 0
@@ -459,7 +510,7 @@ def _describe(e: BaseException) -> str:
 
 
 def connect(
-    address: Address | str | tuple = "localhost:50000",
+    address: Address | str | tuple | list = "localhost:50000",
     *,
     authkey: bytes | str | Secret | None = None,
     authkey_file: str | None = None,
@@ -473,11 +524,13 @@ def connect(
 ) -> Client:
     """Connect to a queuekit server (retrying until ``connect_timeout``) and check the key.
 
-    Pass ``authkey`` or ``authkey_file``. With ``tls_ca_file`` the connection uses TLS and the
-    server's certificate must be signed by that CA and valid for the address's host (or
-    ``tls_server_name``); ``tls_cert_file``/``tls_key_file``: the client certificate for mutual
-    TLS. Raises :class:`AuthenticationFailed` for a wrong key, :class:`TLSError` for a TLS setup
-    that cannot work, :class:`ServerUnavailable` when the server cannot be reached in time.
+    ``address``: one server, or several separated by commas (a leader and its standbys: tried in
+    turn, see the module's docstring). Pass ``authkey`` or ``authkey_file``. With
+    ``tls_ca_file`` the connection uses TLS and the server's certificate must be signed by that
+    CA and valid for the address's host (or ``tls_server_name``); ``tls_cert_file``/
+    ``tls_key_file``: the client certificate for mutual TLS. Raises :class:`AuthenticationFailed`
+    for a wrong key, :class:`TLSError` for a TLS setup that cannot work,
+    :class:`ServerUnavailable` when the server cannot be reached in time.
     """
     if (authkey is None) == (authkey_file is None):
         raise TypeError("pass exactly one of authkey= or authkey_file=")

@@ -69,6 +69,12 @@ class ServerShuttingDown(ServerUnavailable):
     """The server is draining for shutdown and takes no new work; retry after it restarts."""
 
 
+class NotLeader(ServerUnavailable):
+    """The server is a standby: another server holds the leadership of the shared PostgreSQL
+    journal (or this one has just lost it). Nothing was done; clients retry, trying their next
+    address (``QUEUEKIT_SERVER=a:50000,b:50000``)."""
+
+
 class PayloadError(QueuekitError, ValueError):
     """A task payload is not a JSON-compatible value. Nothing was enqueued."""
 

@@ -172,6 +172,25 @@ class Address:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
+class ServerList(tuple[Address, ...]):
+    """Where a client connects: one address, or several tried in turn (a leader and its standbys
+    sharing a PostgreSQL journal). ``str`` gives them back as ``a:50000,b:50000``."""
+
+    @classmethod
+    def parse(cls, text: str) -> ServerList:
+        """Comma-separated ``host:port`` (the port defaults to 50000); a host is required."""
+        parts = [part.strip() for part in str(text).split(",") if part.strip()]
+        if not parts:
+            raise ValueError("no server address")
+        for part in parts:
+            if part.startswith(":"):
+                raise ValueError("name the server's host, e.g. queue-host:50000")
+        return cls(Address.parse(part, DEFAULT_PORT) for part in parts)
+
+    def __str__(self) -> str:
+        return ",".join(str(address) for address in self)
+
+
 def _positive_float(text: Any) -> float:
     value = float(text)
     if not value > 0:
@@ -393,7 +412,7 @@ class ServerSettings:
 
 @dataclasses.dataclass(frozen=True)
 class ClientSettings:
-    server: Address
+    server: ServerList
     authkey_file: str
     authkey: Secret
     connect_timeout: float
@@ -412,7 +431,9 @@ class ClientSettings:
         src = _Sources(flags, env)
         authkey_file = src.get("authkey_file", "QUEUEKIT_AUTHKEY_FILE", DEFAULT_AUTHKEY_FILE, str)
         return cls(
-            server=src.get("server", "QUEUEKIT_SERVER", Address("localhost", DEFAULT_PORT), _server_address),
+            server=src.get(
+                "server", "QUEUEKIT_SERVER", ServerList([Address("localhost", DEFAULT_PORT)]), ServerList.parse
+            ),
             authkey_file=authkey_file,
             authkey=load_authkey(authkey_file),
             connect_timeout=src.get("connect_timeout", "QUEUEKIT_CONNECT_TIMEOUT", 30.0, _positive_float),

@@ -123,7 +123,7 @@ def restarts_under_load(tmp_path, key_file, server_args, restarts, restart):
     drain(tmp_path, client, producer.acked)
     lost, unexpected, duplicated, delivered = classify(tmp_path, producer)
     print(
-        f"\n{' '.join(server_args[2:])} restarts={restarts} acked_puts={len(producer.acked)} "
+        f"\n{' '.join(server_args[::2])} {server_args[-1]} restarts={restarts} acked_puts={len(producer.acked)} "
         f"attempted={len(producer.attempted)} delivered={len(delivered)} lost={len(lost)} "
         f"unexpected={len(unexpected)} duplicated={len(duplicated)}"
     )
@@ -134,9 +134,14 @@ def restarts_under_load(tmp_path, key_file, server_args, restarts, restart):
     return producer, lost, unexpected, duplicated
 
 
-@pytest.mark.parametrize("sync", ["full", "normal"])
-def test_sigkill_at_random_moments_loses_nothing_acknowledged(tmp_path, key_file, sync):
-    args = ("--data-dir", str(tmp_path / "data"), "--sync", sync)
+@pytest.mark.parametrize("journal", ["full", "normal", "postgres"])
+def test_sigkill_at_random_moments_loses_nothing_acknowledged(request, tmp_path, key_file, journal):
+    """SQLite with each sync mode, and the PostgreSQL journal (a throwaway server, tests/support/pg.py)."""
+    if journal == "postgres":
+        db = request.getfixturevalue("pg_db")
+        args = ("--journal-url", db.url, "--journal-password-file", db.password_file)
+    else:
+        args = ("--data-dir", str(tmp_path / "data"), "--sync", journal)
     rng = random.Random(int(os.environ.get("QK_CRASH_SEED", "20261126")))
     kills = []
 

@@ -1,7 +1,8 @@
-"""One contract suite, run against every durable journal (the in-process one and SQLite).
+"""One contract suite, run against every durable journal (the in-process one, SQLite, PostgreSQL).
 
-A "restart" is a new Broker on the same journal (for SQLite: the journal closed and reopened
-from its directory, as a restarted server would).
+A "restart" is a new Broker on the same journal (for SQLite and PostgreSQL: the journal closed and
+reopened from its directory or database, as a restarted server would). PostgreSQL: a throwaway
+server (tests/support/pg.py), a new database per test.
 """
 
 import json
@@ -41,11 +42,26 @@ class SqliteStore:
         journal.close()
 
 
-STORES = {"memory": MemoryStore, "sqlite": SqliteStore}
+class PostgresStore:
+    def __init__(self, db):
+        self.db = db
+
+    def open(self):
+        from queuekit.journal_postgres import PostgresJournal
+        from queuekit.settings import Secret
+
+        return PostgresJournal(self.db.url, Secret(self.db.server.password.encode()))
+
+    close = SqliteStore.close
+
+
+STORES = {"memory": MemoryStore, "sqlite": SqliteStore, "postgres": PostgresStore}
 
 
 @pytest.fixture(params=sorted(STORES))
 def store(request, tmp_path):
+    if request.param == "postgres":  # only this parameter needs (and may skip for) PostgreSQL
+        return PostgresStore(request.getfixturevalue("pg_db"))
     return STORES[request.param](tmp_path)
 
 
@@ -218,6 +234,14 @@ def run_ops(store, ops):
     got = state(h.broker).get("q", {"live": {}, "dead": {}})
     h.close()
     return got, {"live": model.live, "dead": model.dead}
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=OPS)
+def test_replay_matches_model_postgres(pg_db, ops):
+    pg_db.server.sql("DROP TABLE IF EXISTS queuekit_tasks, queuekit_meta", pg_db.name)  # a fresh journal
+    got, expected = run_ops(PostgresStore(pg_db), ops)
+    assert got == expected
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -1,0 +1,118 @@
+"""``queuekit server --journal-url``: a real server process on a throwaway PostgreSQL
+(tests/support/pg.py). The crash test on PostgreSQL is in test_durability.py (parametrized)."""
+
+import shutil
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+
+import pytest
+
+import queuekit
+from queuekit.errors import ExitCode
+from queuekit.journal import JournalError
+from queuekit.journal_postgres import SCHEMA_VERSION
+from support.procs import ROOT, SRC, ServerProc, base_env
+
+
+def pg_args(db):
+    return ("--journal-url", db.url, "--journal-password-file", db.password_file)
+
+
+def test_a_server_on_postgres_keeps_tasks_across_restarts_and_never_logs_the_password(tmp_path, key_file, pg_db):
+    server = ServerProc(tmp_path, key_file, *pg_args(pg_db))
+    log = server.log()
+    assert f"journal=postgresql:{pg_db.url}" in log
+    client = queuekit.connect(server.address, authkey_file=str(key_file))
+    q = client.queue("jobs")
+    q.put_many([{"n": i} for i in range(5)])
+    (held,) = q.get_many(1)  # in flight at the crash: ready again afterwards
+    client.close()
+    server.signal(9)
+    server.wait(10)
+    server = ServerProc(tmp_path, key_file, *pg_args(pg_db), port=server.port)
+    server.wait_for(r"event=recovered tasks=5")
+    client = queuekit.connect(server.address, authkey_file=str(key_file))
+    got = client.queue("jobs").get_many(10)
+    assert sorted(t.payload["n"] for t in got) == [0, 1, 2, 3, 4] and held.id in {t.id for t in got}
+    client.close()
+    assert server.stop() == 0
+    assert pg_db.server.password not in server.log()
+
+
+def run_server(tmp_path, key_file, *args, python=sys.executable, env=None):
+    return subprocess.run(
+        [
+            python,
+            "-m",
+            "queuekit",
+            "server",
+            "--bind",
+            "127.0.0.1:0",
+            "--http",
+            "off",
+            "--authkey-file",
+            str(key_file),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env or base_env(),
+        cwd=str(ROOT),
+    )
+
+
+def test_a_url_with_a_password_stops_the_server_with_exit_3_and_no_password_shown(tmp_path, key_file):
+    done = run_server(tmp_path, key_file, "--journal-url", "postgresql://qk:Sup3rS3cret@127.0.0.1:1/q")
+    assert done.returncode == ExitCode.CONFIG
+    assert "QUEUEKIT_JOURNAL_PASSWORD_FILE" in done.stderr + done.stdout
+    assert "Sup3rS3cret" not in done.stderr + done.stdout
+
+
+def test_a_wrong_password_is_exit_5_and_a_newer_schema_exit_6(tmp_path, key_file, pg_db):
+    wrong = tmp_path / "wrong"
+    wrong.write_text("not-the-password\n")
+    done = run_server(tmp_path, key_file, "--journal-url", pg_db.url, "--journal-password-file", str(wrong))
+    assert done.returncode == ExitCode.UNAVAILABLE, done.stderr
+    assert "cannot connect to the journal database" in done.stderr and "not-the-password" not in done.stderr
+
+    server = ServerProc(tmp_path, key_file, *pg_args(pg_db))  # creates the schema
+    assert server.stop() == 0
+    pg_db.server.sql(
+        "UPDATE queuekit_meta SET value = %s WHERE key = 'schema_version'", pg_db.name, (SCHEMA_VERSION + 1,)
+    )
+    done = run_server(tmp_path, key_file, *pg_args(pg_db))
+    assert done.returncode == ExitCode.DATA, done.stderr
+    assert "newer queuekit" in done.stderr
+
+
+def test_without_psycopg_the_error_names_the_extra(tmp_path, key_file):
+    """The system Python has no psycopg (the runtime stays standard-library only): the server
+    explains which extra to install instead of a traceback."""
+    python = shutil.which("python3", path="/usr/bin:/bin")
+    probe = subprocess.run([python or "python3", "-c", "import psycopg"], capture_output=True) if python else None
+    if probe is None or probe.returncode == 0:
+        pytest.skip("no Python without psycopg on this machine")
+    env = base_env(PYTHONPATH=str(SRC), PYTHONNOUSERSITE="1")
+    done = run_server(tmp_path, key_file, "--journal-url", "postgresql://qk@127.0.0.1:1/q", python=python, env=env)
+    assert done.returncode == ExitCode.CONFIG
+    assert "queuekit[postgres]" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_server_that_loses_its_session_reports_not_ready(tmp_path, key_file, pg_db):
+    server = ServerProc(tmp_path, key_file, *pg_args(pg_db))
+    client = queuekit.connect(server.address, authkey_file=str(key_file))
+    client.queue("jobs").put({"n": 1})
+    pg_db.server.sql(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND application_name = %s",
+        params=(pg_db.name, "queuekit-server"),
+    )
+    with pytest.raises(JournalError):
+        client.queue("jobs").put({"n": 2})
+    server.wait_for("event=journal_failed")
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/readyz", timeout=5)
+    assert e.value.code == 503
+    client.close()

@@ -1,0 +1,205 @@
+"""The PostgreSQL journal beyond the shared contract (tests/unit/test_journal_contract.py): the URL and
+password rules, schema creation/refusal, a broken session, group commits. A real throwaway server."""
+
+import threading
+
+import pytest
+
+from queuekit.broker import Broker
+from queuekit.errors import ConfigError, DataDirError, ExitCode
+from queuekit.journal import JournalError, PutOp
+from queuekit.settings import Secret, ServerSettings
+from support.procs import wait_until
+
+SECRET = "s3cr3t-pw-in-url"
+
+
+def journal_for(db, **kw):
+    from queuekit.journal_postgres import PostgresJournal
+
+    return PostgresJournal(db.url, Secret(db.server.password.encode()), **kw)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"postgresql://qk:{SECRET}@db:5432/queuekit",
+        f"postgres://qk:{SECRET}@db/queuekit?sslmode=require",
+        f"postgresql://qk@db/queuekit?password={SECRET}",
+    ],
+)
+def test_a_url_holding_a_password_is_refused_without_echoing_it(tmp_path, url):
+    key = tmp_path / "key"
+    key.write_text("k" * 64)
+    with pytest.raises(ConfigError) as e:
+        ServerSettings.load({"journal_url": url, "authkey_file": str(key)}, env={})
+    assert "QUEUEKIT_JOURNAL_PASSWORD_FILE" in str(e.value) and SECRET not in str(e.value)
+    assert e.value.exit_code == ExitCode.CONFIG
+
+
+def test_url_scheme_data_dir_and_password_file_rules(tmp_path):
+    key = tmp_path / "key"
+    key.write_text("k" * 64)
+    base = {"authkey_file": str(key)}
+    with pytest.raises(ConfigError, match="postgresql://"):
+        ServerSettings.load({**base, "journal_url": "mysql://qk@db/q"}, env={})
+    with pytest.raises(ConfigError, match="two journals"):
+        ServerSettings.load({**base, "journal_url": "postgresql://qk@db/q", "data_dir": str(tmp_path)}, env={})
+    with pytest.raises(ConfigError, match="QUEUEKIT_JOURNAL_URL"):
+        ServerSettings.load({**base, "journal_password_file": str(key)}, env={})
+    with pytest.raises(ConfigError, match="journal password file .* does not exist"):
+        ServerSettings.load(
+            {**base, "journal_url": "postgresql://qk@db/q", "journal_password_file": str(tmp_path / "nope")}, env={}
+        )
+    pw = tmp_path / "pw"
+    pw.write_text("hunter2\n")
+    s = ServerSettings.load(
+        {**base}, env={"QUEUEKIT_JOURNAL_URL": "postgresql://qk@db/q", "QUEUEKIT_JOURNAL_PASSWORD_FILE": str(pw)}
+    )
+    assert s.journal_url == "postgresql://qk@db/q" and s.journal_password == Secret(b"hunter2")
+    assert "hunter2" not in repr(s)
+
+
+def test_redact_url_removes_any_password():
+    from queuekit.journal_postgres import redact_url
+
+    assert redact_url("postgresql://qk:pw@db:5432/q?password=pw2&sslmode=require") == (
+        "postgresql://qk:<redacted>@db:5432/q?password=<redacted>&sslmode=require"
+    )
+    assert redact_url("postgresql://qk@db/q") == "postgresql://qk@db/q"
+
+
+def test_the_schema_is_created_once_and_versioned(pg_db):
+    from queuekit.journal_postgres import APPLICATION_ID, SCHEMA_VERSION
+
+    first = journal_for(pg_db)
+    first.wait(first.append([PutOp("q", 0, ['"a"', '"b"'], 1.0, 0.0)]))
+    first.close()
+    second = journal_for(pg_db)  # opening again validates and keeps the rows
+    assert [t.payload for t in second.load().tasks] == ['"a"', '"b"']
+    second.close()
+    meta = dict(pg_db.server.sql("SELECT key, value FROM queuekit_meta", pg_db.name))
+    assert meta["application"] == APPLICATION_ID and meta["schema_version"] == SCHEMA_VERSION
+    assert meta["next_id"] == 2
+
+
+def test_a_newer_schema_is_refused_with_exit_6_and_left_untouched(pg_db):
+    from queuekit.journal_postgres import SCHEMA_VERSION
+
+    journal_for(pg_db).close()
+    pg_db.server.sql(
+        "UPDATE queuekit_meta SET value = %s WHERE key = 'schema_version'", pg_db.name, (SCHEMA_VERSION + 1,)
+    )
+    with pytest.raises(DataDirError, match="newer queuekit") as e:
+        journal_for(pg_db)
+    assert e.value.exit_code == ExitCode.DATA
+    meta = dict(pg_db.server.sql("SELECT key, value FROM queuekit_meta", pg_db.name))
+    assert meta["schema_version"] == SCHEMA_VERSION + 1
+
+
+@pytest.mark.parametrize(
+    "foreign",
+    [
+        [
+            "CREATE TABLE queuekit_meta (key text PRIMARY KEY, value bigint)",
+            "INSERT INTO queuekit_meta VALUES ('x', 1)",
+        ],
+        ["CREATE TABLE queuekit_tasks (id int)"],
+        ["CREATE TABLE queuekit_meta (name text, owner text)", "INSERT INTO queuekit_meta VALUES ('someone', 'else')"],
+    ],
+)
+def test_foreign_tables_with_our_names_are_refused_and_left_untouched(pg_db, foreign):
+    for statement in foreign:
+        pg_db.server.sql(statement, pg_db.name)
+    before = pg_db.server.sql(
+        "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public' ORDER BY 1", pg_db.name
+    )
+    with pytest.raises(DataDirError, match="not a queuekit journal|not a queuekit table") as e:
+        journal_for(pg_db)
+    assert e.value.exit_code == ExitCode.DATA
+    after = pg_db.server.sql(
+        "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public' ORDER BY 1", pg_db.name
+    )
+    assert after == before
+
+
+def test_servers_opening_an_empty_database_together_create_the_schema_once(pg_db):
+    journals, errors = [], []
+
+    def open_one():
+        try:
+            journals.append(journal_for(pg_db))
+        except Exception as e:  # recorded: the assertion below names it
+            errors.append(e)
+
+    threads = [threading.Thread(target=open_one) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == [] and len(journals) == 4
+    for j in journals:
+        j.close()
+
+
+def test_a_lost_session_fails_the_put_and_is_never_reconnected(pg_db):
+    journal = journal_for(pg_db)
+    broker = Broker(journal=journal)
+    broker.put_many("q", ['"stored"'])
+    assert not journal.broken.is_set()
+    pg_db.server.sql("SELECT pg_terminate_backend(%s)", params=(journal.backend_pid,))
+    with pytest.raises(JournalError, match="commit failed"):
+        broker.put_many("q", ['"lost"'])
+    assert broker.qsize("q") == 1  # the failed put never became visible
+    assert not journal.healthy and journal.broken.is_set()
+    with pytest.raises(JournalError):
+        broker.put_many("q", ['"also refused"'])
+    sessions = pg_db.server.sql(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND application_name = 'queuekit-server'",
+        params=(pg_db.name,),
+    )
+    assert sessions == [(0,)]  # no new session was opened behind the journal's back
+    journal.close()
+
+
+def test_leadership_hooks_use_the_journals_own_session(pg_db):
+    first, second = journal_for(pg_db), journal_for(pg_db)
+    assert first.try_advisory_lock(4242) is True
+    assert second.try_advisory_lock(4242) is False  # held by the other session
+    holders = pg_db.server.sql(
+        "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND objid = 4242 AND granted", params=()
+    )
+    assert holders == [(first.backend_pid,)]
+    assert first.ping() >= 0
+    first.close()  # the session ends: the lock is freed once the server noticed
+    wait_until(lambda: second.try_advisory_lock(4242), timeout=10, what="the closed session's lock to be freed")
+    second.close()
+
+
+def test_concurrent_puts_share_group_commits(pg_db):
+    journal = journal_for(pg_db)
+    broker = Broker(journal=journal)
+    barrier = threading.Barrier(8)
+
+    def produce():
+        barrier.wait()
+        for i in range(25):
+            broker.put_many("q", [str(i)])
+
+    threads = [threading.Thread(target=produce) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert broker.qsize("q") == 200
+    print(f"\n200 puts from 8 threads: {journal.commits} commits")
+    assert journal.commits < 200
+    journal.close()
+
+
+def test_unreachable_database_is_a_clear_error_with_exit_5(pg_server):
+    from queuekit.journal_postgres import JournalUnavailable, PostgresJournal
+
+    with pytest.raises(JournalUnavailable, match="cannot connect to the journal database") as e:
+        PostgresJournal(pg_server.url(), Secret(b"wrong password"), connect_timeout=5)
+    assert e.value.exit_code == ExitCode.UNAVAILABLE and "wrong password" not in str(e.value)
