@@ -104,6 +104,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--data-dir", metavar="DIR", help="journal directory; unset = memory only (env QUEUEKIT_DATA_DIR)")
     p.add_argument("--sync", choices=("full", "normal"), help="journal fsync mode (env QUEUEKIT_SYNC, default full)")
+    p.add_argument(
+        "--journal-url",
+        metavar="URL",
+        help="PostgreSQL journal instead of --data-dir: postgresql://USER@HOST:PORT/DB, without a password "
+        "(env QUEUEKIT_JOURNAL_URL; needs queuekit[postgres])",
+    )
+    p.add_argument(
+        "--journal-password-file",
+        metavar="PATH",
+        help="file holding the journal database's password (env QUEUEKIT_JOURNAL_PASSWORD_FILE)",
+    )
     p.add_argument("--max-task-bytes", type=int, metavar="N", help="env QUEUEKIT_MAX_TASK_BYTES (default 1048576)")
     p.add_argument("--max-attempts", type=int, metavar="N", help="failures before dead-lettering (default 5)")
     p.add_argument("--lease", type=float, metavar="S", help="default lease seconds (env QUEUEKIT_LEASE_SECONDS)")

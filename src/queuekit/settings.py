@@ -266,6 +266,24 @@ def _optional_path(text: Any) -> str | None:
     return text or None
 
 
+def _journal_url(text: Any) -> str | None:
+    """A postgresql:// URL. One holding a password is refused with a ConfigError, whose message
+    (unlike a ValueError's) does not echo the value."""
+    from .journal_postgres import check_url  # the URL rules live with the journal
+
+    text = str(text).strip()
+    return check_url(text) if text else None
+
+
+def load_journal_password(path: str) -> Secret:
+    """The PostgreSQL journal's password (rules as :func:`load_authkey`, any length)."""
+    hint = (
+        "write the database password into it (one line) and point QUEUEKIT_JOURNAL_PASSWORD_FILE / "
+        "--journal-password-file at it"
+    )
+    return Secret(_read_secret_file(path, "journal password file", 1, 4096, hint, "docs/SECURITY.md", ConfigError))
+
+
 class _Sources:
     """Looks a setting up in the flags, then the environment, then takes the default."""
 
@@ -332,6 +350,11 @@ class ServerSettings:
     # A second, plaintext listener beside TLS, for stock clients (None: off). Loopback unless a
     # host is named.
     plaintext_bind: Address | None = None
+    # The PostgreSQL journal (instead of data_dir): a URL without a password; the password is read
+    # from its own file and kept as a Secret.
+    journal_url: str | None = None
+    journal_password_file: str | None = None
+    journal_password: Secret | None = None
 
     @classmethod
     def load(
@@ -360,7 +383,21 @@ class ServerSettings:
                 "QUEUEKIT_PLAINTEXT_BIND (--plaintext-bind) adds a plaintext listener beside TLS: it needs "
                 "QUEUEKIT_TLS_CERT_FILE and QUEUEKIT_TLS_KEY_FILE (without TLS, QUEUEKIT_BIND is plaintext already)"
             )
+        journal_url = src.get("journal_url", "QUEUEKIT_JOURNAL_URL", None, _journal_url)
+        journal_password_file = src.get("journal_password_file", "QUEUEKIT_JOURNAL_PASSWORD_FILE", None, _optional_path)
+        if journal_url and src.get("data_dir", "QUEUEKIT_DATA_DIR", None, _optional_path):
+            raise ConfigError(
+                "QUEUEKIT_JOURNAL_URL (--journal-url) and QUEUEKIT_DATA_DIR (--data-dir) are two journals: set one "
+                "(the server image sets QUEUEKIT_DATA_DIR: set it to the empty string beside a journal URL)"
+            )
+        if journal_password_file and not journal_url:
+            raise ConfigError("QUEUEKIT_JOURNAL_PASSWORD_FILE is for the PostgreSQL journal: set QUEUEKIT_JOURNAL_URL")
         return cls(
+            journal_url=journal_url,
+            journal_password_file=journal_password_file,
+            journal_password=load_journal_password(journal_password_file)
+            if journal_password_file and need_authkey
+            else None,
             plaintext_bind=plaintext_bind,
             tls_cert_file=tls_cert_file,
             tls_key_file=tls_key_file,
