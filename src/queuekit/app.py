@@ -141,6 +141,9 @@ class ServerApp:
                 )
             except OSError as e:
                 raise ConfigError(f"cannot listen for HTTP on {settings.http}: {e.strerror or e}") from None
+            from . import dashboard  # the web page on the HTTP port, and its history sampler
+
+            self.web.dashboard = dashboard.for_app(self)
         t0 = time.monotonic()
         counts = broker.recover()
         if journal.durable:
@@ -188,6 +191,8 @@ class ServerApp:
             journal.flush(timeout=2.0)
             journal.close()
         if self.web is not None:
+            if self.web.dashboard is not None:
+                self.web.dashboard.stop()
             self.web.shutdown()
         _log.info(
             "server_stopped", seconds=round(time.monotonic() - t0, 3), leases_saved=saved if self.durable else None

@@ -18,6 +18,9 @@ Bounded on purpose, because anything that can reach the port can open connection
 - with a bearer token configured, everything except the probes ``/healthz`` and ``/readyz``
   needs ``Authorization: Bearer <token>``.
 
+The web dashboard (``/``, ``/api/...``, its POST actions) lives in :mod:`queuekit.dashboard`; the
+app sets :attr:`HTTPPort.dashboard`, and the handler hands it the paths it serves.
+
 The acceptor survives any failure to serve one connection (e.g. no thread can be started): that
 connection is closed and logged, the next one is served.
 """
@@ -33,11 +36,14 @@ import threading
 import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, HTTPServer
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import logs, metrics
 from .consumer_metrics import Reported
 from .settings import Address, Secret
+
+if TYPE_CHECKING:
+    from .dashboard import Dashboard
 
 DEADLINE_SECONDS = 5.0  # per connection: request head in and response out
 MAX_CONNECTIONS = 64  # served at once (one thread each)
@@ -97,12 +103,13 @@ class _Handler(BaseHTTPRequestHandler):
     """One request per connection (HTTP/1.0), read whole by :func:`_read_head` before parsing."""
 
     server: HTTPPort
+    deadline = 0.0  # monotonic time this connection must be done by (set per connection in handle)
     server_version = "queuekit"
     sys_version = ""
     protocol_version = "HTTP/1.0"
 
     def handle(self) -> None:
-        deadline = time.monotonic() + self.server.deadline_seconds
+        deadline = self.deadline = time.monotonic() + self.server.deadline_seconds
         try:
             head = _read_head(self.connection, deadline, MAX_HEAD_BYTES)
         except TimeoutError:
@@ -133,9 +140,20 @@ class _Handler(BaseHTTPRequestHandler):
     def do_HEAD(self) -> None:  # noqa: N802
         self._answer(with_body=False)
 
+    def do_POST(self) -> None:  # noqa: N802
+        """Only the dashboard's actions take a POST; anything else is 501 as before."""
+        dashboard = self.server.dashboard
+        if dashboard is None or not dashboard.takes_post(self.path.split("?", 1)[0]):
+            self.send_error(501, "Unsupported method ('POST')")
+            return
+        dashboard.post(self, self.server.authorized(self.headers.get("Authorization")), self.deadline)
+
     def _answer(self, with_body: bool) -> None:
         port = self.server
         path = self.path.split("?", 1)[0]
+        if port.dashboard is not None and port.dashboard.serves(path):  # it applies the token rule itself
+            port.dashboard.get(self, port.authorized(self.headers.get("Authorization")), with_body)
+            return
         if path not in PROBES and not port.authorized(self.headers.get("Authorization")):
             self._send(401, "text/plain", "unauthorized: send Authorization: Bearer <token>\n", with_body)
         elif path == "/healthz":
@@ -197,6 +215,7 @@ class HTTPPort(HTTPServer):
 
     request_queue_size = BACKLOG
     daemon_threads = True
+    dashboard: Dashboard | None = None  # the web dashboard, set by the app before it serves
 
     def __init__(
         self,

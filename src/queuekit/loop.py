@@ -215,6 +215,11 @@ class Loop:
     def session_count(self) -> int:
         return len(self._sessions)
 
+    def sessions(self) -> list[Session]:
+        """The sessions served now, for the dashboard (other threads): a copy made in one step,
+        so the loop adding or closing one meanwhile cannot break it."""
+        return list(self._sessions.values())
+
     def _post(self, item: tuple) -> None:
         self._inbox.append(item)
         if threading.get_ident() != self._thread_id:

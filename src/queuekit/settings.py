@@ -80,11 +80,13 @@ def load_authkey(path: str) -> Secret:
     )
 
 
-def load_http_token(path: str) -> Secret:
+def load_http_token(
+    path: str, what: str = "HTTP token file", setting: str = "--http-token-file / QUEUEKIT_HTTP_TOKEN_FILE"
+) -> Secret:
     """Read the HTTP bearer token file (rules as :func:`load_authkey`; the token travels in a
-    header, so printable ASCII without spaces). Raises :class:`ConfigError` with a one-line message."""
-    hint = "create one with `queuekit keygen > FILE` and point --http-token-file / QUEUEKIT_HTTP_TOKEN_FILE at it"
-    what = "HTTP token file"
+    header, so printable ASCII without spaces). Raises :class:`ConfigError` with a one-line message.
+    The dashboard's admin token follows the same rules (``what`` and ``setting`` name it)."""
+    hint = f"create one with `queuekit keygen > FILE` and point {setting} at it"
     data = _read_secret_file(
         path, what, MIN_HTTP_TOKEN_BYTES, MAX_HTTP_TOKEN_BYTES, hint, "docs/SECURITY.md", ConfigError
     )
@@ -343,6 +345,11 @@ class ServerSettings:
     max_message_bytes: int = derived_max_message_bytes(DEFAULT_MAX_TASK_BYTES)
     frame_timeout: float = DEFAULT_FRAME_TIMEOUT
     max_queues: int = DEFAULT_MAX_QUEUES
+    # The web dashboard: its actions need this token (None: read-only); seconds between the
+    # samples of its history (360 kept).
+    dashboard_admin_token_file: str | None = None
+    dashboard_admin_token: Secret | None = None
+    dashboard_sample_seconds: float = 10.0
     # TLS on the queue port (both files, or neither: plaintext); with a client CA, mutual TLS.
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
@@ -444,6 +451,19 @@ class ServerSettings:
             ),
             frame_timeout=src.get("frame_timeout", "QUEUEKIT_FRAME_TIMEOUT", DEFAULT_FRAME_TIMEOUT, _positive_float),
             max_queues=src.get("max_queues", "QUEUEKIT_MAX_QUEUES", DEFAULT_MAX_QUEUES, _positive_int),
+            dashboard_admin_token_file=(
+                admin_file := src.get(
+                    "dashboard_admin_token_file", "QUEUEKIT_DASHBOARD_ADMIN_TOKEN_FILE", None, _optional_path
+                )
+            ),
+            dashboard_admin_token=load_http_token(
+                admin_file, "dashboard admin token file", "QUEUEKIT_DASHBOARD_ADMIN_TOKEN_FILE"
+            )
+            if admin_file and need_authkey
+            else None,
+            dashboard_sample_seconds=src.get(
+                "dashboard_sample_seconds", "QUEUEKIT_DASHBOARD_SAMPLE_SECONDS", 10.0, _positive_float
+            ),
         )
 
 
