@@ -83,7 +83,7 @@ mypy: $(VENV)/.lint-tools
 	$(VENV)/bin/mypy $(MYPY_ARGS)
 
 # BASE_IMAGE for the test images: what `make base-image` settled on.
-test: lint $(VENV)/.test-tools k8s-deps k8s-checkov base-image test-py313
+test: lint $(VENV)/.test-tools k8s-deps k8s-checkov base-image postgres-wheels postgres-image test-py313
 	BASE_IMAGE="$$(cat $(BASE_IMAGE_STAMP))" TC_HOST=127.0.0.1 TESTCONTAINERS_RYUK_DISABLED=true \
 	  $(PYTHON) -m pytest $(PYTEST_ARGS)
 

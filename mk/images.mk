@@ -72,7 +72,22 @@ IMAGE_ENV = BASE_IMAGE="$$(cat $(BASE_IMAGE_STAMP))" QUEUEKIT_IMAGE_TAG='$(QUEUE
 KEYS_ENV = QUEUEKIT_CONSUMER_KEY='$(QUEUEKIT_CONSUMER_KEY)' QUEUEKIT_PRODUCER_KEY='$(QUEUEKIT_PRODUCER_KEY)' \
 	QUEUEKIT_KEYS_GID="$(or $(QUEUEKIT_KEYS_GID),$$(ls -nd '$(SECRETS_DIR)/keys' 2>/dev/null | awk '{print $$4}'))"
 
-.PHONY: base-image images secrets tls-files up down clean logs ps stats lint-docker
+.PHONY: base-image images secrets tls-files up down clean logs ps stats lint-docker postgres-wheels postgres-image
+
+# psycopg wheels for the server image (the PostgreSQL journal), for the images' CPython 3.13, from
+# the one pin file; images/Dockerfile unpacks them with no network.
+PG_WHEELHOUSE := .cache/wheelhouse-postgres
+$(PG_WHEELHOUSE)/.complete: requirements/postgres.txt | $(PYTHON)
+	@rm -rf $(PG_WHEELHOUSE) && mkdir -p $(PG_WHEELHOUSE)
+	$(PYTHON) -m pip download -q --only-binary=:all: --python-version 3.13 -d $(PG_WHEELHOUSE) -r requirements/postgres.txt
+	@touch $@
+postgres-wheels: $(PG_WHEELHOUSE)/.complete
+
+# PostgreSQL for the journal, built from the Debian archive (no registry): queuekit/postgres:$(POSTGRES_SUITE).
+POSTGRES_SUITE ?= trixie
+postgres-image:
+	@$(call need,docker,$(HOW_DOCKER))
+	SUITE='$(POSTGRES_SUITE)' scripts/build-postgres-image 'queuekit/postgres:$(POSTGRES_SUITE)'
 
 base-image:
 	@$(call need,docker,$(HOW_DOCKER))
@@ -98,7 +113,7 @@ base-image:
 
 # Built through Compose so that the build definitions live in one place (compose/compose.yaml);
 # Compose builds with BuildKit through the engine API, no buildx plugin needed.
-images: compose-plugin base-image
+images: compose-plugin base-image postgres-wheels
 	@echo "images: building queuekit-{server,consumer,producer}:$(QUEUEKIT_IMAGE_TAG) FROM $$(cat $(BASE_IMAGE_STAMP))"
 	@$(IMAGE_ENV) $(STACK) build
 
