@@ -8,6 +8,7 @@ the Python standard library only.
 __version__ = "0.1.0"
 
 from .client import Client, Queue, connect  # noqa: E402
+from .context import NoTaskContext, TaskContext, current_task  # noqa: E402
 from .errors import (  # noqa: E402
     AuthenticationFailed,
     ConfigError,
@@ -26,6 +27,9 @@ __all__ = [
     "Client",
     "Queue",
     "Task",
+    "TaskContext",
+    "current_task",
+    "NoTaskContext",
     "QueuekitError",
     "ConfigError",
     "AuthenticationFailed",

@@ -12,8 +12,8 @@ import urllib.request
 from typing import TYPE_CHECKING
 
 from . import __version__, logs
-from .errors import ExitCode, QueuekitError
-from .settings import ClientSettings, ServerSettings, TunnelSettings, WorkerSettings
+from .errors import ConfigError, ExitCode, QueuekitError
+from .settings import ClientSettings, ServerSettings, TunnelSettings, WorkerSettings, health_file_setting
 
 if TYPE_CHECKING:  # the client is imported only by the commands that use it
     from .client import Client
@@ -124,11 +124,39 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("consume", help="run a worker that calls a handler for each task")
     p.add_argument("--handler", metavar="MODULE:FUNCTION", help="env QUEUEKIT_HANDLER")
-    p.add_argument("--queue", metavar="NAME", help="env QUEUEKIT_QUEUE (default tasks)")
-    p.add_argument("--concurrency", type=int, metavar="N", help="handler threads (env QUEUEKIT_CONCURRENCY, default 1)")
+    p.add_argument(
+        "--queue",
+        metavar="NAME[,NAME]",
+        help="queue, or several in strict priority order, e.g. high,default,low (env QUEUEKIT_QUEUE, default tasks)",
+    )
+    p.add_argument("--concurrency", type=int, metavar="N", help="handler seats (env QUEUEKIT_CONCURRENCY, default 1)")
     p.add_argument("--prefetch", type=int, metavar="M", help="extra tasks held (env QUEUEKIT_PREFETCH, default 2xN)")
     p.add_argument("--lease", type=float, metavar="S", help="env QUEUEKIT_LEASE_SECONDS (default 30)")
     p.add_argument("--drain-timeout", type=float, metavar="S", help="env QUEUEKIT_DRAIN_TIMEOUT (default 25)")
+    p.add_argument(
+        "--task-timeout",
+        type=float,
+        metavar="S",
+        help="a run past S seconds is ended and nacked with error timeout, unless the task has its own "
+        "timeout; 0 = none (env QUEUEKIT_TASK_TIMEOUT, default 600)",
+    )
+    p.add_argument(
+        "--pool",
+        choices=("thread", "process"),
+        help="run handlers in threads, or in child processes that can be killed at the timeout "
+        "(env QUEUEKIT_POOL, default thread)",
+    )
+    p.add_argument(
+        "--health-file",
+        metavar="PATH",
+        help="where the consumer writes its health for --probe (env QUEUEKIT_HEALTH_FILE, default none; "
+        "the consumer image sets /tmp/queuekit-consumer.health)",
+    )
+    p.add_argument(
+        "--probe",
+        choices=("live", "ready"),
+        help="exit 0 if the running consumer (its --health-file) is live: not stuck, or ready: connected",
+    )
     p.add_argument("--check", action="store_true", help="exit 0 if the server is reachable and the key matches")
     _client_options(p)
     p.set_defaults(run=cmd_consume)
@@ -302,25 +330,46 @@ def cmd_check(flags: dict) -> int:
 def cmd_consume(flags: dict) -> int:
     if flags.pop("check"):
         return cmd_check(flags)
+    if flags.get("probe"):
+        return _probe_consumer(flags["probe"], health_file_setting(flags))
+    import os
+    import socket
+
     from .worker import Worker, load_handler
 
     settings = WorkerSettings.load(flags)
     handler = load_handler(settings.handler)
-    client = _client(flags, f"consumer:{settings.queue}", settings.client)
+    client = _client(flags, f"consume@{socket.gethostname()}:{os.getpid()}", settings.client)
     worker = Worker(
         client,
-        settings.queue,
+        settings.queues,
         handler,
         concurrency=settings.concurrency,
         prefetch=settings.prefetch,
         lease=settings.lease_seconds,
         drain_timeout=settings.drain_timeout,
+        task_timeout=settings.task_timeout,
+        pool=settings.pool,
+        handler_spec=settings.handler,
+        health_file=settings.health_file,
     )
     worker.install_signal_handlers()
     try:
         return worker.run()
     finally:
         client.close()
+
+
+def _probe_consumer(which: str, health_file: str | None) -> int:
+    """``consume --probe live|ready``: read the running consumer's health file (never the server:
+    liveness must not fail because the server is down)."""
+    from . import probe
+
+    if not health_file:
+        raise ConfigError("--probe reads the consumer's health file: set QUEUEKIT_HEALTH_FILE (--health-file)")
+    ok, message = probe.verdict(probe.read(health_file), which)
+    print(message, file=sys.stdout if ok else sys.stderr)
+    return ExitCode.OK if ok else ExitCode.UNAVAILABLE
 
 
 def cmd_produce(flags: dict) -> int:

@@ -12,7 +12,7 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from .errors import AuthkeyFileError, ConfigError
+from .errors import AuthkeyFileError, ConfigError, QueuekitError
 
 DEFAULT_AUTHKEY_FILE = "/run/secrets/queuekit_authkey"
 MIN_AUTHKEY_BYTES = 32  # a random key this long cannot be guessed from a captured handshake
@@ -506,12 +506,15 @@ class ClientSettings:
 @dataclasses.dataclass(frozen=True)
 class WorkerSettings:
     client: ClientSettings
-    queue: str
+    queues: tuple[str, ...]  # strict priority order: the first is emptied first
     handler: str
     concurrency: int
     prefetch: int
     lease_seconds: float
     drain_timeout: float
+    task_timeout: float  # seconds a run may take unless the task says otherwise; 0: none
+    pool: str  # thread | process
+    health_file: str | None  # what `consume --probe` reads; None: not written
 
     @classmethod
     def load(cls, flags: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None) -> WorkerSettings:
@@ -522,13 +525,42 @@ class WorkerSettings:
         concurrency = src.get("concurrency", "QUEUEKIT_CONCURRENCY", 1, _positive_int)
         return cls(
             client=ClientSettings.load(flags, env),
-            queue=src.get("queue", "QUEUEKIT_QUEUE", "tasks", str),
+            queues=src.get("queue", "QUEUEKIT_QUEUE", ("tasks",), _queue_list),
             handler=handler,
             concurrency=concurrency,
             prefetch=src.get("prefetch", "QUEUEKIT_PREFETCH", 2 * concurrency, _non_negative_int),
             lease_seconds=src.get("lease", "QUEUEKIT_LEASE_SECONDS", 30.0, _positive_float),
             drain_timeout=src.get("drain_timeout", "QUEUEKIT_DRAIN_TIMEOUT", 25.0, _non_negative_float),
+            task_timeout=src.get("task_timeout", "QUEUEKIT_TASK_TIMEOUT", DEFAULT_TASK_TIMEOUT, _non_negative_float),
+            pool=src.get("pool", "QUEUEKIT_POOL", "thread", _choice("thread", "process")),
+            health_file=health_file_setting(flags, env),
         )
+
+
+# Ten minutes, as dramatiq's default: longer than almost every real task, short enough that a hung
+# handler frees its seat (and, in the thread pool, is noticed) the same hour (docs/ARCHITECTURE.md).
+DEFAULT_TASK_TIMEOUT = 600.0
+
+
+def health_file_setting(flags: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None) -> str | None:
+    """QUEUEKIT_HEALTH_FILE / --health-file: the consumer's health file; "off" or unset: none."""
+    value = _Sources(flags, env).get("health_file", "QUEUEKIT_HEALTH_FILE", None, _optional_path)
+    return None if value is None or value.lower() == "off" else value
+
+
+def _queue_list(text: Any) -> tuple[str, ...]:
+    """``high,default,low``: queue names in priority order, each once."""
+    from .message import check_queue_name
+
+    names = tuple(part.strip() for part in str(text).split(","))
+    if not all(names):
+        raise ValueError("an empty queue name (give names separated by commas, e.g. high,default,low)")
+    if len(set(names)) != len(names):
+        raise ValueError("a queue is named twice")
+    try:
+        return tuple(check_queue_name(name) for name in names)
+    except QueuekitError as e:
+        raise ValueError(str(e)) from None
 
 
 DEFAULT_TUNNEL_MAX_CONNECTIONS = 256

@@ -374,14 +374,16 @@ def test_server_probes(renders, name):
 
 
 @pytest.mark.parametrize("name", ALL)
-def test_consumer_probes_run_queuekit_check_within_their_timeout(renders, name):
+def test_consumer_probes_read_the_consumers_health_file(renders, name):
     c = the_container(one(renders.docs[name], "Deployment", "queuekit-consumer"))
-    for probe in ("readinessProbe", "livenessProbe"):
+    for probe, which in (("readinessProbe", "ready"), ("livenessProbe", "live")):
         cmd = c[probe]["exec"]["command"]
-        assert cmd[:4] == [*k8slib.QUEUEKIT_CMD, "check"], cmd
-        # `check` must give up (--connect-timeout) before the kubelet kills it (timeoutSeconds)
-        connect_timeout = float(cmd[cmd.index("--connect-timeout") + 1])
-        assert connect_timeout < c[probe]["timeoutSeconds"] <= c[probe]["periodSeconds"]
+        assert cmd == [*k8slib.QUEUEKIT_CMD, "consume", "--probe", which], cmd
+        assert c[probe]["timeoutSeconds"] <= c[probe]["periodSeconds"]
+    # The consumer writes the file the probes read: on a writable volume (the root is read-only).
+    health_file = env_map(c)["QUEUEKIT_HEALTH_FILE"]
+    mounts = [m for m in c["volumeMounts"] if not m.get("readOnly")]
+    assert any(health_file.startswith(m["mountPath"].rstrip("/") + "/") for m in mounts), health_file
     # liveness slower to fire than readiness: a server restart should not restart every worker
     live, ready = c["livenessProbe"], c["readinessProbe"]
     assert live["periodSeconds"] * live["failureThreshold"] >= 60

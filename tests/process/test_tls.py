@@ -122,7 +122,8 @@ def test_tls_end_to_end_put_get_ack_and_a_worker(tmp_path, server, key_file, cer
         worker.wait_for("event=consumer_started")
         wait_until(lambda: client.stats()["queues"]["jobs"]["acked"] == len(ids), what="the worker acking 40 tasks")
         assert worker.stop() == 0
-        assert "tls=true" in server.log().split("client=consumer:jobs", 1)[1].splitlines()[0]
+        name = f"client=consume@{socket.gethostname()}:{worker.pid}"  # consumers connect as consume@host:pid
+        assert "tls=true" in server.log().split(name, 1)[1].splitlines()[0]
 
 
 def test_the_authkey_handshake_still_runs_inside_tls(tmp_path, server, certs):

@@ -74,7 +74,7 @@ def test_defaults(keyfile):
     c = ClientSettings.load({}, env={"QUEUEKIT_AUTHKEY_FILE": keyfile})
     assert str(c.server) == "localhost:50000"
     w = WorkerSettings.load({"handler": "m:f"}, env={"QUEUEKIT_AUTHKEY_FILE": keyfile, "QUEUEKIT_CONCURRENCY": "3"})
-    assert (w.queue, w.concurrency, w.prefetch, w.lease_seconds, w.drain_timeout) == ("tasks", 3, 6, 30.0, 25.0)
+    assert (w.queues, w.concurrency, w.prefetch, w.lease_seconds, w.drain_timeout) == (("tasks",), 3, 6, 30.0, 25.0)
 
 
 def test_default_authkey_path_is_the_secret_mount(monkeypatch):
