@@ -13,6 +13,9 @@
 #   make up TLS=1           the TLS variant: compose/compose.tls.yaml on top (mutual TLS with the
 #                           certificates of $(SECRETS_DIR)/tls, made by `make certs`); pass TLS=1 to
 #                           logs/ps/stats/down too, or put TLS=1 in .env
+#   make up TLS=1 TUNNEL=1  and compose/compose.tunnel.yaml: the seed's stock BaseManager client
+#                           reaches the TLS server through a `queuekit tunnel` sidecar (it replaces
+#                           the demo producer)
 #
 # Settings: make VAR=... > environment > .env (KEY=value lines, as `cp .env.example .env` makes)
 # > defaults. Compose gets the same .env through --env-file (it would otherwise look in compose/).
@@ -46,6 +49,9 @@ $(call default_setting,QUEUEKIT_KEYS_GID,)
 $(call default_setting,TLS,)
 TLS_ON := $(filter 1 yes true on,$(TLS))
 TLS_FILES := ca.crt server.crt server.key client.crt client.key
+# TUNNEL=1 (with TLS=1): compose/compose.tunnel.yaml, a stock client behind a tunnel sidecar.
+$(call default_setting,TUNNEL,)
+TUNNEL_ON := $(filter 1 yes true on,$(TUNNEL))
 SECRETS_DIR ?= secrets
 # The uid:gid every image runs as (images/Dockerfile): the owner of the keys when made by root.
 APP_UID_GID := 10001:10001
@@ -62,7 +68,7 @@ $(call default_setting,QUEUEKIT_SOURCE,$(or $(shell git remote get-url origin 2>
 BASE_IMAGE_STAMP := .cache/base-image
 COMPOSE_FILES := compose/compose.yaml compose/compose.server.yaml compose/compose.workers.yaml
 STACK = $(COMPOSE) $(if $(wildcard $(ENV_FILE)),--env-file $(ENV_FILE)) -f compose/compose.yaml \
-	$(if $(TLS_ON),-f compose/compose.tls.yaml)
+	$(if $(TLS_ON),-f compose/compose.tls.yaml) $(if $(TUNNEL_ON),-f compose/compose.tunnel.yaml)
 # Prefix for the compose commands that build or create containers: the same base image, tag and
 # labels as `make images` (the environment wins over --env-file in Compose).
 IMAGE_ENV = BASE_IMAGE="$$(cat $(BASE_IMAGE_STAMP))" QUEUEKIT_IMAGE_TAG='$(QUEUEKIT_IMAGE_TAG)' \
@@ -150,13 +156,14 @@ secrets:
 
 # TLS=1: the five files compose/compose.tls.yaml mounts must exist (ca.key is never mounted).
 tls-files:
-	@set -e; missing=''; for f in $(TLS_FILES); do [ -s '$(SECRETS_DIR)/tls/'$$f ] || missing="$$missing $$f"; done; \
+	@set -e; $(if $(and $(TUNNEL_ON),$(if $(TLS_ON),,1)),echo "error: TUNNEL=1 needs TLS=1 (the tunnel forwards to a TLS server)" >&2; exit 1;) \
+	missing=''; for f in $(TLS_FILES); do [ -s '$(SECRETS_DIR)/tls/'$$f ] || missing="$$missing $$f"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "error: make up TLS=1: missing in $(SECRETS_DIR)/tls:$$missing (run 'make certs' first)" >&2; exit 1; \
 	fi
 
-up: compose-plugin secrets $(if $(TLS_ON),tls-files) images
-	@echo "up: starting the server, $(CONSUMERS) consumers and the demo producer$(if $(TLS_ON), (mutual TLS))"
+up: compose-plugin secrets $(if $(or $(TLS_ON),$(TUNNEL_ON)),tls-files) images
+	@echo "up: starting the server, $(CONSUMERS) consumers and $(if $(TUNNEL_ON),the stock client behind the tunnel sidecar,the demo producer)$(if $(TLS_ON), (mutual TLS))"
 	@$(IMAGE_ENV) $(STACK) up -d --scale consumer=$(CONSUMERS)
 	@$(STACK) ps
 	@echo "queuekit is up: 'make logs' to follow, 'make stats' for queue counts, 'make down' to stop."
@@ -188,6 +195,8 @@ lint-docker: compose-plugin
 	    $(COMPOSE) --env-file /dev/null -f $$f config -q; \
 	done; \
 	echo "docker compose config -q compose/compose.yaml + compose/compose.tls.yaml"; \
-	$(COMPOSE) --env-file /dev/null -f compose/compose.yaml -f compose/compose.tls.yaml config -q
+	$(COMPOSE) --env-file /dev/null -f compose/compose.yaml -f compose/compose.tls.yaml config -q; \
+	echo "docker compose config -q compose/compose.yaml + compose/compose.tls.yaml + compose/compose.tunnel.yaml"; \
+	$(COMPOSE) --env-file /dev/null -f compose/compose.yaml -f compose/compose.tls.yaml -f compose/compose.tunnel.yaml config -q
 
 .DEFAULT_GOAL := $(images_mk_default_goal)

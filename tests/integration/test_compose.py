@@ -13,8 +13,10 @@ import hashlib
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
+import trustme
 from qkstack import EXAMPLE_RX, http_json
 
 from support import dockerkit as dk
@@ -25,6 +27,7 @@ DEMO_TASKS = 100
 
 
 ROLES = ("producer", "consumer", "admin")
+WORKER_TLS_FILES = ("ca.crt", "client.crt", "client.key")  # what a worker host holds with TLS
 
 
 def make_secrets(secrets_dir) -> str:
@@ -50,6 +53,22 @@ def compose_dir(images, tmp_path_factory):
         assert f"created {root}/secrets/keys/{role}.default" in out, out
     check_key_modes(root / "secrets")
     return root / "compose"
+
+
+def compose_certs(compose_dir: Path) -> Path:
+    """``secrets/tls`` next to the Compose files, as ``make certs`` lays it out (ca.crt, ca.key,
+    server.crt/.key for the name ``server``, client.crt/.key), with the keys' modes."""
+    tls = compose_dir.parent / "secrets" / "tls"
+    tls.mkdir()
+    ca = trustme.CA()
+    (tls / "ca.crt").write_bytes(ca.cert_pem.bytes())
+    ca.private_key_pem.write_to_path(str(tls / "ca.key"))
+    for stem, names in (("server", ("server", "localhost", "127.0.0.1")), ("client", ("queuekit-client",))):
+        leaf = ca.issue_cert(*names)
+        (tls / f"{stem}.crt").write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
+        (tls / f"{stem}.key").write_bytes(leaf.private_key_pem.bytes())
+    dk.protect_keys(tls)
+    return tls
 
 
 def check_key_modes(secrets_dir) -> None:
@@ -249,23 +268,42 @@ def test_make_secrets_migrates_the_old_single_key_and_keeps_existing_keys(tmp_pa
     check_key_modes(secrets_dir)
 
 
-def test_multi_host_split_server_and_workers_as_separate_projects(compose_dir, projects, metrics):
+@pytest.mark.parametrize("tls", [False, True], ids=["plaintext", "tls"])
+def test_multi_host_split_server_and_workers_as_separate_projects(compose_dir, projects, metrics, tls):
     """Case 9: compose.server.yaml and compose.workers.yaml as two Compose projects on two
     networks; the workers reach the server only through its published port, on the address of
-    the engine's default bridge gateway (how another host would reach it)."""
+    the engine's default bridge gateway (how another host would reach it). With ``tls``, each side
+    adds its TLS file (compose.server.tls.yaml, compose.workers.tls.yaml) and the worker "host"
+    holds only ca.crt and the client certificate (QUEUEKIT_TLS_DIR), as a real one would: every
+    connection is mutual TLS."""
     gateway = dk.bridge_gateway()
     port, http_port = dk.free_port(gateway), dk.free_port()
-    server = dk.ComposeProject(
+    server_files, worker_files, worker_env = (
         [compose_dir / "compose.server.yaml"],
+        [compose_dir / "compose.workers.yaml"],
+        {},
+    )
+    if tls:
+        server_tls = compose_certs(compose_dir)
+        worker_tls = compose_dir.parent / "worker-tls"  # what is copied to a worker host, nothing more
+        worker_tls.mkdir()
+        for name in WORKER_TLS_FILES:
+            shutil.copy2(server_tls / name, worker_tls / name)
+        dk.protect_keys(worker_tls)
+        server_files.append(compose_dir / "compose.server.tls.yaml")
+        worker_files.append(compose_dir / "compose.workers.tls.yaml")
+        worker_env["QUEUEKIT_TLS_DIR"] = str(worker_tls)
+    server = dk.ComposeProject(
+        server_files,
         name=dk.short_name("server"),
         env=_env(QUEUEKIT_PUBLISH_ADDR=gateway, QUEUEKIT_PORT=str(port), QUEUEKIT_HTTP_PORT=str(http_port)),
         volumes=["data"],
     )
     projects.append(server)
     workers = dk.ComposeProject(
-        [compose_dir / "compose.workers.yaml"],
+        worker_files,
         name=dk.short_name("workers"),
-        env=_env(QUEUEKIT_SERVER=f"{gateway}:{port}"),
+        env=_env(QUEUEKIT_SERVER=f"{gateway}:{port}", **worker_env),
     )
     projects.append(workers)
     server.run("up", "-d", "--no-build", "--wait", "--wait-timeout", "60", timeout=120)
@@ -284,9 +322,19 @@ def test_multi_host_split_server_and_workers_as_separate_projects(compose_dir, p
         assert env["QUEUEKIT_SERVER"] == f"{gateway}:{port}", env["QUEUEKIT_SERVER"]
         shared = server_nets & set(c.attrs["NetworkSettings"]["Networks"])
         assert not shared, f"{c.name} shares network(s) {shared} with the server: not a split"
+        if tls:
+            sources = {m["Source"] for m in c.attrs["Mounts"] if m["Destination"].startswith("/run/secrets/tls_")}
+            assert sources == {str(worker_tls / f) for f in WORKER_TLS_FILES}, (c.name, sources)
 
     stats = _wait_demo_done(http_port, consumers)
     _check_demo(workers.containers("producer"), consumers)
     assert stats["acked"] == DEMO_TASKS, stats
-    assert "event=client_connected" in dk.logs(srv)
-    metrics["compose multi-host"] = f"workers reached the server at {gateway}:{port}; acked {stats['acked']}"
+    connected = [line for line in dk.logs(srv).splitlines() if "event=client_connected" in line]
+    assert len(connected) >= 3, dk.logs(srv)[-3000:]  # two consumers and the producer
+    assert all(("tls=true" in line) == tls for line in connected), connected
+    if tls:
+        srv.reload()
+        held = {m["Destination"] for m in srv.attrs["Mounts"] if m["Destination"].startswith("/run/secrets/tls_")}
+        assert {"/run/secrets/tls_server_cert", "/run/secrets/tls_server_key", "/run/secrets/tls_ca"} <= held, held
+    label = "compose multi-host" + (" TLS" if tls else "")
+    metrics[label] = f"workers reached the server at {gateway}:{port}; acked {stats['acked']}"

@@ -11,20 +11,23 @@ removed by the ``stack`` / ``projects`` fixtures.
 from __future__ import annotations
 
 import json
+import os
+import re
 import secrets
 import shutil
 
 import pytest
 import trustme
-from qkstack import EXAMPLE_RX
+from qkstack import EXAMPLE_RX, http_json
 
 # Helpers and fixtures of the Compose tests (compose_dir: a copy of compose/ with make secrets' keys).
-from test_compose import _check_demo, _env, _wait_demo_done, compose_dir, projects  # noqa: F401
+from test_compose import _check_demo, _env, _wait_demo_done, compose_certs, compose_dir, projects  # noqa: F401
 
 from support import dockerkit as dk
 
 pytestmark = pytest.mark.integration
 
+STOCK_CLIENT = "k8s/components/tunnel-sidecar/stock_client.py"  # the seed's stock client, unmodified
 TLS_DIR = "/run/tls"  # where the containers see their certificate directory
 CLIENT_TLS_ENV = {
     "QUEUEKIT_TLS_CA_FILE": f"{TLS_DIR}/ca.crt",
@@ -294,16 +297,7 @@ def test_compose_tls_variant_runs_the_demo_over_mutual_tls(compose_dir, projects
     """compose.yaml + compose.tls.yaml with certificates in secrets/tls (the files ``make certs``
     writes, with the keys' modes): the demo runs over mutual TLS, ``make stats``' command works in
     the server container, and no container holds the CA's key or another role's key."""
-    tls = compose_dir.parent / "secrets" / "tls"
-    tls.mkdir()
-    ca = trustme.CA()
-    (tls / "ca.crt").write_bytes(ca.cert_pem.bytes())
-    ca.private_key_pem.write_to_path(str(tls / "ca.key"))
-    for stem, names in (("server", ("server", "localhost", "127.0.0.1")), ("client", ("queuekit-client",))):
-        leaf = ca.issue_cert(*names)
-        (tls / f"{stem}.crt").write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
-        (tls / f"{stem}.key").write_bytes(leaf.private_key_pem.bytes())
-    dk.protect_keys(tls)
+    compose_certs(compose_dir)
     port, http_port = dk.free_port(), dk.free_port()
     project = dk.ComposeProject(
         [compose_dir / "compose.yaml", compose_dir / "compose.tls.yaml"],
@@ -333,3 +327,76 @@ def test_compose_tls_variant_runs_the_demo_over_mutual_tls(compose_dir, projects
         held = {d.rsplit("/", 1)[-1] for d in sources if d.startswith("/run/secrets/tls_")}
         want = {"tls_ca", "tls_client_cert", "tls_client_key"}
         assert held == (want | {"tls_server_cert", "tls_server_key"} if c is server else want), (c.name, held)
+
+
+def test_compose_tunnel_sidecar_carries_the_stock_client_over_tls(compose_dir, projects):  # noqa: F811
+    """compose.tunnel.yaml on top of the TLS variant: the seed's stock client (STOCK_CLIENT)
+    runs in the tunnel sidecar's network namespace holding only the producer key, puts its tasks
+    through ``queuekit tunnel`` into the mutual-TLS server, and the consumers do them all. Control:
+    the same script and key aimed straight at the server's TLS port fail."""
+    tls = compose_certs(compose_dir)
+    script = compose_dir.parent / STOCK_CLIENT  # where compose.tunnel.yaml finds it, in the copy
+    script.parent.mkdir(parents=True)
+    shutil.copy2(dk.ROOT / STOCK_CLIENT, script)
+    http_port = dk.free_port()
+    n = 30
+    project = dk.ComposeProject(
+        [compose_dir / "compose.yaml", compose_dir / "compose.tls.yaml", compose_dir / "compose.tunnel.yaml"],
+        env=_env(QUEUEKIT_PORT=str(dk.free_port()), QUEUEKIT_HTTP_PORT=str(http_port), QUEUEKIT_DEMO_TASKS=str(n)),
+        volumes=["data"],
+    )
+    projects.append(project)
+    project.run("up", "-d", "--no-build", "--scale", "consumer=1", timeout=180)
+    assert project.containers("producer") == [], "the demo producer runs beside the stock client"
+    (stock,) = project.containers("stock-client")
+    assert dk.wait_exit(stock, timeout=60) == 0, dk.describe([stock, *project.containers("tunnel")])
+    assert dk.logs(stock).startswith("put "), dk.logs(stock)
+
+    def all_done():
+        queue = http_json(http_port)["queues"].get("tasks", {})
+        return queue if queue.get("acked") == n + 1 and queue.get("ready") == 0 else None
+
+    dk.wait_until(all_done, timeout=60, message="the stock client's tasks were not all acked")
+    (server,) = project.containers("server")
+    (tunnel,) = project.containers("tunnel")
+    logs = server.logs().decode()
+    connected = [line for line in logs.splitlines() if "event=client_connected" in line]
+    assert connected and all("tls=true" in line for line in connected), logs[-3000:]
+    assert re.search(r"event=tunnel_closed .*bytes_in=[1-9]", dk.logs(tunnel)), dk.logs(tunnel)
+    # Who holds what: the stock client the producer key and no TLS file, the tunnel the CA and the
+    # client certificate and no authkey; both share one network namespace.
+    for c in (stock, tunnel):
+        c.reload()
+    mounts = {c.name: {m["Destination"] for m in c.attrs["Mounts"]} for c in (stock, tunnel)}
+    assert {d for d in mounts[stock.name] if d.startswith("/run/")} == {dk.AUTHKEY_PATH}, mounts
+    assert {d for d in mounts[tunnel.name] if d.startswith("/run/")} == {
+        "/run/secrets/tls_ca", "/run/secrets/tls_client_cert", "/run/secrets/tls_client_key",
+    }, mounts  # fmt: skip
+    assert stock.attrs["HostConfig"]["NetworkMode"] == f"container:{tunnel.id}", stock.attrs["HostConfig"]
+    assert (
+        os.path.basename(next(m["Source"] for m in stock.attrs["Mounts"] if m["Destination"] == dk.AUTHKEY_PATH))
+        == "producer.default"
+    )
+
+    # Control: the same stock client, key and script in the server's network namespace, where
+    # 127.0.0.1:50000 is the TLS port itself: refused, and the server says why.
+    direct = dk.start_container(
+        dk.image_ref("producer"),
+        "stock-direct",
+        network_mode=f"container:{server.id}",
+        hostname=None,
+        entrypoint=["python3", "/opt/stock/stock_client.py"],
+        command=["50000", dk.AUTHKEY_PATH, "put", "1"],
+        authkey_file=compose_dir.parent / "secrets" / "keys" / "producer.default",
+        files={script: "/opt/stock/stock_client.py"},
+    )
+    try:
+        assert dk.wait_exit(direct, timeout=30) != 0, dk.describe([direct])
+        assert "put " not in dk.logs(direct), dk.logs(direct)
+        dk.wait_for_log(server, r"event=tls_handshake_failed .*reason=", timeout=10)
+    finally:
+        dk.remove(direct)
+    assert http_json(http_port)["queues"]["tasks"]["enqueued"] == n + 1
+    assert (tls / "ca.key").exists() and not [
+        m for c in project.containers() for m in c.attrs["Mounts"] if m["Source"].endswith("ca.key")
+    ]

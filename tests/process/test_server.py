@@ -253,33 +253,9 @@ class StockManager(BaseManager):
 StockManager.register("get_task_queue")
 StockManager.register("get_result_queue")
 
-STOCK_CLIENT = r"""
-import queue, sys
-from multiprocessing.managers import BaseManager
-class QueueManager(BaseManager):
-    pass
-QueueManager.register('get_task_queue')
-m = QueueManager(address=('127.0.0.1', int(sys.argv[1])), authkey=open(sys.argv[2], 'rb').read().strip())
-m.connect()
-q = m.get_task_queue()
-if sys.argv[3] == 'put':
-    for i in range(int(sys.argv[4])):
-        q.put({'i': i})
-    q.put_nowait('last')
-    print('put', q.qsize())
-else:
-    got = []
-    while True:
-        try:
-            got.append(q.get(timeout=1))
-        except queue.Empty:
-            break
-    try:
-        q.get_nowait()
-    except queue.Empty:
-        print('empty', q.empty())
-    print('got', len(got), got[0], got[-1])
-"""
+# The seed's stock client script, unmodified: argv port, authkey file, put N | get. The tunnel
+# sidecar examples (Compose and Kubernetes) run the same file.
+STOCK_CLIENT = (ROOT / "k8s" / "components" / "tunnel-sidecar" / "stock_client.py").read_text()
 
 
 def test_stock_basemanager_clients_work_unmodified(server, key_file, tmp_path, client):
