@@ -11,16 +11,24 @@ from __future__ import annotations
 from typing import Any
 
 from . import __version__
-from .broker import Broker, receipts
+from .broker import Broker, Outcome
 from .consumer_metrics import check_report
 from .errors import InvalidRequest
 from .loop import Loop, Session
-from .message import NackItem, WireDelivery, check_queue_name, validate_texts
+from .message import (
+    NackItem,
+    check_headers,
+    check_queue_name,
+    check_task_timeout,
+    validate_results,
+    validate_texts,
+)
 
 MAX_BATCH = 10_000  # tasks per put_many / get_many call
 MAX_SERVER_WAIT = 60.0  # one get_many call waits at most this long (the client library loops)
 MAX_LEASE_SECONDS = 12 * 3600.0
 MAX_DELAY_SECONDS = 366 * 86400.0
+MAX_TAKE_QUEUES = 16  # queues one take or heartbeat may name
 
 # The methods whose first argument is a queue name (what a key's queue patterns are checked against).
 QUEUE_METHODS = frozenset(
@@ -35,6 +43,13 @@ QUEUE_METHODS = frozenset(
         "dead_requeue",
         "dead_purge",
         "qsize",
+        # Since 0.13 (task lifecycle). take and heartbeat name a list of queues; status, result
+        # and cancel may name None (any queue: only for keys not limited to queues).
+        "take",
+        "heartbeat",
+        "status",
+        "result",
+        "cancel",
     }
 )
 METHODS = ("ping", "stats", "report", *sorted(QUEUE_METHODS))  # everything a queuekit client may call
@@ -59,18 +74,23 @@ class QueueAPI:
             "version": __version__,
             "durable": self._info.durable,
             "max_task_bytes": self._broker.max_task_bytes,
+            "max_result_bytes": self._broker.max_result_bytes,
         }
 
-    def put_many(self, session: Session, queue: Any, texts: Any, delay: Any = 0.0) -> Any:
+    def put_many(
+        self, session: Session, queue: Any, texts: Any, delay: Any = 0.0, headers: Any = None, timeout: Any = None
+    ) -> Any:
         check_queue_name(queue)
         texts = validate_texts(texts, self._broker.max_task_bytes)
         if len(texts) > MAX_BATCH:
             raise InvalidRequest(f"at most {MAX_BATCH} tasks per put_many, got {len(texts)}")
         delay = seconds(delay, "delay", 0.0, MAX_DELAY_SECONDS)
+        headers = check_headers(headers)
+        timeout = check_task_timeout(timeout)
         broker = self._broker
         if texts and not broker.has_queue(queue):
             create_queue(broker, queue)
-        put = broker.begin_put(queue, texts, delay)
+        put = broker.begin_put(queue, texts, delay, headers, timeout)
         if not put.seq:  # memory mode: visible already
             return broker.finish_put(put)
 
@@ -93,24 +113,76 @@ class QueueAPI:
         acks = None if acks is None else task_ids(acks)
         if not self._broker.has_queue(queue):
             create_queue(self._broker, queue)
-        result = self._broker.get_or_wait(queue, max_n, timeout, lease, acks, session.deliver)
+        result = self._broker.get_or_wait(queue, max_n, timeout, lease, acks, session.deliver, session.name)
         if isinstance(result, list):
             return self._answer(session, queue, result)
         return self._loop.park(session, result, timeout, lambda items: self._answer(session, queue, items))
 
-    def _answer(self, session: Session, queue: str, items: list[WireDelivery]) -> list[WireDelivery]:
+    def take(
+        self,
+        session: Session,
+        queues: Any,
+        max_n: Any = 1,
+        timeout: Any = 0.0,
+        lease: Any = None,
+        acks: Any = None,
+        results: Any = None,
+    ) -> Any:
+        """``get_many`` for clients that know headers, timeouts, results and several queues:
+        takes from ``queues`` in their order of priority; returns TakeItem tuples."""
+        names = queue_list(queues)
+        if type(max_n) is not int or not 1 <= max_n <= MAX_BATCH:
+            raise InvalidRequest(f"max_n must be an int in 1..{MAX_BATCH}, got {max_n!r}")
+        timeout = min(seconds(timeout, "timeout", 0.0, None), MAX_SERVER_WAIT)
+        lease = optional_lease(lease)
+        acks = None if acks is None else task_ids(acks)
+        results = validate_results(results, self._broker.max_result_bytes)
+        broker = self._broker
+        for name in names:
+            if not broker.has_queue(name):
+                create_queue(broker, name)
+        result = broker.take_or_wait(names, max_n, timeout, lease, acks, results, session.deliver, session.name)
+        if isinstance(result, list):
+            return self._answer(session, names[0], result)
+        return self._loop.park(session, result, timeout, lambda items: self._answer(session, names[0], items))
+
+    def _answer(self, session: Session, queue: str, items: list) -> list:
         if items:
             broker = self._broker
 
             def release_unsent(sent: bool) -> None:
                 if not sent:  # the client never got them: ready again at once, no attempt charged
-                    broker.release_many(queue, receipts(items))
+                    broker.release_taken(queue, items)
 
             session.after_reply(release_unsent)
         return items
 
-    def ack_many(self, session: Session, queue: Any, ids: Any) -> int:
-        return self._broker.ack_many(check_queue_name(queue), task_ids(ids))
+    def ack_many(self, session: Session, queue: Any, ids: Any, results: Any = None) -> int:
+        results = validate_results(results, self._broker.max_result_bytes)
+        return self._broker.ack_many(check_queue_name(queue), task_ids(ids), results)
+
+    def heartbeat(self, session: Session, queues: Any, receipts: Any, lease: Any = None) -> tuple[list[int], list[int]]:
+        """Renew leases like ``extend_many``, over tasks of any of ``queues``; also says which of
+        them were cancelled. Returns ``(lost, cancelled)``."""
+        return self._broker.heartbeat(queue_list(queues), receipt_items(receipts, "heartbeat"), optional_lease(lease))
+
+    def status(self, session: Session, queue: Any, task_id: Any) -> tuple:
+        return tuple(self._broker.status(optional_queue(queue), task_id_arg(task_id)))
+
+    def result(self, session: Session, queue: Any, task_id: Any, timeout: Any = 0.0) -> Any:
+        """How the task ended: ``(state, result JSON text, error)``, state succeeded, dead,
+        cancelled, unknown, or pending when it did not end within ``timeout`` (at most
+        MAX_SERVER_WAIT: the client library loops). Waits parked, like a get."""
+        queue = optional_queue(queue)
+        task_id = task_id_arg(task_id)
+        timeout = min(seconds(timeout, "timeout", 0.0, None), MAX_SERVER_WAIT)
+        outcome = self._broker.result_or_wait(queue, task_id, timeout, session.deliver)
+        if isinstance(outcome, Outcome):
+            return tuple(outcome)
+        return self._loop.park(session, outcome, timeout, _outcome_reply)
+
+    def cancel(self, session: Session, queue: Any, task_id: Any) -> str:
+        return self._broker.cancel_task(optional_queue(queue), task_id_arg(task_id))
 
     def nack_many(self, session: Session, queue: Any, items: Any) -> int:
         return self._broker.nack_many(check_queue_name(queue), nack_items(items))
@@ -150,7 +222,34 @@ class QueueAPI:
         return self._info.reports.add(session.name, reporter, seq, known)
 
 
+def _outcome_reply(outcome: Any) -> tuple:
+    """A parked result's answer: the outcome delivered, or ``[]`` (timed out, server closing)."""
+    return tuple(outcome) if outcome else tuple(Outcome("pending"))
+
+
 # -- argument checks (also used by the compat adapter) -------------------------------------
+
+
+def queue_list(queues: Any) -> list[str]:
+    """A take's or heartbeat's queues: a queue name or a list of 1..MAX_TAKE_QUEUES distinct names."""
+    if type(queues) is str:
+        return [check_queue_name(queues)]
+    if type(queues) not in (list, tuple) or not 1 <= len(queues) <= MAX_TAKE_QUEUES:
+        raise InvalidRequest(f"queues must be a list of 1..{MAX_TAKE_QUEUES} queue names, got {queues!r:.200}")
+    names = [check_queue_name(name) for name in queues]
+    if len(set(names)) != len(names):
+        raise InvalidRequest(f"queues must be distinct, got {names!r}")
+    return names
+
+
+def optional_queue(queue: Any) -> str | None:
+    return None if queue is None else check_queue_name(queue)
+
+
+def task_id_arg(task_id: Any) -> int:
+    if type(task_id) is not int or task_id < 0:
+        raise InvalidRequest(f"a task id must be a non-negative int, got {task_id!r:.100}")
+    return task_id
 
 
 def create_queue(broker: Broker, name: str) -> None:

@@ -88,6 +88,7 @@ class ServerApp:
             return None
         return {
             "queues": broker.stats(),
+            "results": broker.result_store(),
             "connections": server.connection_count(),
             "durable": journal.durable,
             "journal_commits": journal.commits,
@@ -128,6 +129,10 @@ class ServerApp:
             retry_base=settings.retry_base_seconds,
             retry_max=settings.retry_max_seconds,
             default_lease=settings.lease_seconds,
+            max_result_bytes=settings.max_result_bytes,
+            result_ttl=settings.result_ttl,
+            result_max_count=settings.result_max_count,
+            result_max_bytes=settings.result_max_bytes,
         )
         if settings.http:
             try:

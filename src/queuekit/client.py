@@ -44,11 +44,26 @@ from .errors import (
     ConfigError,
     NotLeader,
     QueuekitError,
+    ResultExpired,
+    ResultTimeout,
     ServerShuttingDown,
     ServerUnavailable,
+    TaskCancelled,
+    TaskDead,
     TLSError,
 )
-from .message import NackItem, Task, check_queue_name, encode_payload
+from .message import (
+    Heartbeat,
+    NackItem,
+    Task,
+    TaskStatus,
+    check_headers,
+    check_queue_name,
+    check_task_timeout,
+    decode_payload,
+    encode_payload,
+    encode_result,
+)
 from .settings import Address, Secret, ServerList, load_authkey
 
 CALL_TIMEOUT = 30.0  # seconds a reply may take beyond any server-side wait
@@ -118,6 +133,52 @@ class Client:
 
     def queue(self, name: str) -> Queue:
         return Queue(self, check_queue_name(name))
+
+    def queues(self, names: Iterable[str]) -> QueueSet:
+        """Several queues consumed together, in strict order of priority (see :class:`QueueSet`)."""
+        return QueueSet(self, [check_queue_name(n) for n in names])
+
+    # Task lifecycle by id. ``queue`` None: any queue (only keys not limited to queues may).
+
+    def status(self, task_id: int, queue: str | None = None) -> TaskStatus:
+        """Where task ``task_id`` is in its life (state unknown when the server does not know it)."""
+        return TaskStatus._make(self.call("status", queue, task_id))
+
+    def result(self, task_id: int, timeout: float | None = None, queue: str | None = None) -> Any:
+        """Wait up to ``timeout`` s (None: for ever) for the task to finish and return its result
+        (None when its handler returned none). The server parks the wait (no polling). Raises
+        :class:`TaskDead`, :class:`TaskCancelled`, :class:`ResultExpired` (unknown or evicted
+        from the result store) or :class:`ResultTimeout`."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            remaining = MAX_WAIT_PER_CALL if deadline is None else max(0.0, deadline - time.monotonic())
+            wait = min(remaining, MAX_WAIT_PER_CALL)
+            state, text, error = self.call("result", queue, task_id, wait)
+            if state == "succeeded":
+                return None if text is None else decode_payload(text)
+            if state == "dead":
+                raise TaskDead(f"task {task_id} was dead-lettered; its last error: {error}")
+            if state == "cancelled":
+                raise TaskCancelled(f"task {task_id} was cancelled")
+            if state == "unknown":
+                raise ResultExpired(
+                    f"the server knows no task {task_id}{'' if queue is None else ' in queue ' + repr(queue)}: never "
+                    "created, or finished longer ago than its result store keeps (QUEUEKIT_RESULT_TTL, "
+                    "QUEUEKIT_RESULT_MAX_COUNT, QUEUEKIT_RESULT_MAX_BYTES)"
+                )
+            if deadline is not None and time.monotonic() >= deadline:
+                raise ResultTimeout(f"task {task_id} did not finish within {timeout:g} s (it may still finish)")
+
+    def cancel(self, task_id: int, queue: str | None = None) -> str:
+        """Cancel a task: "cancelled" (it was waiting: removed), "cancelling" (in flight: flagged;
+        its consumer sees it at its next heartbeat and its ack/nack records it cancelled), the
+        state it had already finished in (succeeded, dead, cancelled), or "unknown"."""
+        return self.call("cancel", queue, task_id)
+
+    @property
+    def max_result_bytes(self) -> int:
+        info = self.server_info or self.ping()
+        return int(info.get("max_result_bytes") or 64 * 1024)
 
     def ping(self) -> dict:
         self.server_info = self.call("ping")
@@ -322,45 +383,90 @@ class Queue:
     def __repr__(self) -> str:
         return f"Queue({self.name!r} on {self.client.address})"
 
-    def put(self, payload: Any, *, delay: float = 0.0) -> int:
-        """Enqueue one JSON-compatible payload; returns its task id once the server committed it."""
+    def put(
+        self,
+        payload: Any,
+        *,
+        delay: float = 0.0,
+        headers: dict[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> int:
+        """Enqueue one JSON-compatible payload; returns its task id once the server committed it.
+        ``headers``: small str -> str metadata carried to the handler untouched (at most 64, names
+        up to 128 characters, 8 KiB in all). ``timeout``: seconds the handler may run (else the
+        consumer's default)."""
         text = encode_payload(payload, self.client.max_task_bytes)
-        return self.client.call("put_many", self.name, [text], delay)[0]
+        return self.client.call("put_many", self.name, [text], delay, *_put_extras(headers, timeout))[0]
 
-    def put_many(self, payloads: Iterable[Any], *, delay: float = 0.0) -> list[int]:
+    def put_many(
+        self,
+        payloads: Iterable[Any],
+        *,
+        delay: float = 0.0,
+        headers: dict[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> list[int]:
         """Enqueue many payloads, one round trip per chunk. Every payload is validated first:
-        if one is invalid, :class:`PayloadError` names it and nothing is sent."""
+        if one is invalid, :class:`PayloadError` names it and nothing is sent. ``headers`` and
+        ``timeout`` apply to each task (see :meth:`put`)."""
         limit = self.client.max_task_bytes
         texts = [encode_payload(p, limit) for p in payloads]
+        extras = _put_extras(headers, timeout)
         ids: list[int] = []
         for chunk in _chunks(texts):
-            ids.extend(self.client.call("put_many", self.name, chunk, delay))
+            ids.extend(self.client.call("put_many", self.name, chunk, delay, *extras))
         return ids
+
+    def call(self, payload: Any, *, timeout: float | None, headers: dict[str, str] | None = None) -> Any:
+        """Put one task and wait up to ``timeout`` s for its result (see :meth:`result`)."""
+        return self.result(self.put(payload, headers=headers), timeout=timeout)
+
+    def status(self, task_id: int) -> TaskStatus:
+        return self.client.status(task_id, self.name)
+
+    def result(self, task_id: int, timeout: float | None = None) -> Any:
+        return self.client.result(task_id, timeout, self.name)
+
+    def cancel(self, task_id: int) -> str:
+        return self.client.cancel(task_id, self.name)
 
     def get(self, timeout: float = 0.0, *, lease: float | None = None, ack: Iterable[Task] = ()) -> Task | None:
         tasks = self.get_many(1, timeout, lease=lease, ack=ack)
         return tasks[0] if tasks else None
 
     def get_many(
-        self, max_n: int = 100, timeout: float = 0.0, *, lease: float | None = None, ack: Iterable[Task] = ()
+        self,
+        max_n: int = 100,
+        timeout: float = 0.0,
+        *,
+        lease: float | None = None,
+        ack: Iterable[Task] = (),
+        results: dict[int, Any] | None = None,
     ) -> list[Task]:
         """Lease up to ``max_n`` tasks, waiting up to ``timeout`` s for the first one.
 
-        ``ack``: tasks to acknowledge in the same round trip (they are acked even if none arrive).
+        ``ack``: tasks to acknowledge in the same round trip (they are acked even if none arrive);
+        ``results``: task id -> JSON-compatible return value stored with that ack.
         """
-        acks = [t.id for t in ack] or None
-        remaining = float(timeout)
-        while True:
-            wait = min(remaining, MAX_WAIT_PER_CALL)
-            items = self.client.call("get_many", self.name, max_n, wait, lease, acks)
-            acks = None
-            remaining -= wait
-            if items or remaining <= 0:
-                return Task.many_from_wire(self.name, items)
+        return _take(self.client, [self.name], max_n, timeout, lease, ack, results)
 
-    def ack(self, task: Task | Iterable[Task]) -> int:
+    def ack(self, task: Task | Iterable[Task], *, result: Any = None) -> int:
+        """Acknowledge tasks as done; ``result`` (one task only): its return value, stored for
+        ``result()`` (JSON-compatible, at most the server's QUEUEKIT_MAX_RESULT_BYTES)."""
         tasks = [task] if isinstance(task, Task) else list(task)
-        return self.client.call("ack_many", self.name, [t.id for t in tasks]) if tasks else 0
+        if not tasks:
+            return 0
+        ids = [t.id for t in tasks]
+        if result is None:
+            return self.client.call("ack_many", self.name, ids)
+        if len(tasks) != 1:
+            raise TypeError("ack(result=...) takes one task; use get_many(results={id: value}) for several")
+        text = encode_result(result, self.client.max_result_bytes)
+        return self.client.call("ack_many", self.name, ids, {ids[0]: text})
+
+    def heartbeat(self, tasks: Iterable[Task], lease: float | None = None) -> Heartbeat:
+        """Renew leases (like :meth:`extend`) and learn which held tasks were cancelled."""
+        return _heartbeat(self.client, [self.name], tasks, lease)
 
     def nack(self, task: Task, *, delay: float | None = None, error: str | None = None) -> bool:
         """Give a task back as failed: retried after ``delay`` s (default: server backoff), or
@@ -393,6 +499,90 @@ class Queue:
 
     def dead_purge(self, ids: Iterable[int] | None = None) -> int:
         return self.client.call("dead_purge", self.name, None if ids is None else list(ids))
+
+
+class QueueSet:
+    """Several queues consumed as one, in strict order of priority: a get takes every ready task
+    of the first queue before any of the second, in one round trip, and waits on all of them at
+    once (the server parks one waiter that a task of any of them wakes). Each :class:`Task`
+    carries its own ``queue``; the other calls accept tasks of any of the queues."""
+
+    def __init__(self, client: Client, names: list[str]):
+        if not names or len(set(names)) != len(names):
+            raise ValueError(f"a queue set needs distinct queue names, got {names!r}")
+        self.client = client
+        self.names = names
+
+    def __repr__(self) -> str:
+        return f"QueueSet({self.names!r} on {self.client.address})"
+
+    def get_many(
+        self,
+        max_n: int = 100,
+        timeout: float = 0.0,
+        *,
+        lease: float | None = None,
+        ack: Iterable[Task] = (),
+        results: dict[int, Any] | None = None,
+    ) -> list[Task]:
+        return _take(self.client, self.names, max_n, timeout, lease, ack, results)
+
+    def heartbeat(self, tasks: Iterable[Task], lease: float | None = None) -> Heartbeat:
+        return _heartbeat(self.client, self.names, tasks, lease)
+
+    def nack_many(self, items: Iterable[tuple[Task, float | None, str | None]]) -> int:
+        """``Queue.nack_many`` for tasks of any of the queues (one round trip per queue)."""
+        by_queue: dict[str, list] = {}
+        for item in items:
+            by_queue.setdefault(item[0].queue, []).append(item)
+        return sum(self.client.queue(name).nack_many(group) for name, group in by_queue.items())
+
+    def release(self, tasks: Task | Iterable[Task]) -> int:
+        by_queue: dict[str, list[Task]] = {}
+        for t in [tasks] if isinstance(tasks, Task) else tasks:
+            by_queue.setdefault(t.queue, []).append(t)
+        return sum(self.client.queue(name).release(group) for name, group in by_queue.items())
+
+
+def _put_extras(headers: dict[str, str] | None, timeout: float | None) -> tuple:
+    """The optional trailing arguments of put_many, checked here too (the error where the value
+    was made); none when unused, so that the call also works against older servers."""
+    headers, timeout = check_headers(headers), check_task_timeout(timeout)
+    if headers is None and timeout is None:
+        return ()
+    return (headers, timeout)
+
+
+def _take(
+    client: Client,
+    names: list[str],
+    max_n: int,
+    timeout: float,
+    lease: float | None,
+    ack: Iterable[Task],
+    results: dict[int, Any] | None,
+) -> list[Task]:
+    acks = [t.id for t in ack] or None
+    texts = None
+    if results:
+        limit = client.max_result_bytes
+        texts = {task_id: encode_result(value, limit) for task_id, value in results.items() if value is not None}
+    remaining = float(timeout)
+    while True:
+        wait = min(remaining, MAX_WAIT_PER_CALL)
+        items = client.call("take", names, max_n, wait, lease, acks, texts or None)
+        acks = texts = None
+        remaining -= wait
+        if items or remaining <= 0:
+            return Task.many_from_take(items)
+
+
+def _heartbeat(client: Client, names: list[str], tasks: Iterable[Task], lease: float | None) -> Heartbeat:
+    wire = [t.receipt for t in tasks]
+    if not wire:
+        return Heartbeat([], [])
+    lost, cancelled = client.call("heartbeat", names, wire, lease)
+    return Heartbeat(lost, cancelled)
 
 
 # OpenSSL's verify codes (X509_V_ERR_*) that get their own message.

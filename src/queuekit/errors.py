@@ -97,3 +97,25 @@ class InputError(QueuekitError):
     """Bad input to ``queuekit produce`` (the message names the line)."""
 
     exit_code = ExitCode.INPUT
+
+
+class TaskError(QueuekitError):
+    """Root of what waiting for a task's result can raise (``Queue.result``, ``Queue.call``)."""
+
+
+class TaskDead(TaskError):
+    """The task failed more than the server's max attempts and was dead-lettered (its last error
+    is in the message); it has no result."""
+
+
+class TaskCancelled(TaskError):
+    """The task was cancelled (``cancel``) before it finished; it has no result."""
+
+
+class ResultExpired(TaskError):
+    """The server knows no such task: never created, or finished longer ago than the result store
+    keeps (QUEUEKIT_RESULT_TTL / _MAX_COUNT / _MAX_BYTES evicted it)."""
+
+
+class ResultTimeout(TaskError, TimeoutError):
+    """The task did not finish within the time the caller waited; it may still finish later."""

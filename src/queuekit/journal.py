@@ -9,15 +9,18 @@ Contract (every implementation; tests/unit/test_journal_contract.py runs one sui
   after its tasks are committed. Other ops (ack, nack, dead-letter, requeue, purge) are written
   behind, in order, in the next group commit; a crash loses at most the last few of them, which
   makes a task come back (at-least-once), never disappear.
-- ``load()`` returns every stored task (live and dead) ordered by id, and the next id to use.
+- ``load()`` returns every stored task (live, dead and finished) ordered by id, and the next id
+  to use. Finished tasks (schema v2: acked or cancelled, ``state`` set) keep their status and
+  result until the broker evicts them from its result store with a ``DeleteOp``.
 - Leases are not journaled as they happen: after a crash every task that was in flight is ready
   again, with the attempts it had. A graceful shutdown saves the leases held at that moment
   (``"lease"`` ops); ``load()`` returns them once and forgets them, so the consumers that held
   those tasks can still ack or extend them after the restart (no duplicate work).
 
 Ops are the named records below: :class:`PutOp` (one per put call: its tasks have consecutive
-ids), :class:`UpdateOp` (nack, lease expiry, dead-letter, requeue), :class:`DeleteOp` (ack, purge;
-one per call) and :class:`LeaseOp` (graceful shutdown only). A put and an ack journal one record
+ids), :class:`UpdateOp` (nack, lease expiry, dead-letter, requeue), :class:`FinishOp` (ack,
+cancel; one per call), :class:`CancelOp` (an in-flight task flagged), :class:`DeleteOp` (purge,
+result-store eviction) and :class:`LeaseOp` (graceful shutdown only). A put and an ack journal one record
 per call, not one per task: creating a record per task cost more than the rest of a batched put.
 """
 
@@ -34,17 +37,34 @@ class JournalError(QueuekitError):
 
 
 class PutOp(NamedTuple):
-    """New tasks ``first_id``, ``first_id + 1``, ... with these payloads, attempts 0."""
+    """New tasks ``first_id``, ``first_id + 1``, ... with these payloads, attempts 0, and the
+    same headers and per-task timeout (schema v2)."""
 
     queue: str
     first_id: int
     payloads: list[str]
     enqueued_at: float
     not_before: float
+    headers: dict[str, str] | None = None
+    timeout: float | None = None
 
     def rows(self) -> list[StoredTask]:
+        headers, timeout = self.headers, self.timeout
         return [
-            StoredTask(self.queue, task_id, payload, 0, self.enqueued_at, self.not_before, False, None)
+            StoredTask(
+                self.queue,
+                task_id,
+                payload,
+                0,
+                self.enqueued_at,
+                self.not_before,
+                False,
+                None,
+                None,
+                None,
+                headers,
+                timeout,
+            )
             for task_id, payload in enumerate(self.payloads, self.first_id)
         ]
 
@@ -60,7 +80,28 @@ class UpdateOp(NamedTuple):
 
 
 class DeleteOp(NamedTuple):
-    """Tasks gone (acked or purged)."""
+    """Tasks gone (purged dead tasks, finished tasks evicted from the result store)."""
+
+    ids: list[int]
+
+
+class FinishOp(NamedTuple):
+    """Live tasks finished (schema v2): ``state`` "succeeded" (acked) or "cancelled". The row stays
+    as the task's status until evicted (a ``DeleteOp``); its payload is no longer kept.
+    ``results``: task id -> result JSON text (ids absent: no result). ``started_at`` and
+    ``consumers`` run parallel to ``ids`` (when and by which client name it was last leased)."""
+
+    ids: list[int]
+    state: str
+    finished_at: float
+    results: dict[int, str] | None
+    started_at: list[float | None]
+    consumers: list[str | None]
+
+
+class CancelOp(NamedTuple):
+    """In-flight tasks flagged cancelled (schema v2): their ack, nack or lease expiry finishes them
+    as cancelled; a restart finds them live and finishes them as cancelled at once."""
 
     ids: list[int]
 
@@ -73,7 +114,7 @@ class LeaseOp(NamedTuple):
     until: float
 
 
-JournalOp = PutOp | UpdateOp | DeleteOp | LeaseOp
+JournalOp = PutOp | UpdateOp | DeleteOp | LeaseOp | FinishOp | CancelOp
 
 
 class StoredTask(NamedTuple):
@@ -87,6 +128,15 @@ class StoredTask(NamedTuple):
     last_error: str | None
     lease_delivery: int | None = None  # set only for leases saved by a graceful shutdown
     lease_until: float | None = None
+    # Schema v2:
+    headers: dict[str, str] | None = None
+    timeout: float | None = None
+    state: str | None = None  # "succeeded" / "cancelled": a finished task (status kept); None: live or dead
+    finished_at: float | None = None
+    started_at: float | None = None
+    consumer: str | None = None
+    result: str | None = None
+    cancel_requested: bool = False
 
 
 class Recovered(NamedTuple):
@@ -100,6 +150,9 @@ class Journal:
     durable = False
     description = "memory"
     commits = 0  # transactions written so far (a durable journal counts them)
+    # Schema v2: keeps finished tasks (FinishOp, CancelOp). A journal without it gets a DeleteOp
+    # for each finish and no CancelOp: results and cancel flags then do not survive a restart.
+    keeps_finished = False
 
     @property
     def healthy(self) -> bool:
@@ -131,6 +184,7 @@ class MemoryJournal(Journal):
 
     durable = True
     description = "in-process (tests)"
+    keeps_finished = True
 
     def __init__(self) -> None:
         self._rows: dict[int, StoredTask] = {}
@@ -174,5 +228,25 @@ def apply_op(rows: dict[int, StoredTask], op: JournalOp) -> None:
         leased = rows.get(op.id)
         if leased is not None:
             rows[op.id] = leased._replace(lease_delivery=op.delivery, lease_until=op.until)
+    elif type(op) is FinishOp:
+        results = op.results or {}
+        for task_id, started, consumer in zip(op.ids, op.started_at, op.consumers, strict=True):
+            finished = rows.get(task_id)
+            if finished is not None:
+                rows[task_id] = finished._replace(
+                    payload="",
+                    state=op.state,
+                    finished_at=op.finished_at,
+                    started_at=started,
+                    consumer=consumer,
+                    result=results.get(task_id),
+                    lease_delivery=None,
+                    lease_until=None,
+                )
+    elif type(op) is CancelOp:
+        for task_id in op.ids:
+            flagged = rows.get(task_id)
+            if flagged is not None:
+                rows[task_id] = flagged._replace(cancel_requested=True)
     else:
         raise ValueError(f"unknown journal op {op!r}")

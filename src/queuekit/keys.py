@@ -34,7 +34,11 @@ QUEUES_SUFFIX = ".queues"
 MAX_KEY_FILE_BYTES = 64 * 1024
 
 # What each role may call. Admin may call everything; the rest are listed.
-PRODUCER_METHODS = frozenset({"ping", "put_many", "qsize", "put", "put_nowait", "empty", "full"})
+# status/result/cancel follow a task its producer made: producer (admin may too). A consumer
+# takes and heartbeats; it learns about cancellation from its heartbeat, not from status.
+PRODUCER_METHODS = frozenset(
+    {"ping", "put_many", "qsize", "put", "put_nowait", "empty", "full", "status", "result", "cancel"}
+)
 CONSUMER_METHODS = frozenset(
     {
         "ping",
@@ -42,6 +46,8 @@ CONSUMER_METHODS = frozenset(
         "ack_many",
         "nack_many",
         "extend_many",
+        "take",
+        "heartbeat",
         "release_many",
         "report",
         "qsize",

@@ -54,9 +54,8 @@ from collections.abc import Callable
 from typing import Any
 
 from . import logs, transport
-from .broker import Broker, Waiter, receipts
+from .broker import Broker, ResultWaiter, Waiter
 from .keys import Grant
-from .message import WireDelivery
 from .settings import DEFAULT_FRAME_TIMEOUT
 
 _log = logs.get("server")
@@ -116,7 +115,7 @@ class Session:
         conn: transport.Connection,
         name: str,
         grant: Grant,
-        deliver: Callable[[Session, list[WireDelivery]], None],
+        deliver: Callable[[Session, Any], None],
     ):
         self.conn = conn
         self.fd = conn.fileno()
@@ -129,8 +128,8 @@ class Session:
         self.hook: Callable[[bool], None] | None = None  # runs once the reply was (not) written
         # The broker Waiter of a parked get; kept after a close that came too late to withdraw
         # it, so that the tasks delivered to it are given back.
-        self.waiter: Waiter | None = None
-        self.finish: Callable[[list[WireDelivery]], Any] | None = None  # delivered items -> the result
+        self.waiter: Waiter | ResultWaiter | None = None
+        self.finish: Callable[[Any], Any] | None = None  # delivered items (or outcome) -> the result
         self.deliver = lambda items: deliver(self, items)  # the deliver callback of its waiters
         self.state = IDLE
         self.events = 0  # selector events registered
@@ -183,7 +182,7 @@ class Loop:
         self._inbox: deque[tuple] = deque()  # work handed over by other threads
         self._sessions: dict[int, Session] = {}
         # (deadline, seq, session, waiter of a parked get or the _FrameTimer of a partial request)
-        self._timers: list[tuple[float, int, Session, Waiter | _FrameTimer]] = []
+        self._timers: list[tuple[float, int, Session, Waiter | ResultWaiter | _FrameTimer]] = []
         self._timer_seq = itertools.count()
         self._uncommitted: list[tuple[Session, Callable[[BaseException | None], Any]]] = []
         self._commit_seq = 0  # the journal sequence number this turn's commit must reach
@@ -231,10 +230,15 @@ class Loop:
     # -- called by dispatch (loop thread) ---------------------------------------------------
 
     def park(
-        self, session: Session, waiter: Waiter, timeout: float | None, finish: Callable[[list[WireDelivery]], Any]
+        self,
+        session: Session,
+        waiter: Waiter | ResultWaiter,
+        timeout: float | None,
+        finish: Callable[[Any], Any],
     ) -> Any:
-        """Answer ``session`` later: with ``finish(items)`` when the waiter is delivered, or
-        ``finish([])`` when ``timeout`` passes first (None: no timeout)."""
+        """Answer ``session`` later: with ``finish(items)`` when the waiter is delivered (tasks,
+        or a result waiter's outcome), or ``finish([])`` when ``timeout`` passes first (None: no
+        timeout)."""
         session.state = PARKED
         session.waiter = waiter
         session.finish = finish
@@ -553,14 +557,15 @@ class Loop:
 
     # -- answering --------------------------------------------------------------------------
 
-    def _delivered(self, session: Session, items: list[WireDelivery]) -> None:
-        """The broker took tasks for a parked get (or closed): answer it."""
+    def _delivered(self, session: Session, items: Any) -> None:
+        """The broker took tasks for a parked get, or a parked result's task ended (or the
+        broker closed): answer it."""
         waiter, finish = session.waiter, session.finish
         session.waiter = session.finish = None
         if session.state is CLOSED or finish is None:
             # The client hung up after the tasks were taken for it: nobody got them.
-            if items and waiter is not None:
-                self._broker.release_many(waiter.queue.name, receipts(items))
+            if items and type(waiter) is Waiter:
+                self._broker.release_taken(waiter.queue.name, items)
             return
         session.state = ANSWERING
         try:

@@ -86,16 +86,84 @@ def encode_payload(value: Any, max_bytes: int) -> str:
     return text
 
 
-def check_size(text: str, max_bytes: int, index: int | None = None) -> None:
+def check_size(
+    text: str, max_bytes: int, index: int | None = None, what: str = "payload", setting: str = "QUEUEKIT_MAX_TASK_BYTES"
+) -> None:
     # A UTF-8 character is at most 4 bytes, so short texts need no encoding to be measured.
     if len(text) * 4 <= max_bytes:
         return
     size = len(text.encode("utf-8", "surrogatepass"))
     if size > max_bytes:
         where = "" if index is None else f" {index}"
-        raise PayloadTooLarge(
-            f"payload{where} is {size} bytes encoded; the limit is {max_bytes} (QUEUEKIT_MAX_TASK_BYTES)"
+        raise PayloadTooLarge(f"{what}{where} is {size} bytes encoded; the limit is {max_bytes} ({setting})")
+
+
+def encode_result(value: Any, max_bytes: int) -> str:
+    """A handler's return value as JSON text (the payload rules), within QUEUEKIT_MAX_RESULT_BYTES.
+    Raises :class:`PayloadError` / :class:`PayloadTooLarge` naming the result."""
+    try:
+        text = encode_payload(value, 1 << 62)  # the size is checked below, with the result's setting
+    except PayloadError as e:
+        raise PayloadError(f"result: {e}") from None
+    check_size(text, max_bytes, what="result", setting="QUEUEKIT_MAX_RESULT_BYTES")
+    return text
+
+
+def validate_results(results: Any, max_bytes: int) -> dict[int, str] | None:
+    """Server side: ``results`` of an ack, task id -> JSON text within the result limit."""
+    if results is None:
+        return None
+    if type(results) is not dict:
+        raise InvalidRequest(f"results must map task ids to JSON texts, got {type(results).__name__}")
+    for task_id, text in results.items():
+        if type(task_id) is not int:
+            raise InvalidRequest(f"results must be keyed by task id (int), got {task_id!r}")
+        if type(text) is not str:
+            raise PayloadError(f"result of task {task_id} must be JSON text (str), got {type(text).__name__}")
+        check_size(text, max_bytes, task_id, "result of task", "QUEUEKIT_MAX_RESULT_BYTES")
+        _check_json(text, f"result of task {task_id}")
+    return results
+
+
+# Task headers: small string metadata carried to the handler untouched (trace context,
+# idempotency keys). Capped so they stay cheap to store with every task and send with every get.
+MAX_HEADERS = 64
+MAX_HEADER_NAME_CHARS = 128
+MAX_HEADERS_BYTES = 8192
+MAX_TASK_TIMEOUT = 7 * 86400.0  # a per-task timeout at put, seconds
+
+
+def check_headers(headers: Any) -> dict[str, str] | None:
+    """``headers`` as given to put (client and server): None, or a dict of str to str with at most
+    MAX_HEADERS entries, names of 1..MAX_HEADER_NAME_CHARS characters and at most
+    MAX_HEADERS_BYTES of names and values in UTF-8. Raises :class:`InvalidRequest`."""
+    if headers is None:
+        return None
+    if type(headers) is not dict:
+        raise InvalidRequest(f"headers must be a dict of str to str, got {type(headers).__name__}")
+    if len(headers) > MAX_HEADERS:
+        raise InvalidRequest(f"at most {MAX_HEADERS} headers per task, got {len(headers)}")
+    size = 0
+    for name, value in headers.items():
+        if type(name) is not str or not 1 <= len(name) <= MAX_HEADER_NAME_CHARS:
+            raise InvalidRequest(f"header names must be str of 1..{MAX_HEADER_NAME_CHARS} characters, got {name!r:.60}")
+        if type(value) is not str:
+            raise InvalidRequest(f"header {name!r} must have a str value, got {type(value).__name__}")
+        size += len(name.encode("utf-8", "surrogatepass")) + len(value.encode("utf-8", "surrogatepass"))
+    if size > MAX_HEADERS_BYTES:
+        raise InvalidRequest(f"headers are {size} bytes (names and values, UTF-8); the limit is {MAX_HEADERS_BYTES}")
+    return headers or None
+
+
+def check_task_timeout(timeout: Any) -> float | None:
+    """A per-task timeout given at put: None (the consumer's default) or seconds in 0.001..7 days."""
+    if timeout is None:
+        return None
+    if type(timeout) not in (int, float) or not 0.001 <= timeout <= MAX_TASK_TIMEOUT:
+        raise InvalidRequest(
+            f"timeout must be None or a number of seconds in 0.001..{MAX_TASK_TIMEOUT:g}, got {timeout!r}"
         )
+    return float(timeout)
 
 
 def validate_texts(texts: Any, max_bytes: int) -> list[str]:
@@ -115,11 +183,15 @@ def validate_texts(texts: Any, max_bytes: int) -> list[str]:
                 continue
         except (StopIteration, ValueError):
             pass
-        try:
-            _DECODER.decode(text)
-        except ValueError as e:
-            raise PayloadError(f"payload {index} is not valid JSON: {e}") from None
+        _check_json(text, f"payload {index}")
     return list(texts)
+
+
+def _check_json(text: str, what: str) -> None:
+    try:
+        _DECODER.decode(text)
+    except ValueError as e:
+        raise PayloadError(f"{what} is not valid JSON: {e}") from None
 
 
 def decode_payload(text: str) -> Any:
@@ -172,6 +244,11 @@ class NackItem(NamedTuple):
     error: str | None
 
 
+# One task of a ``take`` reply (the get of clients that know headers, timeouts and several
+# queues), a plain tuple: (queue, id, delivery, attempts, payload text, enqueued_at, headers, timeout).
+TakeItem = tuple[str, int, int, int, str, float, Any, Any]
+
+
 class Task(NamedTuple):
     """A task as a consumer holds it: leased until acked, nacked, released or the lease expires.
 
@@ -179,6 +256,7 @@ class Task(NamedTuple):
     ``delivery`` numbers the lease this copy was handed out under; nack/extend/release quote it so
     that a stale copy (whose lease expired and which was redelivered elsewhere) cannot disturb the
     current holder. ``ack`` does not need it: finished work is finished, whoever reports it.
+    ``headers`` and ``timeout`` are what the producer gave at put (None when it gave none).
     """
 
     queue: str
@@ -187,6 +265,8 @@ class Task(NamedTuple):
     attempts: int
     payload: Any
     enqueued_at: float
+    headers: dict[str, str] | None = None
+    timeout: float | None = None
 
     @classmethod
     def from_wire(cls, queue: str, item: tuple) -> Task:
@@ -210,6 +290,55 @@ class Task(NamedTuple):
             for (task_id, delivery, attempts, _, enqueued_at), payload in zip(items, payloads, strict=True)
         ]
 
+    @staticmethod
+    def many_from_take(items: list[tuple]) -> list[Task]:
+        """Decode a ``take`` reply (:data:`TakeItem` tuples), one JSON decode for the batch."""
+        if not items:
+            return []
+        payloads = _DECODER.decode("[" + ",".join(item[4] for item in items) + "]")
+        if len(payloads) != len(items):
+            raise PayloadError("server sent a malformed batch of payloads")
+        return [
+            Task(queue, task_id, delivery, attempts, payload, enqueued_at, headers, timeout)
+            for (queue, task_id, delivery, attempts, _, enqueued_at, headers, timeout), payload in zip(
+                items, payloads, strict=True
+            )
+        ]
+
     @property
     def receipt(self) -> tuple[int, int]:
         return (self.id, self.delivery)
+
+
+class Heartbeat(NamedTuple):
+    """What ``heartbeat`` says about the tasks it renewed: ``lost`` (no longer ours: lease expired,
+    redelivered, finished) and ``cancelled`` (still ours, but ``cancel(id)`` was called: stop the
+    work and ack or nack it; either is recorded as cancelled)."""
+
+    lost: list[int]
+    cancelled: list[int]
+
+
+# Task states as status() reports them.
+TASK_STATES = ("ready", "delayed", "inflight", "succeeded", "failed", "dead", "cancelled", "unknown")
+
+
+class TaskStatus(NamedTuple):
+    """Where a task is in its life (``Queue.status``, ``queuekit status``, ``GET /tasks/<id>``).
+
+    ``state``: ready, delayed, inflight, succeeded, failed (its last attempt failed and it will be
+    retried), dead, cancelled, or unknown (never existed, or finished so long ago that the result
+    store evicted it). Times are Unix seconds (None: not yet / not known). ``consumer``: the client
+    name of the connection that holds or held it. Sent as a plain tuple in this field order.
+    """
+
+    id: int
+    queue: str | None
+    state: str
+    attempts: int = 0
+    last_error: str | None = None
+    enqueued_at: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    consumer: str | None = None
+    has_result: bool = False

@@ -397,6 +397,15 @@ class QueuekitServer(managers.Server):
         queue = None
         if methodname in api.QUEUE_METHODS:
             queue = args[0] if args else kwds.get("queue") if isinstance(kwds, dict) else None
+            if isinstance(queue, (list, tuple)):  # take/heartbeat name several queues: each must be granted
+                for name in queue:
+                    grant.check(methodname, name if isinstance(name, str) else None)
+                return
+            if queue is None and grant.queues:  # status/result/cancel of any queue
+                grant.check(methodname, None)
+                raise PermissionDenied(
+                    f"key {grant.name!r} is limited to queues {', '.join(grant.queues)}: name the task's queue"
+                )
         grant.check(methodname, queue if isinstance(queue, str) else None)
 
     def set_grants(self, grants: list[Grant]) -> None:

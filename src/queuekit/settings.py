@@ -20,6 +20,10 @@ MAX_AUTHKEY_FILE_BYTES = 64 * 1024
 DEFAULT_PORT = 50000
 DEFAULT_HTTP_PORT = 8080
 DEFAULT_MAX_TASK_BYTES = 1024 * 1024
+DEFAULT_MAX_RESULT_BYTES = 64 * 1024
+DEFAULT_RESULT_TTL = 86400.0
+DEFAULT_RESULT_MAX_COUNT = 100_000
+DEFAULT_RESULT_MAX_BYTES = 64 * 1024 * 1024
 MIN_HTTP_TOKEN_BYTES = 32
 MAX_HTTP_TOKEN_BYTES = 4096
 DEFAULT_HTTP_MAX_QUEUES = 1000
@@ -345,6 +349,12 @@ class ServerSettings:
     max_message_bytes: int = derived_max_message_bytes(DEFAULT_MAX_TASK_BYTES)
     frame_timeout: float = DEFAULT_FRAME_TIMEOUT
     max_queues: int = DEFAULT_MAX_QUEUES
+    # Task results (issue 13): the largest result a handler may return, and the result store's
+    # bounds (finished tasks' status and results, oldest evicted first).
+    max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES
+    result_ttl: float = DEFAULT_RESULT_TTL
+    result_max_count: int = DEFAULT_RESULT_MAX_COUNT
+    result_max_bytes: int = DEFAULT_RESULT_MAX_BYTES
     # The web dashboard: its actions need this token (None: read-only); seconds between the
     # samples of its history (360 kept).
     dashboard_admin_token_file: str | None = None
@@ -451,6 +461,16 @@ class ServerSettings:
             ),
             frame_timeout=src.get("frame_timeout", "QUEUEKIT_FRAME_TIMEOUT", DEFAULT_FRAME_TIMEOUT, _positive_float),
             max_queues=src.get("max_queues", "QUEUEKIT_MAX_QUEUES", DEFAULT_MAX_QUEUES, _positive_int),
+            max_result_bytes=src.get(
+                "max_result_bytes", "QUEUEKIT_MAX_RESULT_BYTES", DEFAULT_MAX_RESULT_BYTES, _positive_int
+            ),
+            result_ttl=src.get("result_ttl", "QUEUEKIT_RESULT_TTL", DEFAULT_RESULT_TTL, _non_negative_float),
+            result_max_count=src.get(
+                "result_max_count", "QUEUEKIT_RESULT_MAX_COUNT", DEFAULT_RESULT_MAX_COUNT, _non_negative_int
+            ),
+            result_max_bytes=src.get(
+                "result_max_bytes", "QUEUEKIT_RESULT_MAX_BYTES", DEFAULT_RESULT_MAX_BYTES, _non_negative_int
+            ),
             dashboard_admin_token_file=(
                 admin_file := src.get(
                     "dashboard_admin_token_file", "QUEUEKIT_DASHBOARD_ADMIN_TOKEN_FILE", None, _optional_path

@@ -29,6 +29,8 @@ def api(broker):
 class FakeSession:
     """Only what the API touches on a session for calls that are answered at once."""
 
+    name = "test-client"
+
     def __init__(self):
         self.hooks = []
 

@@ -1,0 +1,265 @@
+"""Task lifecycle against a real server (issue 13): ids and status, results, cancellation,
+headers and timeouts, several queues per get, heartbeats, bad input, authorization."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+import queuekit
+from queuekit.errors import (
+    InvalidRequest,
+    PayloadError,
+    PayloadTooLarge,
+    PermissionDenied,
+    ResultExpired,
+    ResultTimeout,
+    TaskCancelled,
+    TaskDead,
+)
+from support.procs import ServerProc, wait_until, write_key
+
+
+def test_status_through_the_life_of_a_task(client):
+    q = client.queue("life")
+    before = time.time()
+    task_id = q.put({"n": 1}, headers={"trace": "abc"}, timeout=12.5)
+    st = q.status(task_id)
+    assert (st.id, st.queue, st.state, st.attempts, st.started_at, st.finished_at) == (
+        task_id,
+        "life",
+        "ready",
+        0,
+        None,
+        None,
+    )
+    assert before - 1 <= st.enqueued_at <= time.time() + 1
+
+    task = q.get(timeout=5)
+    assert (task.id, task.headers, task.timeout) == (task_id, {"trace": "abc"}, 12.5)
+    st = q.status(task_id)
+    assert st.state == "inflight" and st.consumer == client.name and st.started_at >= st.enqueued_at
+
+    q.nack(task, delay=0, error="boom")
+    st = q.status(task_id)
+    assert (st.state, st.attempts, st.last_error) == ("failed", 1, "boom")
+
+    task = q.get(timeout=5)
+    q.ack(task, result={"sum": 42})
+    st = q.status(task_id)
+    assert (st.state, st.attempts, st.has_result) == ("succeeded", 1, True)
+    assert st.finished_at >= st.started_at
+    assert q.result(task_id, timeout=1) == {"sum": 42}
+    assert client.status(task_id).state == "succeeded"  # no queue named: found anyway
+    assert client.queue("other").status(task_id).state == "unknown"  # of another queue: not shown there
+
+    delayed = q.put("later", delay=60)
+    assert q.status(delayed).state == "delayed"
+    assert client.status(123).state == "unknown"
+
+
+def test_result_waits_server_side_and_arrives_when_acked(server, client, key_file):
+    q = client.queue("res")
+    task_id = q.put("x")
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(q.result(task_id, timeout=20)))
+    waiter.start()
+    # The wait is parked in the server (a result waiter, no polling).
+    wait_until(lambda: client.stats()["results"]["waiting"] == 1, timeout=5, what="a parked result wait")
+    assert got == []
+    with queuekit.connect(server.address, authkey_file=str(key_file), connect_timeout=5) as consumer:
+        task = consumer.queue("res").get(timeout=5)
+        consumer.queue("res").get_many(1, 0, ack=[task], results={task.id: [1, 2, 3]})
+    waiter.join(10)
+    assert got == [[1, 2, 3]]
+    with pytest.raises(ResultTimeout):
+        q.result(q.put("never taken"), timeout=0.3)
+    with pytest.raises(ResultExpired):
+        q.result(999, timeout=1)
+    # A handler that returned None: succeeded without a result.
+    q2 = client.queue("res2")
+    none_id = q2.put("y")
+    q2.ack(q2.get(timeout=5))
+    assert q2.result(none_id, timeout=1) is None and not q2.status(none_id).has_result
+
+
+def test_call_round_trip_with_a_consumer(server, client, key_file):
+    def consume():
+        with queuekit.connect(server.address, authkey_file=str(key_file), connect_timeout=5) as c:
+            cq = c.queue("calls")
+            done = []
+            for _ in range(200):  # bounded
+                tasks = cq.get_many(10, 0.2, ack=done[:], results={t.id: t.payload * 2 for t in done})
+                done = tasks
+                if stop.is_set() and not tasks:
+                    return
+
+    stop = threading.Event()
+    t = threading.Thread(target=consume)
+    t.start()
+    try:
+        assert [client.queue("calls").call(n, timeout=10) for n in range(5)] == [0, 2, 4, 6, 8]
+    finally:
+        stop.set()
+        t.join(20)
+
+
+def test_dead_task_raises_task_dead(tmp_path, key_file):
+    server = ServerProc(tmp_path, key_file, "--max-attempts", "1")
+    with queuekit.connect(server.address, authkey_file=str(key_file), connect_timeout=5) as c:
+        q = c.queue("d")
+        task_id = q.put("x")
+        for _ in range(2):
+            q.nack(q.get(timeout=5), delay=0, error="bad input")
+        assert q.status(task_id).state == "dead"
+        with pytest.raises(TaskDead, match="bad input"):
+            q.result(task_id, timeout=1)
+    server.stop()
+
+
+def test_cancel_before_and_during_execution(server, client, key_file):
+    q = client.queue("cx")
+    waiting_id = q.put("a")
+    waiter = []
+    t = threading.Thread(target=lambda: waiter.append(_raises(lambda: q.result(waiting_id, timeout=20))))
+    t.start()
+    assert q.cancel(waiting_id) == "cancelled"
+    t.join(10)
+    assert waiter == [TaskCancelled]
+    assert q.status(waiting_id).state == "cancelled"
+    assert q.cancel(waiting_id) == "cancelled"
+
+    running_id = q.put("b")
+    with queuekit.connect(server.address, authkey_file=str(key_file), connect_timeout=5) as consumer:
+        cq = consumer.queue("cx")
+        task = cq.get(timeout=5)
+        assert task.id == running_id
+        assert cq.heartbeat([task]) == ([], [])
+        assert q.cancel(running_id) == "cancelling"
+        assert cq.heartbeat([task]) == ([], [running_id])  # the flag reaches the holder
+        assert q.status(running_id).state == "inflight"
+        cq.ack(task, result="ignored")
+    assert q.status(running_id).state == "cancelled"
+    with pytest.raises(TaskCancelled):
+        q.result(running_id, timeout=1)
+    # A nacked cancelled task is not retried either.
+    nacked_id = q.put("c")
+    task = q.get(timeout=5)
+    assert q.cancel(nacked_id) == "cancelling"
+    q.nack(task, delay=0, error="stopped")
+    assert q.status(nacked_id).state == "cancelled" and q.qsize() == 0
+    assert q.cancel(12345) == "unknown"
+
+
+def _raises(fn):
+    try:
+        fn()
+    except Exception as e:
+        return type(e)
+    return None
+
+
+def test_several_queues_in_strict_priority_one_waiter(server, client, key_file):
+    for name, n in (("low", 3), ("default", 2), ("high", 2)):
+        client.queue(name).put_many([f"{name}{i}" for i in range(n)])
+    qs = client.queues(["high", "default", "low"])
+    got = qs.get_many(5, 1)
+    assert [t.payload for t in got] == ["high0", "high1", "default0", "default1", "low0"]
+    assert [t.queue for t in got] == ["high", "high", "default", "default", "low"]
+    hb = qs.heartbeat(got)
+    assert hb.lost == [] and hb.cancelled == []
+    assert qs.nack_many([(got[0], 0, "x")]) == 1
+    assert qs.release(got[1:3]) == 2
+    rest = qs.get_many(10, 1, ack=got[3:])
+    assert sorted(t.payload for t in rest) == ["default0", "high0", "high1", "low1", "low2"]
+    assert client.queue("default").status(got[3].id).state == "succeeded"
+    qs.get_many(1, 0, ack=rest)
+
+    # One parked get over three empty queues: a put to any of them wakes it, once.
+    answer = []
+    t = threading.Thread(target=lambda: answer.append(qs.get_many(10, 20)))
+    t.start()
+    wait_until(
+        lambda: all(client.stats()["queues"][n]["waiting"] == 1 for n in qs.names), timeout=5, what="one parked take"
+    )
+    client.queue("low").put("wake")
+    t.join(10)
+    assert [(x.queue, x.payload) for x in answer[0]] == [("low", "wake")]
+    assert all(client.stats()["queues"][n]["waiting"] == 0 for n in qs.names)
+
+
+def test_bad_input_is_refused_clearly_and_loses_nothing(server, client, key_file):
+    q = client.queue("bad")
+    with pytest.raises(InvalidRequest, match="at most 64 headers"):
+        q.put("x", headers={str(i): "v" for i in range(65)})
+    with pytest.raises(InvalidRequest, match="8192"):
+        q.put("x", headers={"h": "v" * 9000})
+    with pytest.raises(InvalidRequest, match="str value"):
+        q.put("x", headers={"h": 1})
+    with pytest.raises(InvalidRequest, match="timeout"):
+        q.put("x", timeout=-1)
+    # The server checks too (a client may not be ours): raw calls.
+    with pytest.raises(InvalidRequest, match="header names"):
+        client.call("put_many", "bad", ['"x"'], 0.0, {"": "v"}, None)
+    with pytest.raises(InvalidRequest, match="task id"):
+        client.call("status", "bad", "12")
+    with pytest.raises(InvalidRequest, match="queue names"):
+        client.call("take", [], 1, 0.0, None, None, None)
+    assert q.qsize() == 0
+
+    task_id = q.put("keep")
+    task = q.get(timeout=5)
+    limit = client.max_result_bytes
+    with pytest.raises(PayloadTooLarge, match="QUEUEKIT_MAX_RESULT_BYTES"):
+        q.ack(task, result="r" * (limit + 1))
+    with pytest.raises(PayloadError, match="result"):
+        q.ack(task, result={1: "int key"})
+    with pytest.raises(PayloadTooLarge, match="QUEUEKIT_MAX_RESULT_BYTES"):
+        client.call("take", ["bad"], 1, 0.0, None, [task.id], {task.id: '"' + "r" * limit + '"'})
+    with pytest.raises(PayloadError, match="not valid JSON"):
+        client.call("ack_many", "bad", [task.id], {task.id: "{nope"})
+    assert q.status(task_id).state == "inflight"  # the refused acks did nothing
+    q.ack(task, result="fine")
+    assert q.result(task_id, timeout=1) == "fine"
+
+
+def test_new_methods_follow_the_roles(tmp_path):
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    for name in ("producer.p", "consumer.c", "admin.a"):
+        write_key(keys / name)
+    (keys / "producer.limited").write_text("z" * 40)
+    write_key(keys / "producer.limited")
+    (keys / "producer.limited.queues").write_text("jobs\n")
+    server = ServerProc(tmp_path, keys / "admin.a", "--keys-dir", str(keys))
+
+    def connect(name):
+        return queuekit.connect(server.address, authkey_file=str(keys / name), connect_timeout=5)
+
+    with connect("producer.p") as p, connect("consumer.c") as c, connect("producer.limited") as lim:
+        task_id = p.queue("jobs").put("x")
+        assert p.queue("jobs").status(task_id).state == "ready"
+        assert lim.queue("jobs").status(task_id).state == "ready"
+        with pytest.raises(PermissionDenied):
+            lim.status(task_id)  # any queue: not for a key limited to queues
+        with pytest.raises(PermissionDenied):
+            lim.queue("other").status(task_id)
+        with pytest.raises(PermissionDenied):
+            c.queue("jobs").status(task_id)
+        with pytest.raises(PermissionDenied):
+            c.queue("jobs").cancel(task_id)
+        with pytest.raises(PermissionDenied):
+            p.queue("jobs").get_many(1, 0)  # take is the consumer's
+        with pytest.raises(PermissionDenied):
+            lim.queues(["jobs", "other"]).get_many(1, 0)
+        task = c.queue("jobs").get(timeout=5)
+        assert c.queue("jobs").heartbeat([task]).lost == []
+        with pytest.raises(PermissionDenied):
+            p.queue("jobs").heartbeat([task])
+        assert p.queue("jobs").cancel(task_id) == "cancelling"
+        c.queue("jobs").ack(task)
+        with pytest.raises(TaskCancelled):
+            p.queue("jobs").result(task_id, timeout=1)
+    server.stop()
