@@ -37,13 +37,19 @@ KUSTOMIZATIONS = {
     "dev-keda": "overlays/dev-keda",  # overlays/dev + components/keda
     "dev-tls": "overlays/dev-tls",  # overlays/dev + components/tls/secrets + components/tls
     "dev-tls-cert-manager": "overlays/dev-tls-cert-manager",  # overlays/dev + cert-manager + tls
+    "dev-tls-tunnel": "overlays/dev-tls-tunnel",  # overlays/dev-tls + components/tunnel-sidecar
 }
 # The kustomizations that generate the Secret from k8s/base/keys.
-NEEDS_KEY = ("base", "dev", "dev-keda", "dev-tls", "dev-tls-cert-manager")
+NEEDS_KEY = ("base", "dev", "dev-keda", "dev-tls", "dev-tls-cert-manager", "dev-tls-tunnel")
 # The ones a user deploys (an overlay picks the namespace); the base is for building on.
-DEPLOYABLE = ("dev", "dev-existing-secret", "dev-keda", "dev-tls", "dev-tls-cert-manager")
+DEPLOYABLE = ("dev", "dev-existing-secret", "dev-keda", "dev-tls", "dev-tls-cert-manager", "dev-tls-tunnel")
 # The ones with mutual TLS on the queue port (components/tls).
-TLS_OVERLAYS = ("dev-tls", "dev-tls-cert-manager")
+TLS_OVERLAYS = ("dev-tls", "dev-tls-cert-manager", "dev-tls-tunnel")
+# components/tunnel-sidecar: a stock client Job (component producer) with a `queuekit tunnel` native
+# sidecar (an init container of this name) that holds the TLS client Secret and no key.
+TUNNEL_OVERLAYS = ("dev-tls-tunnel",)
+STOCK_CLIENT_JOB = ("Job", "queuekit-stock-client")
+TUNNEL_CONTAINER = "tunnel"
 DEV_NAMESPACE = "queuekit-dev"
 
 WORKLOAD_KINDS = ("Deployment", "StatefulSet", "Job", "DaemonSet", "ReplicaSet", "CronJob", "Pod")

@@ -95,13 +95,18 @@ def _in_block(block: dict, ip: str) -> bool:
     )
 
 
-def _labels(docs: list[dict], component: str) -> dict[str, str]:
-    (w,) = [
-        w
+def _all_labels(docs: list[dict], component: str) -> list[dict[str, str]]:
+    """The pod labels of every workload of ``component`` (overlays/dev-tls-tunnel: two producers)."""
+    return [
+        pod_template(w)["metadata"]["labels"]
         for w in workloads(docs)
         if pod_template(w)["metadata"]["labels"].get("app.kubernetes.io/component") == component
     ]
-    return pod_template(w)["metadata"]["labels"]
+
+
+def _labels(docs: list[dict], component: str) -> dict[str, str]:
+    (labels,) = _all_labels(docs, component)
+    return labels
 
 
 def egress_violations(docs: list[dict]) -> list[str]:
@@ -113,9 +118,10 @@ def egress_violations(docs: list[dict]) -> list[str]:
 
     def check(what: str, want: bool, **dst) -> None:
         for component in ("consumer", "producer"):
-            got = egress_allowed(policies, src_labels=_labels(docs, component), src_namespace=NS, **dst)
-            if got != want:
-                out.append(f"{component} {'cannot' if want else 'can'} connect to {what}")
+            for labels in _all_labels(docs, component):
+                got = egress_allowed(policies, src_labels=labels, src_namespace=NS, **dst)
+                if got != want:
+                    out.append(f"{component} {'cannot' if want else 'can'} connect to {what}")
 
     to_server = {"dst_labels": server, "dst_namespace": NS, "dst_namespace_labels": same_ns}
     dns = {"dst_labels": KUBE_DNS, "dst_namespace": "kube-system", "dst_namespace_labels": KUBE_SYSTEM}

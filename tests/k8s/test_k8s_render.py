@@ -4,6 +4,7 @@ Secret comes only from the role key files, and a missing key file is a loud erro
 from __future__ import annotations
 
 import base64
+import re
 from pathlib import Path
 
 import k8slib
@@ -61,10 +62,20 @@ EXPECTED = {
         ("Certificate", "queuekit-client"),
     },
 }
+# dev-tls + components/tunnel-sidecar: the stock client Job, its account and its script
+EXPECTED["dev-tls-tunnel"] = EXPECTED["dev-tls"] | {
+    ("ServiceAccount", "queuekit-stock-client"),
+    k8slib.STOCK_CLIENT_JOB,
+    ("ConfigMap", "queuekit-stock-client"),  # + kustomize's content hash, dropped by _kind_names
+}
 
 
 def _kind_names(docs: list[dict]) -> list[tuple[str, str]]:
-    return [(d["kind"], d["metadata"]["name"]) for d in docs]
+    def name(d: dict) -> str:
+        n = d["metadata"]["name"]
+        return re.sub(r"-[a-z0-9]{10}$", "", n) if d["kind"] == "ConfigMap" else n
+
+    return [(d["kind"], name(d)) for d in docs]
 
 
 @pytest.mark.parametrize("name", list(KUSTOMIZATIONS))
@@ -234,11 +245,17 @@ def test_images_and_pull_policy(renders, name):
     want_policy = "Always" if name == "base" else "IfNotPresent"
     images = {}
     for w in workloads(renders.docs[name]):
-        for c in pod_spec(w)["containers"]:
-            images[w["metadata"]["name"]] = c["image"]
+        for c in k8slib.all_containers(pod_spec(w)):  # the tunnel sidecar (an init container) too
+            images[f"{w['metadata']['name']}/{c['name']}"] = c["image"]
             assert c.get("imagePullPolicy") == want_policy, (w["metadata"]["name"], c.get("imagePullPolicy"))
-    assert images == {
-        "queuekit-server": "queuekit-server:latest",
-        "queuekit-consumer": "queuekit-consumer:latest",
-        "queuekit-producer": "queuekit-producer:latest",
+    want = {
+        "queuekit-server/server": "queuekit-server:latest",
+        "queuekit-consumer/consumer": "queuekit-consumer:latest",
+        "queuekit-producer/producer": "queuekit-producer:latest",
     }
+    if name in k8slib.TUNNEL_OVERLAYS:
+        want |= {
+            "queuekit-stock-client/tunnel": "queuekit-producer:latest",
+            "queuekit-stock-client/stock-client": "queuekit-producer:latest",
+        }
+    assert images == want

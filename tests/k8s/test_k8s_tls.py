@@ -38,7 +38,10 @@ def tls_problems(docs: list[dict]) -> list[str]:
         want_secret, want_vars = (
             (SERVER_SECRET, SERVER_VARS) if name == "queuekit-server" else (CLIENT_SECRET, CLIENT_VARS)
         )
-        spec, container = pod_spec(w), the_container(w)
+        spec = pod_spec(w)
+        # components/tunnel-sidecar: the tunnel holds the client certificate, the stock client none.
+        tunnels = [c for c in spec.get("initContainers") or [] if c["name"] == k8slib.TUNNEL_CONTAINER]
+        container = tunnels[0] if tunnels else the_container(w)
         tls_volumes = [
             v
             for v in spec.get("volumes", [])
@@ -48,6 +51,9 @@ def tls_problems(docs: list[dict]) -> list[str]:
             problems.append(f"{name}: TLS Secrets mounted {[v['secret']['secretName'] for v in tls_volumes]}")
             continue
         (volume,) = tls_volumes
+        for other in k8slib.all_containers(spec):
+            if other is not container and any(m["name"] == volume["name"] for m in other.get("volumeMounts") or []):
+                problems.append(f"{name}/{other['name']}: mounts the TLS Secret beside {container['name']}")
         if "items" in volume["secret"] or volume["secret"].get("defaultMode") != 0o400:
             problems.append(f"{name}: TLS volume {volume['secret']} (want the whole Secret, defaultMode 0400)")
         mounts = [m for m in container.get("volumeMounts", []) if m["name"] == volume["name"]]
@@ -69,10 +75,12 @@ def tls_problems(docs: list[dict]) -> list[str]:
 @pytest.mark.parametrize("name", TLS_OVERLAYS)
 def test_each_pod_mounts_its_roles_certificate_with_the_tls_variables(renders, name):
     docs = renders.docs[name]
+    stock = {k8slib.STOCK_CLIENT_JOB[1]} if name in k8slib.TUNNEL_OVERLAYS else set()
     assert {w["metadata"]["name"] for w in workloads(docs)} == {
         "queuekit-server",
         "queuekit-consumer",
         "queuekit-producer",
+        *stock,
     }
     assert tls_problems(docs) == []
 
@@ -118,6 +126,37 @@ def test_each_pod_mounts_its_roles_certificate_with_the_tls_variables(renders, n
 def test_the_tls_checker_catches_miswiring(renders, mutate, fragment):
     """Negative controls: each mutation of a correct render is reported."""
     docs = copy.deepcopy(renders.docs["dev-tls"])
+    mutate(docs)
+    problems = tls_problems(docs)
+    assert problems and any(fragment in p for p in problems), problems
+
+
+def _stock_pod(docs) -> dict:
+    return pod_spec(one(docs, *k8slib.STOCK_CLIENT_JOB))
+
+
+def _tunnel_env(docs) -> list[dict]:
+    return next(c for c in _stock_pod(docs)["initContainers"] if c["name"] == k8slib.TUNNEL_CONTAINER)["env"]
+
+
+@pytest.mark.parametrize(
+    "mutate, fragment",
+    [
+        (
+            lambda d: _stock_pod(d)["containers"][0]["volumeMounts"].append(
+                {"name": "tls", "mountPath": "/run/tls", "readOnly": True}
+            ),
+            "mounts the TLS Secret beside tunnel",
+        ),
+        (lambda d: _tunnel_env(d).pop(0), "QUEUEKIT_TLS_CA_FILE"),
+        (lambda d: _stock_pod(d)["volumes"][1]["secret"].update(secretName=SERVER_SECRET), "TLS Secrets mounted"),
+    ],
+    ids=["stock-client-holds-the-certificate", "tunnel-without-ca", "tunnel-holds-the-server-key"],
+)
+def test_the_tls_checker_catches_a_miswired_tunnel_sidecar(renders, mutate, fragment):
+    """components/tunnel-sidecar: the tunnel, and only it, holds the client certificate and the CA."""
+    docs = copy.deepcopy(renders.docs["dev-tls-tunnel"])
+    assert tls_problems(docs) == []
     mutate(docs)
     problems = tls_problems(docs)
     assert problems and any(fragment in p for p in problems), problems

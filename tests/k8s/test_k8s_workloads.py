@@ -48,10 +48,18 @@ def _service_port(docs, service, port_name):
 # --- Pod Security "restricted" and hardening -------------------------------------------------
 
 
+def expected_workloads(name: str) -> dict[tuple[str, str], str]:
+    """(kind, name) -> component of a kustomization's workloads: the stock client behind the tunnel
+    sidecar is a producer (components/tunnel-sidecar)."""
+    if name in k8slib.TUNNEL_OVERLAYS:
+        return {**EXPECTED_WORKLOADS, k8slib.STOCK_CLIENT_JOB: "producer"}
+    return EXPECTED_WORKLOADS
+
+
 @pytest.mark.parametrize("name", ALL)
 def test_workloads_are_the_expected_ones(renders, name):
     found = {(w["kind"], w["metadata"]["name"]) for w in workloads(renders.docs[name])}
-    assert found == set(EXPECTED_WORKLOADS)
+    assert found == set(expected_workloads(name))
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -201,6 +209,11 @@ def key_holding_violations(workload: dict, component: str, secret_name: str = k8
             # TLS certificates (components/tls) are checked by test_k8s_tls.py
             and volumes[m["name"]]["secret"].get("secretName") not in k8slib.TLS_SECRET_NAMES
         ]
+        if c["name"] == k8slib.TUNNEL_CONTAINER and component != "server":
+            # The tunnel sidecar forwards bytes: the client's handshake passes through, no key here.
+            if mounts or "QUEUEKIT_AUTHKEY_FILE" in env_map(c):
+                out.append(f"{where}: the tunnel sidecar holds a key ({[m['mountPath'] for m in mounts]})")
+            continue
         if len(mounts) != 1:
             out.append(f"{where}: expected one Secret mount, got {[m['mountPath'] for m in mounts]}")
             continue
@@ -257,7 +270,7 @@ def test_each_pod_holds_only_its_roles_key_as_a_read_only_file(renders, name):
     violations = [
         v
         for w in workloads(docs)
-        for v in key_holding_violations(w, EXPECTED_WORKLOADS[(w["kind"], w["metadata"]["name"])])
+        for v in key_holding_violations(w, expected_workloads(name)[(w["kind"], w["metadata"]["name"])])
     ]
     assert violations == []
     # no key's content anywhere in a pod template (env values, args, annotations)
@@ -311,6 +324,31 @@ def test_the_key_holding_checker_catches(renders, mutation):
     assert key_holding_violations(workload, component) == []
     mutate(workload)
     assert key_holding_violations(workload, component) != []
+
+
+def _tunnel(workload) -> dict:
+    return next(c for c in pod_spec(workload)["initContainers"] if c["name"] == k8slib.TUNNEL_CONTAINER)
+
+
+TUNNEL_KEY_MUTATIONS = {
+    "tunnel-mounts-the-producer-key": lambda w: _tunnel(w)["volumeMounts"].append(
+        {"name": "authkey", "mountPath": "/run/secrets", "readOnly": True}
+    ),
+    "tunnel-has-an-authkey-file": lambda w: _tunnel(w)["env"].append(
+        {"name": "QUEUEKIT_AUTHKEY_FILE", "value": k8slib.AUTHKEY_PATH}
+    ),
+    "stock-client-holds-the-consumer-key": lambda w: _items(w)[0].update(key="consumer.default"),
+    "stock-client-holds-no-key": lambda w: the_container(w)["volumeMounts"].pop(0),
+}
+
+
+@pytest.mark.parametrize("mutation", list(TUNNEL_KEY_MUTATIONS))
+def test_the_key_holding_checker_catches_a_tunnel_sidecar_with_a_key(renders, mutation):
+    """components/tunnel-sidecar: the stock client holds the producer key only, the tunnel none."""
+    workload = copy.deepcopy(one(renders.docs["dev-tls-tunnel"], *k8slib.STOCK_CLIENT_JOB))
+    assert key_holding_violations(workload, "producer") == []
+    TUNNEL_KEY_MUTATIONS[mutation](workload)
+    assert key_holding_violations(workload, "producer") != []
 
 
 @pytest.mark.parametrize("name", ALL)
