@@ -63,11 +63,13 @@ $(VENV)/.k8s-tools: requirements/k8s.txt $(VENV)/.test-tools
 	@touch $@
 
 # Into a side directory (see requirements/keda-models.txt), replaced as a whole.
-# cert-manager's models too (requirements/cert-manager-models.txt): they share the cloudcoil package.
-$(K8S_KEDA_MODELS)/.complete: requirements/keda-models.txt requirements/cert-manager-models.txt | $(PYTHON)
+# cert-manager's and the Prometheus Operator's models too (requirements/cert-manager-models.txt,
+# requirements/prometheus-operator-models.txt): they share the cloudcoil package.
+$(K8S_KEDA_MODELS)/.complete: requirements/keda-models.txt requirements/cert-manager-models.txt \
+  requirements/prometheus-operator-models.txt | $(PYTHON)
 	@rm -rf $(K8S_KEDA_MODELS)
 	$(K8S_PYTHON) -m pip install -q --no-deps --target $(K8S_KEDA_MODELS) -r requirements/keda-models.txt \
-	  -r requirements/cert-manager-models.txt
+	  -r requirements/cert-manager-models.txt -r requirements/prometheus-operator-models.txt
 	@touch $@
 
 k8s-checkov: $(K8S_CHECKOV_VENV)/.complete

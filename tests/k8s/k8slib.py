@@ -51,6 +51,11 @@ TUNNEL_OVERLAYS = ("dev-tls-tunnel",)
 STOCK_CLIENT_JOB = ("Job", "queuekit-stock-client")
 TUNNEL_CONTAINER = "tunnel"
 DEV_NAMESPACE = "queuekit-dev"
+# overlays/dev + components/monitoring (Prometheus Operator PodMonitor and PrometheusRule):
+# tests/k8s/test_k8s_monitoring.py.
+KUSTOMIZATIONS["dev-monitoring"] = "overlays/dev-monitoring"
+NEEDS_KEY += ("dev-monitoring",)
+DEPLOYABLE += ("dev-monitoring",)
 
 WORKLOAD_KINDS = ("Deployment", "StatefulSet", "Job", "DaemonSet", "ReplicaSet", "CronJob", "Pod")
 

@@ -194,6 +194,12 @@ def test_base_is_namespace_agnostic(renders):
 
 
 KEDA_OBJECTS = {("ScaledObject", "queuekit-consumer"), ("NetworkPolicy", "queuekit-server-from-keda")}
+# dev + components/monitoring (checked in test_k8s_monitoring.py)
+EXPECTED["dev-monitoring"] = EXPECTED["dev"] | {
+    ("PodMonitor", "queuekit-server"),
+    ("PrometheusRule", "queuekit"),
+    ("NetworkPolicy", "queuekit-server-from-prometheus"),
+}
 
 
 def _overlay(tree, name: str, *, components: list[str], namespace: str | None = None) -> Path:

@@ -22,6 +22,8 @@ pytestmark = pytest.mark.k8s
 K8S_VERSIONS = ("1.30.0", "1.32.0", "1.34.0", "1.36.0")
 CERT_MANAGER_KINDS = {("cert-manager.io/v1", "Issuer"), ("cert-manager.io/v1", "Certificate")}
 CRD_KINDS = {("keda.sh/v1alpha1", "ScaledObject"), *CERT_MANAGER_KINDS}
+# The Prometheus Operator's, validated against its CRD schemas in test_k8s_monitoring.py.
+CRD_KINDS |= {("monitoring.coreos.com/v1", "PodMonitor"), ("monitoring.coreos.com/v1", "PrometheusRule")}
 
 
 @pytest.fixture(scope="module")

@@ -559,6 +559,11 @@ def test_keda_scaledobject_matches_the_deployment_and_the_server(renders):
     assert url.port == _service_port(docs, "queuekit-server", "http")["port"]
     assert url.path == "/stats"
     queue = env_map(the_container(one(docs, "Deployment", "queuekit-consumer")))["QUEUEKIT_QUEUE"]
-    assert meta["valueLocation"] == f"queues.{queue}.ready"
-    assert int(meta["targetValue"]) > 0
+    # The backlog (ready + in flight) against one consumer's capacity (concurrency + prefetch,
+    # prefetch 2 x concurrency unless set): prefetched tasks count, busy consumers stay.
+    assert meta["valueLocation"] == f"queues.{queue}.backlog"
+    env = env_map(the_container(one(docs, "Deployment", "queuekit-consumer")))
+    concurrency = int(env.get("QUEUEKIT_CONCURRENCY") or 1)
+    prefetch = int(env.get("QUEUEKIT_PREFETCH") or 2 * concurrency)
+    assert int(meta["targetValue"]) == concurrency + prefetch
     assert trigger.get("metricType", "AverageValue") == "AverageValue"

@@ -1,0 +1,129 @@
+"""monitoring/queuekit-alerts.rules.yml: valid for Prometheus (`promtool check rules`), its unit
+tests pass (`promtool test rules`), those tests catch a broken rule (mutations below), and every
+metric a rule or the Grafana dashboard names is one that /metrics writes.
+
+promtool comes from Debian's `prometheus` package (.ci/run installs it). Without it these tests
+skip, except under CI=true, where a missing promtool fails."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from queuekit import metrics
+from queuekit.consumer_metrics import Recorder, Store, check_report
+
+MONITORING = Path(__file__).resolve().parents[2] / "monitoring"
+RULES = MONITORING / "queuekit-alerts.rules.yml"
+RULE_TESTS = MONITORING / "queuekit-alerts.test.yml"
+DASHBOARD = MONITORING / "grafana-dashboard.json"
+
+
+def promtool() -> str:
+    path = shutil.which("promtool")
+    if path is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("promtool is missing: apt-get install prometheus (.ci/run does)")
+        pytest.skip("promtool not installed (Debian package prometheus)")
+    return path
+
+
+def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([promtool(), *args], cwd=cwd, capture_output=True, text=True, timeout=60)
+
+
+def test_rules_are_valid_and_their_unit_tests_pass():
+    checked = run("check", "rules", RULES.name, cwd=MONITORING)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "SUCCESS: 5 rules found" in checked.stdout
+    tested = run("test", "rules", RULE_TESTS.name, cwd=MONITORING)
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+
+
+# Each mutation breaks one alert the way a careless edit would; the unit tests must notice.
+MUTATIONS = [
+    ("increase(queuekit_tasks_dead_lettered_total[10m]) > 0", "queuekit_tasks_dead_lettered_total > 0"),
+    ("queuekit_queue_oldest_ready_age_seconds > 600", "queuekit_queue_oldest_ready_age_seconds > 6000"),
+    (" and (queuekit_tasks_inflight == 0)", ""),
+    ("expr: queuekit_ready == 0\n        for: 2m", "expr: queuekit_ready == 0\n        for: 0m"),
+    ('up{job="queuekit-server"} == 0', "up == 0"),
+]
+
+
+@pytest.mark.parametrize("old, new", MUTATIONS, ids=[m[0][:40] for m in MUTATIONS])
+def test_the_rule_tests_catch_a_broken_rule(tmp_path, old, new):
+    text = RULES.read_text()
+    assert text.count(old) == 1, old
+    (tmp_path / RULES.name).write_text(text.replace(old, new))
+    shutil.copy(RULE_TESTS, tmp_path / RULE_TESTS.name)
+    tested = run("test", "rules", RULE_TESTS.name, cwd=tmp_path)
+    assert tested.returncode != 0, f"promtool test rules still passes with {new!r} for {old!r}"
+    assert "FAILED" in tested.stdout + tested.stderr
+
+
+def written_metrics() -> set[str]:
+    """Every sample name /metrics writes (histograms with _bucket/_sum/_count)."""
+    rec = Recorder()
+    rec.observe("q", "ok", 0.1, 0.1)
+    store = Store()
+    store.add("c", *check_report(rec.next_report()))
+    queue = dict.fromkeys(
+        ("ready", "inflight", "delayed", "dead", "waiting", "enqueued", "acked", "nacked", "redelivered"), 0
+    )
+    stats = {
+        "queues": {"q": {**queue, "dead_lettered": 0, "oldest_ready_age_seconds": 0.0}},
+        "connections": 0,
+        "durable": True,
+        "journal_commits": 0,
+        "ready": True,
+        "uptime_seconds": 1.0,
+    }
+    text = metrics.render(stats, store.snapshot())
+    samples = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if not line.startswith("#")}
+    return samples | {re.sub(r"_bucket$", "", s) for s in samples}  # a histogram's family name too
+
+
+def names_in(expr: str) -> set[str]:
+    return set(re.findall(r"\b((?:queuekit|process)_[a-z0-9_]+)", expr))
+
+
+def test_rules_and_dashboard_name_only_metrics_that_exist():
+    written = written_metrics()
+    rules_used = names_in(RULES.read_text())
+    dashboard = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    dashboard_used = set().union(*map(names_in, exprs))
+    assert rules_used and dashboard_used
+    assert not rules_used - written, f"rules name unknown metrics: {rules_used - written}"
+    assert not dashboard_used - written, f"dashboard names unknown metrics: {dashboard_used - written}"
+
+
+def test_dashboard_queries_are_valid_promql(tmp_path):
+    """Each panel query, with Grafana's variables filled in, as a recording rule: promtool parses it."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids)), "panel ids must be unique"
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    rules = [
+        {
+            "record": f"dashboard:query_{i}",
+            "expr": e.replace("$__rate_interval", "5m")
+            .replace("$", "")
+            .replace('=~"instance"', '=~".*"')
+            .replace('=~"queue"', '=~".*"')
+            .replace('=~"job"', '=~".*"'),
+        }
+        for i, e in enumerate(exprs)
+    ]
+    assert not any("$" in r["expr"] or '=~"instance"' in r["expr"] for r in rules)
+    path = tmp_path / "dashboard.rules.yml"
+    path.write_text(json.dumps({"groups": [{"name": "dashboard", "rules": rules}]}))  # JSON is YAML
+    checked = run("check", "rules", path.name, cwd=tmp_path)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert f"SUCCESS: {len(rules)} rules found" in checked.stdout
