@@ -6,12 +6,24 @@ the journal's tasks and starts serving; :meth:`~ServerApp.stop` stops accepting,
 gets, gives calls in progress a grace period, saves the leases still held and closes the journal.
 :func:`run` is the ``queuekit server`` command: signal handlers only set a flag, the main thread
 does the work.
+
+With a PostgreSQL journal (``QUEUEKIT_JOURNAL_URL``) several servers share the database and only
+one, the leader, serves (queuekit.leader). ``start`` then opens a standby: the HTTP port (``/readyz``
+503, "standby") and a queue port that refuses every client with :class:`NotLeader`; a
+``leadership`` thread campaigns. On winning it loads the state from the database into a new broker
+and replaces the standby listener with a serving one on the same port; each term's server refuses
+every request once the term's deadline has passed (the loop asks before each one), whichever
+thread notices first. When the term ends (probe failed, deadline passed, superseded) the thread
+steps down: connections closed, broker and journal dropped (nothing more is written), a standby
+listener again, and a new journal session to campaign with.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
+import socket
 import ssl
 import threading
 import time
@@ -19,13 +31,16 @@ from typing import Any
 
 from . import __version__, consumer_metrics, http, keys, logs, transport
 from .broker import Broker
-from .errors import ConfigError, ExitCode
+from .errors import ConfigError, ExitCode, NotLeader
 from .journal import Journal
+from .leader import Election
 from .server import QueuekitServer
 from .settings import ServerSettings
 
 REAPER_INTERVAL = 0.2  # seconds between lease-expiry / retry-promotion passes
 KEY_POLL_INTERVAL = 0.5  # seconds between checks of the key files (and of the stop flag)
+REOPEN_MAX_DELAY = 5.0  # seconds at most between attempts to reopen the journal after losing leadership
+STANDBY = "not the leader: this queuekit server is a standby (another server leads the journal); try another address"
 
 _log = logs.get("server")
 
@@ -63,6 +78,14 @@ class ServerApp:
         tls_files = (settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
         self._tls_files: tuple[str, ...] = tuple(f for f in tls_files if f)
         self._tls_signature: tuple = ()
+        self._tls_context: ssl.SSLContext | None = None
+        # Leadership (a PostgreSQL journal): the current term's election, the campaign thread.
+        self.ha = bool(settings.journal_url)
+        self.election: Election | None = None
+        self._stop_campaign = threading.Event()
+        self._campaign_thread: threading.Thread | None = None
+        self._transition = threading.Lock()  # one change of role at a time (campaign thread vs stop)
+        self.holder = f"{socket.gethostname()}:{os.getpid()}"
 
     # -- what the HTTP port and the API report ----------------------------------------------
 
@@ -72,14 +95,23 @@ class ServerApp:
 
     @property
     def ready(self) -> bool:
-        """Serving, state loaded, accepting new connections, and the journal (if any) still commits."""
+        """Serving, state loaded, accepting new connections, the journal (if any) still commits,
+        and with a shared journal: leading (readiness is leadership)."""
         return (
             self.serving
             and self.server is not None
             and self.server.accepting
             and self.journal is not None
             and self.journal.healthy
+            and (not self.ha or (self.election is not None and self.election.valid()))
         )
+
+    @property
+    def not_ready_reason(self) -> str | None:
+        """What ``/readyz`` says beside the 503 (None: nothing particular)."""
+        if self.ha and not self.ready:
+            return "standby" if not self.serving else "leadership lost"
+        return None
 
     def stats(self) -> dict[str, Any] | None:
         """``/stats``; None until the server serves (HTTP answers 503 then)."""
@@ -121,19 +153,7 @@ class ServerApp:
             _log.warning(
                 "not_durable", detail="no --data-dir/QUEUEKIT_DATA_DIR: queued tasks are lost when the server stops"
             )
-        broker = self.broker = Broker(
-            journal=journal,
-            max_task_bytes=settings.max_task_bytes,
-            max_queues=settings.max_queues,
-            max_attempts=settings.max_attempts,
-            retry_base=settings.retry_base_seconds,
-            retry_max=settings.retry_max_seconds,
-            default_lease=settings.lease_seconds,
-            max_result_bytes=settings.max_result_bytes,
-            result_ttl=settings.result_ttl,
-            result_max_count=settings.result_max_count,
-            result_max_bytes=settings.result_max_bytes,
-        )
+        broker = self.broker = self._new_broker(journal)
         if settings.http:
             try:
                 self.web = http.serve(
@@ -149,6 +169,10 @@ class ServerApp:
             from . import dashboard  # the web page on the HTTP port, and its history sampler
 
             self.web.dashboard = dashboard.for_app(self)
+        if self.ha:  # the leadership thread owns the journal, and makes the broker once it leads
+            self.journal = self.broker = None
+            self._start_standby(journal)
+            return
         t0 = time.monotonic()
         counts = broker.recover()
         if journal.durable:
@@ -158,12 +182,8 @@ class ServerApp:
                 seconds=round(time.monotonic() - t0, 3),
                 **{f"queue.{name}": n for name, n in sorted(counts.items())},
             )
-        tls_context = self._load_tls() if self._tls_files else None
-        try:
-            server = self.server = QueuekitServer(broker, settings, self, self._grants, tls_context)
-        except OSError as e:
-            raise ConfigError(f"cannot listen on {settings.bind}: {e.strerror or e}") from None
-        server.start()
+        tls_context = self._tls_context = self._load_tls() if self._tls_files else None
+        server = self.server = self._listen(broker)
         if server.plaintext_address is not None:
             _log.warning(
                 "plaintext_listener",
@@ -171,8 +191,7 @@ class ServerApp:
                 detail="QUEUEKIT_PLAINTEXT_BIND: a second queue port without TLS, for stock clients; "
                 "its traffic is not encrypted (same keys, handshake and limits)",
             )
-        self._reaper = threading.Thread(target=self._reap, name="reaper", daemon=True)
-        self._reaper.start()
+        self._start_reaper(broker)
         self.serving = True
         _log.info(
             "server_ready",
@@ -183,7 +202,192 @@ class ServerApp:
             plaintext=transport.format_peer(server.plaintext_address) if server.plaintext_address else None,
         )
 
+    # -- leadership (a PostgreSQL journal shared by several servers) -------------------------
+
+    def _listen(self, broker: Broker, gate: Any = None) -> QueuekitServer:
+        """A queue server for ``broker`` on the bind address, started. Once the first one has
+        bound, later ones (standby, then leader, then standby...) take the same ports."""
+        settings = self.settings
+        try:
+            server = QueuekitServer(broker, settings, self, self._grants, self._tls_context)
+        except OSError as e:
+            raise ConfigError(f"cannot listen on {settings.bind}: {e.strerror or e}") from None
+        server.gate = gate
+        server.start()
+        if settings.bind.port == 0 or (settings.plaintext_bind is not None and settings.plaintext_bind.port == 0):
+            bound: Any = server.address  # (host, port) once listening
+            port = int(bound[1])
+            plaintext = server.plaintext_address
+            self.settings = dataclasses.replace(
+                settings,
+                bind=dataclasses.replace(settings.bind, port=port),
+                plaintext_bind=dataclasses.replace(settings.plaintext_bind, port=plaintext[1])
+                if settings.plaintext_bind is not None and plaintext is not None
+                else None,
+            )
+        return server
+
+    def _new_broker(self, journal: Journal) -> Broker:
+        settings = self.settings
+        return Broker(
+            journal=journal,
+            max_task_bytes=settings.max_task_bytes,
+            max_queues=settings.max_queues,
+            max_attempts=settings.max_attempts,
+            retry_base=settings.retry_base_seconds,
+            retry_max=settings.retry_max_seconds,
+            default_lease=settings.lease_seconds,
+            max_result_bytes=settings.max_result_bytes,
+            result_ttl=settings.result_ttl,
+            result_max_count=settings.result_max_count,
+            result_max_bytes=settings.result_max_bytes,
+        )
+
+    def _standby_server(self) -> QueuekitServer:
+        """A queue port that authenticates clients and refuses them all (they try the next address)."""
+        s = self.settings
+        idle = Broker(journal=Journal(), max_task_bytes=s.max_task_bytes, max_queues=1)
+        return self._listen(idle, gate=lambda: NotLeader(STANDBY))
+
+    def _start_standby(self, journal: Any) -> None:
+        """Serve as a standby (a refusing queue port) and campaign in the background. The first
+        journal opened in ``start``, so an unreachable database or a foreign schema stops the
+        server at once (exit 5, 6); the sessions after it are retried."""
+        settings = self.settings
+        _log.info(
+            "leadership",
+            holder=self.holder,
+            probe_interval=settings.leader_probe_interval,
+            lease=settings.leader_lease,
+            detail="a shared journal: serving only while leading; standby until then",
+        )
+        self._tls_context = self._load_tls() if self._tls_files else None
+        server = self.server = self._standby_server()
+        _log.info(
+            "server_ready",
+            bind=transport.format_peer(server.address),
+            http=transport.format_peer(self.web.server_address[:2]) if self.web else "off",
+            durable=True,
+            role="standby",
+        )
+        thread = self._campaign_thread = threading.Thread(
+            target=self._campaign, args=(journal,), name="leadership", daemon=True
+        )
+        thread.start()
+
+    def _campaign(self, journal: Any) -> None:
+        """The leadership thread: campaign as a standby, lead while the term lasts, step down, again."""
+        stop, interval = self._stop_campaign, self.settings.leader_probe_interval
+        delay = interval
+        while not stop.is_set():
+            if journal is None:
+                try:
+                    journal = open_journal(self.settings)
+                    delay = interval
+                except Exception as e:  # the database is down or restarting: retry, standby meanwhile
+                    _log.warning("journal_reopen_failed", error=f"{type(e).__name__}: {e}"[:300], retry_in=delay)
+                    stop.wait(delay)
+                    delay = min(delay * 2, REOPEN_MAX_DELAY)
+                    continue
+            try:
+                election = Election(journal, self.holder, self.settings.leader_lease)
+                term = None
+                while term is None and not stop.is_set() and not journal.broken.is_set():
+                    term = election.attempt()
+                    if term is None:
+                        stop.wait(interval)
+            except Exception as e:  # the session failed: a new one campaigns
+                _log.warning("leader_campaign_failed", error=f"{type(e).__name__}: {e}"[:300])
+                term = None
+            if term is None:
+                _close_quietly(journal)
+                journal = None
+                continue
+            try:
+                self._lead(journal, election, term)
+            except Exception as e:  # loading failed (the session broke?): give the term up
+                _log.error("leader_start_failed", exc_info=e, error=f"{type(e).__name__}: {e}"[:300])
+                election.lost = election.lost or f"start failed: {type(e).__name__}"
+            while election.lost is None and not stop.wait(interval):
+                if journal.broken.is_set():
+                    election.lost = "the journal's session failed"
+                elif not election.renew():
+                    break
+            if stop.is_set() and election.lost is None:
+                return  # stop() shuts the leader down gracefully
+            self._step_down(election)
+            journal = None
+
+    def _lead(self, journal: Any, election: Election, term: Any) -> None:
+        """Won: load the state into a new broker and serve it in place of the standby port."""
+        t0 = time.monotonic()
+        broker = self._new_broker(journal)
+        counts = broker.recover()
+        loaded = time.monotonic() - t0
+        _log.info(
+            "recovered",
+            tasks=sum(counts.values()),
+            seconds=round(loaded, 3),
+            **{f"queue.{name}": n for name, n in sorted(counts.items())},
+        )
+        with self._transition:
+            if self.server is not None:
+                self.server.stop(0.0)  # the standby port: its clients go and find the leader
+            self.journal, self.broker, self.election = journal, broker, election
+            self.server = self._listen(broker, gate=lambda: None if election.valid() else NotLeader(STANDBY))
+            self._start_reaper(broker, election.valid)
+            self.serving = True
+        _log.info(
+            "leader_elected",
+            epoch=term.epoch,
+            holder=self.holder,
+            previous=term.previous_holder,
+            since_last_heartbeat=term.since_heartbeat,
+            fenced_pid=term.fenced_pid,
+            tasks=sum(counts.values()),
+            load_seconds=round(loaded, 3),
+            seconds=round(time.monotonic() - t0, 3),
+        )
+        _log.info(
+            "server_ready",
+            bind=transport.format_peer(self.server.address),
+            http=transport.format_peer(self.web.server_address[:2]) if self.web else "off",
+            durable=True,
+            role="leader",
+        )
+
+    def _step_down(self, election: Election) -> None:
+        """The term is over: serve nothing more, drop the state, back to standby. Nothing is
+        written: the session is gone, or the lease has passed and another server may lead."""
+        t0 = time.monotonic()
+        with self._transition:
+            self.serving = False
+            self._stop_reaper.set()
+            server, journal = self.server, self.journal
+            if server is not None:
+                server.stop(0.0)
+            connections = server.connection_count() if server is not None else 0
+            if journal is not None:
+                _close_quietly(journal)
+            self.journal = self.broker = None
+            self.server = self._standby_server()
+        _log.warning(
+            "leader_lost",
+            epoch=election.term.epoch if election.term else None,
+            reason=election.lost,
+            seconds=round(time.monotonic() - t0, 3),
+            connections=connections,
+            detail="stepped down: connections closed, state dropped; campaigning as a standby",
+        )
+
     def stop(self) -> None:
+        if self._campaign_thread is not None:
+            self._stop_campaign.set()
+            self._campaign_thread.join(timeout=30.0)
+        with self._transition:
+            self._stop()
+
+    def _stop(self) -> None:
         server, broker, journal = self.server, self.broker, self.journal
         t0 = time.monotonic()
         _log.info("server_stopping", connections=server.connection_count() if server else 0)
@@ -247,6 +451,7 @@ class ServerApp:
         except ConfigError as e:
             _log.error("tls_reload_failed", why=why, error=str(e), detail="the certificate in force stays")
             return False
+        self._tls_context = context  # for the servers of later terms too
         self.server.set_tls_context(context)
         _log.info("tls_reloaded", why=why)
         return True
@@ -255,14 +460,29 @@ class ServerApp:
         """The certificate files changed since they were last read (polled, like the keys)."""
         return bool(self._tls_files) and _files_signature(self._tls_files) != self._tls_signature
 
-    def _reap(self) -> None:
-        broker = self.broker
-        assert broker is not None
-        while not self._stop_reaper.wait(REAPER_INTERVAL):
+    def _start_reaper(self, broker: Broker, valid: Any = None) -> None:
+        """Housekeeping for ``broker`` until this term's ``_stop_reaper`` is set; ``valid``: a
+        leader's term, checked before each pass (a thawed leader expires no lease)."""
+        stop = self._stop_reaper = threading.Event()
+        self._reaper = threading.Thread(target=self._reap, args=(broker, stop, valid), name="reaper", daemon=True)
+        self._reaper.start()
+
+    def _reap(self, broker: Broker, stop: threading.Event, valid: Any) -> None:
+        while not stop.wait(REAPER_INTERVAL):
+            if valid is not None and not valid():
+                continue
             try:
                 broker.tick()
             except Exception as e:  # never let housekeeping die silently
                 _log.error("reaper_failed", exc_info=e)
+
+
+def _close_quietly(journal: Any) -> None:
+    """Close a journal whose session may be dead (nothing of it matters any more)."""
+    try:
+        journal.close()
+    except Exception as e:
+        _log.debug("journal_close_failed", error=f"{type(e).__name__}: {e}"[:200])
 
 
 def _files_signature(paths: tuple[str, ...]) -> tuple:

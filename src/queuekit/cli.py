@@ -115,6 +115,20 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="file holding the journal database's password (env QUEUEKIT_JOURNAL_PASSWORD_FILE)",
     )
+    p.add_argument(
+        "--leader-probe-interval",
+        type=float,
+        metavar="S",
+        help="with --journal-url: seconds between the leader's heartbeats (env QUEUEKIT_LEADER_PROBE_INTERVAL, "
+        "default 1)",
+    )
+    p.add_argument(
+        "--leader-lease",
+        type=float,
+        metavar="S",
+        help="with --journal-url: a leader serves until this long after its last heartbeat; a standby fences a "
+        "leader silent for longer (env QUEUEKIT_LEADER_LEASE, default 5)",
+    )
     p.add_argument("--max-task-bytes", type=int, metavar="N", help="env QUEUEKIT_MAX_TASK_BYTES (default 1048576)")
     p.add_argument("--max-attempts", type=int, metavar="N", help="failures before dead-lettering (default 5)")
     p.add_argument("--lease", type=float, metavar="S", help="default lease seconds (env QUEUEKIT_LEASE_SECONDS)")

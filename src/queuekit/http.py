@@ -160,7 +160,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, "text/plain", "ok\n", with_body)
         elif path == "/readyz":
             ready = port.status.ready
-            self._send(200 if ready else 503, "text/plain", "ready\n" if ready else "not ready\n", with_body)
+            reason = None if ready else getattr(port.status, "not_ready_reason", None)  # e.g. standby
+            body = "ready\n" if ready else f"not ready: {reason}\n" if reason else "not ready\n"
+            self._send(200 if ready else 503, "text/plain", body, with_body)
         elif path in ("/metrics", "/stats"):
             stats = port.get_stats()
             if stats is None:

@@ -34,6 +34,7 @@ import ssl
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from multiprocessing import AuthenticationError, managers
 from typing import Any
 
@@ -75,6 +76,9 @@ class QueuekitServer(managers.Server):
         self.tls_context = tls_context
         self.tls_failures = 0
         self.stopping = False
+        # Leadership (queuekit.leader): returns the error every request gets while this server must
+        # not serve (a standby, a leader past its deadline), None while it may. None: always serve.
+        self.gate: Callable[[], Exception | None] | None = None
         # Connections still in their handshake, with the monotonic time each must be done by.
         self._conns: dict[transport.Connection, float] = {}
         self._conns_lock = threading.Lock()
@@ -314,6 +318,10 @@ class QueuekitServer(managers.Server):
                 _log.warning("request_refused", peer=conn.peer, request=str(funcname)[:100])
                 self._reply(conn, ("#ERROR", PermissionError(f"queuekit server does not serve {funcname!r}")))
                 return
+            refusal = self.gate() if self.gate is not None and funcname != "dummy" else None
+            if refusal is not None:  # a builtin error: stock clients read it too
+                self._reply(conn, ("#ERROR", ConnectionError(f"queuekit: {refusal}")))
+                return
             if funcname == "accept_connection":
                 if self._reply(conn, ("#RETURN", None)):
                     with self._conns_lock:  # no handshake deadline from here on
@@ -375,6 +383,10 @@ class QueuekitServer(managers.Server):
         of the API and compat objects take the session first."""
         ident, methodname, args, kwds = request
         obj, exposed, _ = self.id_to_obj[ident]
+        if self.gate is not None:
+            refusal = self.gate()
+            if refusal is not None:
+                raise ConnectionError(str(refusal)) if isinstance(obj, compat.CompatQueue) else refusal
         if methodname not in exposed:
             if methodname in ("__str__", "__repr__"):
                 return f"<queuekit {type(obj).__name__}>"

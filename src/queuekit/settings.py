@@ -316,6 +316,17 @@ def _log_level(src: _Sources) -> str:
     return src.get("log_level", "QUEUEKIT_LOG_LEVEL", "info", _choice("debug", "info", "warning", "error"))
 
 
+def _leader_timing(src: _Sources) -> dict[str, float]:
+    probe = src.get("leader_probe_interval", "QUEUEKIT_LEADER_PROBE_INTERVAL", 1.0, _positive_float)
+    lease = src.get("leader_lease", "QUEUEKIT_LEADER_LEASE", 5.0, _positive_float)
+    if lease < 2 * probe:
+        raise ConfigError(
+            f"QUEUEKIT_LEADER_LEASE ({lease:g} s) must be at least twice QUEUEKIT_LEADER_PROBE_INTERVAL "
+            f"({probe:g} s): one late heartbeat must not cost the leadership"
+        )
+    return {"leader_probe_interval": probe, "leader_lease": lease}
+
+
 @dataclasses.dataclass(frozen=True)
 class ServerSettings:
     bind: Address
@@ -367,6 +378,10 @@ class ServerSettings:
     # A second, plaintext listener beside TLS, for stock clients (None: off). Loopback unless a
     # host is named.
     plaintext_bind: Address | None = None
+    # Leadership with a shared (PostgreSQL) journal: seconds between the leader's heartbeats, and
+    # how long a heartbeat keeps it leader (a standby fences it after that).
+    leader_probe_interval: float = 1.0
+    leader_lease: float = 5.0
     # The PostgreSQL journal (instead of data_dir): a URL without a password; the password is read
     # from its own file and kept as a Secret.
     journal_url: str | None = None
@@ -416,6 +431,7 @@ class ServerSettings:
             if journal_password_file and need_authkey
             else None,
             plaintext_bind=plaintext_bind,
+            **_leader_timing(src),
             tls_cert_file=tls_cert_file,
             tls_key_file=tls_key_file,
             tls_client_ca_file=tls_client_ca_file,

@@ -8,14 +8,17 @@ printed (pytest -s shows them).
 from __future__ import annotations
 
 import re
+import signal
 import socket
 import time
+import urllib.error
+import urllib.request
 
 import pytest
 
 import queuekit
-from queuekit.errors import ServerUnavailable
-from support.procs import ServerProc
+from queuekit.errors import NotLeader, ServerUnavailable
+from support.procs import ServerProc, wait_until
 
 PROBE = 0.5  # QUEUEKIT_LEADER_PROBE_INTERVAL for these tests
 LEASE = 3.0  # QUEUEKIT_LEADER_LEASE
@@ -40,3 +43,157 @@ def test_client_tries_each_address_in_turn(tmp_path, key_file):
         assert str(client.address) == server.address
     with pytest.raises(ServerUnavailable, match=re.escape(f"servers at {dead},{dead} within 1 s")):
         queuekit.connect(f"{dead},{dead}", authkey_file=str(key_file), connect_timeout=1)
+
+
+# -- several servers on one PostgreSQL journal --------------------------------------------------
+
+
+def ha_server(tmp_path, key_file, db, *, port: int = 0) -> ServerProc:
+    """A server on the test's database; returns once its standby port and HTTP port are up."""
+    return ServerProc(
+        tmp_path,
+        key_file,
+        "--journal-url",
+        db.url,
+        "--journal-password-file",
+        db.password_file,
+        "--leader-probe-interval",
+        str(PROBE),
+        "--leader-lease",
+        str(LEASE),
+        port=port,
+    )
+
+
+def readyz(server: ServerProc) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/readyz", timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def is_ready(server: ServerProc) -> bool:
+    return readyz(server)[0] == 200
+
+
+def leader_pair(tmp_path, key_file, db) -> tuple[ServerProc, ServerProc]:
+    """Two servers on ``db``: the first leads (it started alone), the second is its standby."""
+    a = ha_server(tmp_path, key_file, db)
+    a.wait_for(r"event=leader_elected epoch=1\b")
+    wait_until(lambda: is_ready(a), what="the first server ready as leader")
+    b = ha_server(tmp_path, key_file, db)
+    return a, b
+
+
+def connect(servers: list[ServerProc], key_file, timeout: float = 20.0):
+    return queuekit.connect(",".join(s.address for s in servers), authkey_file=str(key_file), connect_timeout=timeout)
+
+
+def drain(client, queue: str) -> list:
+    """Every task left in ``queue`` (acked as taken)."""
+    got: list = []
+    q = client.queue(queue)
+    while batch := q.get_many(500, timeout=0.5):
+        got += [t.payload for t in batch]
+        q.ack(batch)
+    return got
+
+
+def not_lost(left: list, expected: list, maybe: list) -> bool:
+    """Everything in ``expected`` is in ``left`` exactly once; nothing else is but ``maybe`` (acked
+    before a crash: acks are written behind, so they may come back)."""
+    unexpected = [p for p in left if p not in set(expected) | set(maybe)]
+    assert not unexpected, f"unexpected tasks: {unexpected[:10]}"
+    missing = sorted(set(expected) - set(left))
+    assert not missing, f"lost {len(missing)} acknowledged tasks: {missing[:10]}"
+    assert len(left) == len(set(left)), "a task was delivered twice from the same state"
+    print(f"came back after their ack (written behind, at least once): {len(set(left) & set(maybe))}")
+    return True
+
+
+def test_exactly_one_leader_standby_refuses(tmp_path, key_file, pg_db):
+    a, b = leader_pair(tmp_path, key_file, pg_db)
+    assert readyz(a) == (200, "ready\n")
+    assert readyz(b) == (503, "not ready: standby\n")
+    # A client of the standby alone is refused with NotLeader, retried until its timeout.
+    with pytest.raises(NotLeader, match="standby"):
+        queuekit.connect(b.address, authkey_file=str(key_file), connect_timeout=1)
+    # Standby first in the list: the client goes on to the leader.
+    with connect([b, a], key_file) as client:
+        ids = client.queue("q").put_many(["x", "y"])
+        assert str(client.address) == a.address
+        assert len(ids) == 2 and client.queue("q").qsize() == 2
+    assert "leader_elected" not in b.log()
+
+
+def test_sigkill_of_the_leader_standby_serves_within_5s(tmp_path, key_file, pg_db):
+    a, b = leader_pair(tmp_path, key_file, pg_db)
+    with connect([a, b], key_file) as client:
+        q = client.queue("jobs")
+        acked = q.put_many([f"before-{i}" for i in range(200)])
+        got = q.get_many(50, timeout=1)
+        q.ack(got)
+        a.signal(signal.SIGKILL)
+        t0 = time.monotonic()
+        wait_until(lambda: is_ready(b), timeout=5.0, interval=0.01, what="the standby ready after the kill")
+        ready_after = time.monotonic() - t0
+        q.put("after")  # the same client, through its address list
+        put_after = time.monotonic() - t0
+        took = b.wait_for(r"event=leader_elected epoch=2 .*since_last_heartbeat=(\S+)")
+        print(
+            f"\nfailover after SIGKILL: standby ready {ready_after:.2f} s, client put answered {put_after:.2f} s, "
+            f"since the old leader's last heartbeat {took.group(1)} s"
+        )
+        assert ready_after < 5.0
+        left = drain(client, "jobs")
+    # Acks are written behind: the last ones before the kill may come back (at least once).
+    assert not_lost(left, [f"before-{i}" for i in range(50, 200)] + ["after"], [f"before-{i}" for i in range(50)])
+    assert len(acked) == 200
+
+
+def test_frozen_leader_is_fenced_and_answers_nothing_when_thawed(tmp_path, key_file, pg_db):
+    """The split brain of the issue: freeze the leader until the standby has taken over and
+    accepted puts; thawed, the old leader acknowledges nothing, and nothing acknowledged by either
+    is lost."""
+    a, b = leader_pair(tmp_path, key_file, pg_db)
+    old = queuekit.connect(a.address, authkey_file=str(key_file), connect_timeout=2)
+    old.queue("jobs").put_many([f"a-{i}" for i in range(100)])
+    a.signal(signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        wait_until(lambda: is_ready(b), timeout=15.0, interval=0.02, what="the standby ready after the freeze")
+        took = time.monotonic() - t0
+        fenced = b.wait_for(r"event=leader_fenced pid=(\d+)")
+        with queuekit.connect(b.address, authkey_file=str(key_file), connect_timeout=5) as new:
+            new.queue("jobs").put_many([f"b-{i}" for i in range(100)])
+        print(
+            f"\nfailover after SIGSTOP: standby ready {took:.2f} s (lease {LEASE} s), fenced backend {fenced.group(1)}"
+        )
+        assert took < 15.0
+    finally:
+        a.signal(signal.SIGCONT)
+    # Thawed: the connection made to the old leader gets nothing done, and its /readyz says so.
+    assert readyz(a)[0] == 503
+    with pytest.raises(ServerUnavailable):
+        old.queue("jobs").put("from-the-old-leader")
+    old.close()
+    a.wait_for(r"event=leader_lost epoch=1 ")
+    assert readyz(a)[0] == 503 and is_ready(b)
+    with connect([a, b], key_file) as client:
+        left = sorted(drain(client, "jobs"))
+    assert left == sorted([f"a-{i}" for i in range(100)] + [f"b-{i}" for i in range(100)])
+
+
+def test_database_restart_leader_steps_down_and_reelects(tmp_path, key_file, pg_db):
+    a, b = leader_pair(tmp_path, key_file, pg_db)
+    with connect([a, b], key_file, timeout=60) as client:
+        client.queue("jobs").put_many([f"t-{i}" for i in range(100)])
+        pg_db.server.restart()
+        a.wait_for(r"event=leader_lost epoch=1 ")
+        wait_until(lambda: is_ready(a) or is_ready(b), timeout=30, what="a leader again after the restart")
+        assert not (is_ready(a) and is_ready(b))
+        client.queue("jobs").put("after")
+        left = sorted(drain(client, "jobs"))
+    assert left == sorted([f"t-{i}" for i in range(100)] + ["after"])
+    assert "event=leader_elected epoch=2 " in a.log() + b.log()
