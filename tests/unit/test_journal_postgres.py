@@ -203,3 +203,63 @@ def test_unreachable_database_is_a_clear_error_with_exit_5(pg_server):
     with pytest.raises(JournalUnavailable, match="cannot connect to the journal database") as e:
         PostgresJournal(pg_server.url(), Secret(b"wrong password"), connect_timeout=5)
     assert e.value.exit_code == ExitCode.UNAVAILABLE and "wrong password" not in str(e.value)
+
+
+def v2_ops():
+    """Every kind of op, as the broker journals them (schema 2: headers, timeouts, finished rows)."""
+    from queuekit.journal import CancelOp, DeleteOp, FinishOp, LeaseOp, UpdateOp
+
+    return [
+        PutOp("q", 10, ['"a"', '"b"', '"c"', '"d"'], 5.0, 0.0, {"trace": "t-1", "k": "ü"}, 30.0),
+        PutOp("r", 14, ['"e"'], 6.0, 7.0),
+        UpdateOp(11, 1, 9.0, False, "boom\x00nul"),  # an error text with a NUL, as a client may send
+        FinishOp([10, 12], "succeeded", 8.0, {10: '{"ok": 1}'}, [7.5, None], ["consume@h:1", None]),
+        CancelOp([13]),
+        FinishOp([12], "cancelled", 8.5, None, [7.9], ["c2"]),  # the last op for an id wins
+        LeaseOp(11, 3, 99.0),
+        UpdateOp(14, 6, 0.0, True, "dead"),
+        DeleteOp([12]),
+    ]
+
+
+def test_schema_2_rows_match_the_reference_semantics(pg_db):
+    from queuekit.journal import MemoryJournal, apply_op
+
+    journal = journal_for(pg_db)
+    journal.wait(journal.append(v2_ops()))
+    journal.close()
+    expected: dict = {}
+    for op in v2_ops():
+        apply_op(expected, op)
+    expected[11] = expected[11]._replace(last_error="boom\\x00nul")  # PostgreSQL text holds no NUL
+    reopened = journal_for(pg_db)
+    got = reopened.load()
+    assert got.tasks == [expected[i] for i in sorted(expected)] and got.next_id == 15
+    assert MemoryJournal.keeps_finished and reopened.keeps_finished
+    reopened.close()
+
+
+def test_a_schema_1_database_is_migrated_in_place_with_its_tasks(pg_db):
+    """A database as the schema-1 code left it (its DDL and meta rows, a task with a saved lease)."""
+    from queuekit.journal_postgres import _SCHEMA, APPLICATION_ID, SCHEMA_VERSION
+
+    for statement in _SCHEMA:
+        pg_db.server.sql(statement, pg_db.name)
+    pg_db.server.sql(
+        "INSERT INTO queuekit_meta VALUES ('application', %s), ('schema_version', 1), ('next_id', 8)",
+        pg_db.name,
+        (APPLICATION_ID,),
+    )
+    pg_db.server.sql(
+        "INSERT INTO queuekit_tasks (id, queue, payload, attempts, enqueued_at, not_before, dead, last_error, "
+        "lease_delivery, lease_until) VALUES (7, 'q', '\"old\"', 2, 1.0, 0.0, false, 'e', 4, 50.0)",
+        pg_db.name,
+    )
+    journal = journal_for(pg_db)
+    (task,) = journal.load().tasks
+    assert task[:10] == ("q", 7, '"old"', 2, 1.0, 0.0, False, "e", 4, 50.0)
+    assert (task.headers, task.state, task.cancel_requested) == (None, None, False)
+    journal.wait(journal.append([PutOp("q", 8, ['"new"'], 2.0, 0.0, {"h": "v"}, 1.5)]))
+    journal.close()
+    meta = dict(pg_db.server.sql("SELECT key, value FROM queuekit_meta", pg_db.name))
+    assert meta["schema_version"] == SCHEMA_VERSION == 2 and meta["next_id"] == 9
