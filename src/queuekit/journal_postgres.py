@@ -318,7 +318,7 @@ class PostgresJournal(GroupCommitJournal):
                 db.execute(
                     "UPDATE queuekit_tasks SET lease_delivery = NULL, lease_until = NULL WHERE lease_until IS NOT NULL"
                 )
-        tasks = [StoredTask(*row[:10], json.loads(row[10]) if row[10] else None, *row[11:]) for row in rows]
+        tasks = [StoredTask._make((*row[:10], json.loads(row[10]) if row[10] else None, *row[11:])) for row in rows]
         return Recovered(tasks, found[0] if found else 0)
 
     def close(self) -> None:
