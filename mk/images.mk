@@ -197,6 +197,8 @@ lint-docker: compose-plugin
 	echo "docker compose config -q compose/compose.yaml + compose/compose.tls.yaml"; \
 	$(COMPOSE) --env-file /dev/null -f compose/compose.yaml -f compose/compose.tls.yaml config -q; \
 	echo "docker compose config -q compose/compose.yaml + compose/compose.tls.yaml + compose/compose.tunnel.yaml"; \
-	$(COMPOSE) --env-file /dev/null -f compose/compose.yaml -f compose/compose.tls.yaml -f compose/compose.tunnel.yaml config -q
+	$(COMPOSE) --env-file /dev/null -f compose/compose.yaml -f compose/compose.tls.yaml -f compose/compose.tunnel.yaml config -q; \
+	echo "docker compose config -q compose/compose.yaml + compose/compose.ha.yaml"; \
+	$(COMPOSE) --env-file /dev/null -f compose/compose.yaml -f compose/compose.ha.yaml config -q
 
 .DEFAULT_GOAL := $(images_mk_default_goal)
