@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     flags = {k: v for k, v in vars(args).items() if k not in ("run", "command")}
     try:
-        logs.configure(flags.get("log_level") or _env_log_level())
+        logs.configure(flags.get("log_level") or _env_log_level(), fmt=logs.log_format())
         return int(args.run(flags))
     except QueuekitError as e:
         _log.error("fatal", command=args.command, exit_code=int(e.exit_code), error=str(e))
