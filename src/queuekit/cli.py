@@ -19,6 +19,7 @@ if TYPE_CHECKING:  # the client is imported only by the commands that use it
     from .client import Client
 
 _log = logs.get("cli")
+WATCH_EVERY_INTERVAL = -1.0  # `stats --watch` without seconds: every --interval
 
 
 def _client_options(p: argparse.ArgumentParser) -> None:
@@ -191,7 +192,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("stats", help="show per-queue counts")
     p.add_argument("--json", action="store_true", help="print the raw JSON")
-    p.add_argument("--watch", type=float, metavar="S", help="repeat every S seconds until interrupted")
+    p.add_argument(
+        "--watch",
+        type=float,
+        nargs="?",
+        const=WATCH_EVERY_INTERVAL,
+        metavar="S",
+        help="repeat until Ctrl-C (exit 0): redrawn in place on a terminal, one snapshot after another "
+        "otherwise; every S seconds if given, else --interval",
+    )
+    p.add_argument("--interval", type=float, metavar="S", help="seconds between --watch snapshots (default 2)")
+    p.add_argument("--count", type=int, metavar="N", help="with --watch: stop after N snapshots")
     _client_options(p)
     p.set_defaults(run=cmd_stats)
 
@@ -387,19 +398,25 @@ def _probe_consumer(which: str, health_file: str | None) -> int:
 
 
 def cmd_produce(flags: dict) -> int:
+    import contextlib
     import os
 
+    from . import tty
     from .produce import generate, produce, read_json_lines
 
     settings = ClientSettings.load(flags)
     queue_name = flags.get("queue") or os.environ.get("QUEUEKIT_QUEUE") or "tasks"
     if flags["batch"] < 1:
         raise QueuekitError("--batch must be >= 1")
-    with _client(flags, "producer", settings) as client:
+    progress = tty.Progress(sys.stderr) if tty.is_terminal(sys.stderr) else None  # quiet unless a terminal
+    with _client(flags, "producer", settings) as client, contextlib.ExitStack() as done:
+        if progress is not None:
+            done.callback(progress.close)
         queue = client.queue(queue_name)
+        update = progress.update if progress is not None else None
         if flags.get("generate") is not None:
             items = generate(flags["generate"], flags["task_ms"])
-            count = produce(queue, items, batch=flags["batch"], rate=flags.get("rate"))
+            count = produce(queue, items, batch=flags["batch"], rate=flags.get("rate"), progress=update)
         else:
             source = flags["file"]
             stream = sys.stdin if source == "-" else open(source, encoding="utf-8")
@@ -410,6 +427,7 @@ def cmd_produce(flags: dict) -> int:
                     read_json_lines(stream, name, client.max_task_bytes),
                     batch=flags["batch"],
                     rate=flags.get("rate"),
+                    progress=update,
                 )
             finally:
                 if stream is not sys.stdin:
@@ -419,20 +437,38 @@ def cmd_produce(flags: dict) -> int:
 
 
 def cmd_stats(flags: dict) -> int:
+    from . import tty
+    from .errors import ConfigError
+
+    watch = flags.get("watch") is not None
+    every = flags.get("watch")
+    interval = every if every not in (None, WATCH_EVERY_INTERVAL) else flags.get("interval")
+    interval = 2.0 if interval is None else interval
+    count = flags.get("count")
+    if interval <= 0 or (count is not None and count < 1):
+        raise ConfigError("--watch/--interval must be > 0 seconds and --count >= 1")
+    redraw = watch and not flags["json"] and tty.is_terminal(sys.stdout)
+    shown = 0
     with _client(flags, "stats") as client:
-        while True:
-            stats = client.stats()
-            if flags["json"]:
-                print(json.dumps(stats, sort_keys=True))
-            else:
-                _print_stats(stats)
-            if not flags.get("watch"):
-                return ExitCode.OK
-            sys.stdout.flush()
-            try:
-                time.sleep(flags["watch"])
-            except KeyboardInterrupt:  # the way to end --watch: not an error
-                return ExitCode.OK
+        try:
+            while True:
+                stats = client.stats()
+                if redraw:  # in place: home + clear, then the table and when it was taken
+                    sys.stdout.write(tty.CLEAR_HOME)
+                    print(f"queuekit stats every {interval:g} s, {time.strftime('%H:%M:%S')} (Ctrl-C to stop)\n")
+                if flags["json"]:
+                    print(json.dumps(stats, sort_keys=True))
+                else:
+                    _print_stats(stats)
+                shown += 1
+                if not watch or shown == count:
+                    return ExitCode.OK
+                if not redraw and not flags["json"]:
+                    print()  # one snapshot after another, a blank line between
+                sys.stdout.flush()
+                time.sleep(interval)
+        except KeyboardInterrupt:  # the way to end --watch: not an error
+            return ExitCode.OK
 
 
 def _print_stats(stats: dict) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from .client import Queue
@@ -29,8 +29,16 @@ def generate(count: int, task_ms: int) -> Iterator[tuple[int, Any]]:
         yield n + 1, {"n": n, "ms": task_ms}
 
 
-def produce(queue: Queue, items: Iterator[tuple[int, Any]], *, batch: int = 100, rate: float | None = None) -> int:
-    """Put everything ``items`` yields, ``batch`` per round trip, at most ``rate`` tasks/s.
+def produce(
+    queue: Queue,
+    items: Iterator[tuple[int, Any]],
+    *,
+    batch: int = 100,
+    rate: float | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> int:
+    """Put everything ``items`` yields, ``batch`` per round trip, at most ``rate`` tasks/s;
+    ``progress(count)`` after each round trip (the terminal's progress line).
 
     On a bad input line: what came before it is enqueued, then InputError says how many tasks
     were enqueued and that nothing from that line on was. Returns the number of tasks enqueued.
@@ -45,6 +53,8 @@ def produce(queue: Queue, items: Iterator[tuple[int, Any]], *, batch: int = 100,
             queue.put_many(pending)
             count += len(pending)
             pending = []
+            if progress is not None:
+                progress(count)
             if rate:
                 ahead = count / rate - (time.monotonic() - started)
                 if ahead > 0:
