@@ -46,26 +46,7 @@ from .settings import Secret
 SCHEMA_VERSION = 2
 APPLICATION_ID = 0x716B6A31  # "qkj1", as the SQLite journal's application_id
 SCHEMA_LOCK_KEY = APPLICATION_ID  # pg_advisory_xact_lock key serialising schema creation/migration
-TASK_COLUMNS = {
-    "id",
-    "queue",
-    "payload",
-    "attempts",
-    "enqueued_at",
-    "not_before",
-    "dead",
-    "last_error",
-    "lease_delivery",
-    "lease_until",
-    "headers",
-    "timeout",
-    "state",
-    "finished_at",
-    "started_at",
-    "consumer",
-    "result",
-    "cancel_requested",
-}
+TASK_COLUMNS = set(StoredTask._fields)  # the table holds every field of the contract's record
 EXTRA_HINT = "install the PostgreSQL extra: pip install 'queuekit[postgres]' (the server image has it)"
 _log = logs.get("journal")
 
@@ -109,10 +90,7 @@ _FINISH = (
     "AS u(id, state, finished_at, started_at, consumer, result) WHERE t.id = u.id"
 )
 _CANCEL = "UPDATE queuekit_tasks SET cancel_requested = true WHERE id = ANY(%s::bigint[])"
-_COLUMNS = (
-    "queue, id, payload, attempts, enqueued_at, not_before, dead, last_error, lease_delivery, lease_until, headers, "
-    "timeout, state, finished_at, started_at, consumer, result, cancel_requested"
-)
+_COLUMNS = ", ".join(StoredTask._fields)  # load() reads them in the record's order
 _UPDATE = (
     "UPDATE queuekit_tasks t SET attempts = u.attempts, not_before = u.not_before, dead = u.dead, "
     "last_error = u.last_error FROM unnest(%s::bigint[], %s::integer[], %s::double precision[], %s::boolean[], "

@@ -235,7 +235,9 @@ def digest_tree(path: Path) -> dict:
     }
 
 
-def start_expecting_failure(key_file, data_dir, user=None, python=sys.executable, env=None):
+def start_expecting_failure(key_file, data_dir, user=None, python=sys.executable, env=None, journal_args=()):
+    """Run a server that must stop at start: (exit code, its event=fatal lines, stderr). ``data_dir``
+    None: no --data-dir (``journal_args`` name the PostgreSQL journal instead)."""
     argv = [
         python,
         "-m",
@@ -247,8 +249,8 @@ def start_expecting_failure(key_file, data_dir, user=None, python=sys.executable
         "off",
         "--authkey-file",
         str(key_file),
-        "--data-dir",
-        str(data_dir),
+        *(("--data-dir", str(data_dir)) if data_dir is not None else ()),
+        *journal_args,
     ]
     out = subprocess.run(
         argv,

@@ -8,12 +8,13 @@ import urllib.error
 import urllib.request
 
 import pytest
+from test_durability import start_expecting_failure
 
 import queuekit
 from queuekit.errors import ExitCode
 from queuekit.journal import JournalError
 from queuekit.journal_postgres import SCHEMA_VERSION
-from support.procs import ROOT, SRC, ServerProc, base_env
+from support.procs import SRC, ServerProc, base_env
 
 
 def pg_args(db):
@@ -41,51 +42,33 @@ def test_a_server_on_postgres_keeps_tasks_across_restarts_and_never_logs_the_pas
     assert pg_db.server.password not in server.log()
 
 
-def run_server(tmp_path, key_file, *args, python=sys.executable, env=None):
-    return subprocess.run(
-        [
-            python,
-            "-m",
-            "queuekit",
-            "server",
-            "--bind",
-            "127.0.0.1:0",
-            "--http",
-            "off",
-            "--authkey-file",
-            str(key_file),
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env or base_env(),
-        cwd=str(ROOT),
-    )
+def run_server(key_file, *args, python=sys.executable, env=None):
+    """(exit code, stderr) of a server that must stop at start."""
+    code, _, stderr = start_expecting_failure(key_file, None, python=python, env=env, journal_args=args)
+    return code, stderr
 
 
 def test_a_url_with_a_password_stops_the_server_with_exit_3_and_no_password_shown(tmp_path, key_file):
-    done = run_server(tmp_path, key_file, "--journal-url", "postgresql://qk:Sup3rS3cret@127.0.0.1:1/q")
-    assert done.returncode == ExitCode.CONFIG
-    assert "QUEUEKIT_JOURNAL_PASSWORD_FILE" in done.stderr + done.stdout
-    assert "Sup3rS3cret" not in done.stderr + done.stdout
+    code, stderr = run_server(key_file, "--journal-url", "postgresql://qk:Sup3rS3cret@127.0.0.1:1/q")
+    assert code == ExitCode.CONFIG
+    assert "QUEUEKIT_JOURNAL_PASSWORD_FILE" in stderr and "Sup3rS3cret" not in stderr
 
 
 def test_a_wrong_password_is_exit_5_and_a_newer_schema_exit_6(tmp_path, key_file, pg_db):
     wrong = tmp_path / "wrong"
     wrong.write_text("not-the-password\n")
-    done = run_server(tmp_path, key_file, "--journal-url", pg_db.url, "--journal-password-file", str(wrong))
-    assert done.returncode == ExitCode.UNAVAILABLE, done.stderr
-    assert "cannot connect to the journal database" in done.stderr and "not-the-password" not in done.stderr
+    code, stderr = run_server(key_file, "--journal-url", pg_db.url, "--journal-password-file", str(wrong))
+    assert code == ExitCode.UNAVAILABLE, stderr
+    assert "cannot connect to the journal database" in stderr and "not-the-password" not in stderr
 
     server = ServerProc(tmp_path, key_file, *pg_args(pg_db))  # creates the schema
     assert server.stop() == 0
     pg_db.server.sql(
         "UPDATE queuekit_meta SET value = %s WHERE key = 'schema_version'", pg_db.name, (SCHEMA_VERSION + 1,)
     )
-    done = run_server(tmp_path, key_file, *pg_args(pg_db))
-    assert done.returncode == ExitCode.DATA, done.stderr
-    assert "newer queuekit" in done.stderr
+    code, stderr = run_server(key_file, *pg_args(pg_db))
+    assert code == ExitCode.DATA, stderr
+    assert "newer queuekit" in stderr
 
 
 def test_without_psycopg_the_error_names_the_extra(tmp_path, key_file):
@@ -96,9 +79,9 @@ def test_without_psycopg_the_error_names_the_extra(tmp_path, key_file):
     if probe is None or probe.returncode == 0:
         pytest.skip("no Python without psycopg on this machine")
     env = base_env(PYTHONPATH=str(SRC), PYTHONNOUSERSITE="1")
-    done = run_server(tmp_path, key_file, "--journal-url", "postgresql://qk@127.0.0.1:1/q", python=python, env=env)
-    assert done.returncode == ExitCode.CONFIG
-    assert "queuekit[postgres]" in done.stderr and "Traceback" not in done.stderr
+    code, stderr = run_server(key_file, "--journal-url", "postgresql://qk@127.0.0.1:1/q", python=python, env=env)
+    assert code == ExitCode.CONFIG
+    assert "queuekit[postgres]" in stderr and "Traceback" not in stderr
 
 
 def test_a_server_that_loses_its_session_reports_not_ready(tmp_path, key_file, pg_db):
