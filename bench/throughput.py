@@ -14,6 +14,11 @@ in this run):
   6.. durable modes                     rows 3/4 against a server with --data-dir, sync normal/full
   10, 11 TLS                            rows 3/4 over TLS (certificates made at bench time with the
                                         `openssl` command; without it these rows are skipped)
+  13, 14 PostgreSQL journal             rows 3/4 against a server with --journal-url: a throwaway
+                                        PostgreSQL (tests/support/pg.py, fsync on), a new database
+                                        per run; skipped with a note without PostgreSQL or psycopg
+  15 PostgreSQL, fsync off              row 14 against a database with fsync=off: a diagnostic (the
+                                        journal's cost without the disk flush), not a setting to use
 
 Usage: PYTHONPATH=src python3 bench/throughput.py [--tasks 100000] [--runs 5] [--quick] [--only 3,4]
 Only loopback is used; every process is bounded by the task count and a timeout.
@@ -196,7 +201,12 @@ def make_tls_files(directory: str) -> tuple[str, str, str] | None:
 
 class QueuekitServer:
     def __init__(
-        self, keyfile: str, data_dir: str | None = None, sync: str = "normal", tls: tuple[str, str, str] | None = None
+        self,
+        keyfile: str,
+        data_dir: str | None = None,
+        sync: str = "normal",
+        tls: tuple[str, str, str] | None = None,
+        journal_args: tuple[str, ...] = (),
     ):
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
@@ -216,6 +226,7 @@ class QueuekitServer:
         ]
         if data_dir:
             argv += ["--data-dir", data_dir, "--sync", sync]
+        argv += journal_args  # the PostgreSQL journal's URL and password file
         if tls:  # (CA file, certificate, key)
             argv += ["--tls-cert-file", tls[1], "--tls-key-file", tls[2]]
         env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
@@ -284,6 +295,23 @@ def end_to_end_run(keyfile: str, n: int) -> float:
     return elapsed
 
 
+def start_postgres(fsync: bool):
+    """A throwaway PostgreSQL (tests/support/pg.py); None, with a note, when this machine has no
+    PostgreSQL or no psycopg (the PostgreSQL rows are then skipped). Rows 13 and 14 run with fsync
+    on, as a real database does; row 15 with fsync off shows the journal's own cost without the
+    disk's flush (what a disk with a fast or battery-backed write cache gets near)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from support.pg import PgServer, PgUnavailable
+
+    try:
+        import psycopg  # noqa: F401
+
+        return PgServer(fsync=fsync).start()
+    except (PgUnavailable, ImportError, RuntimeError) as e:
+        print(f"note: no PostgreSQL ({e}): the PostgreSQL rows are skipped", flush=True)
+        return None
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", type=int, default=100000)
@@ -311,11 +339,17 @@ def main() -> int:
 
     tls_files = make_tls_files(tmp)
 
-    def api(batch, durable=False, sync="normal", tls=False):
+    def api(batch, durable=False, sync="normal", tls=False, postgres=False):
         def run():
             data_dir = tempfile.mkdtemp(dir=tmp) if durable else None
             assert tls_files is not None or not tls
-            server = QueuekitServer(keyfile, data_dir, sync, tls_files if tls else None)
+            journal: tuple[str, ...] = ()
+            db_server = (pg_nofsync if postgres == "nofsync" else pg) if postgres else None
+            if db_server is not None:  # a new database per run: every run starts from an empty journal
+                database = db_server.database()
+                url, password_file = db_server.url(database), str(db_server.password_file)
+                journal = ("--journal-url", url, "--journal-password-file", password_file)
+            server = QueuekitServer(keyfile, data_dir, sync, tls_files if tls else None, journal)
             ca_file = tls_files[0] if tls_files and tls else None
             try:
                 return timed_run(qk_producer, qk_consumer, (server.address, keyfile, ca_file), n, batch)
@@ -323,6 +357,8 @@ def main() -> int:
                 server.stop()
                 if data_dir:
                     shutil.rmtree(data_dir, ignore_errors=True)
+                if db_server is not None:
+                    db_server.drop(database)
 
         return run
 
@@ -338,8 +374,20 @@ def main() -> int:
         (9, "durable sync=full, batch 100, with acks", api(100, True, "full")),
         (10, "TLS batch 1 with acks", api(1, tls=True)),
         (11, "TLS batch 100 with acks", api(100, tls=True)),
+        (13, "PostgreSQL journal, batch 1 with acks", api(1, postgres="fsync")),
+        (14, "PostgreSQL journal, batch 100 with acks", api(100, postgres="fsync")),
+        (15, "PostgreSQL journal, batch 100, database fsync=off (diagnostic)", api(100, postgres="nofsync")),
     ]
     wanted = {1, 2} | ({int(x) for x in args.only.split(",")} if args.only else {r[0] for r in rows})
+    pg = pg_nofsync = None
+    if wanted & {13, 14}:
+        pg = start_postgres(fsync=True)
+        if pg is None:
+            wanted -= {13, 14}
+    if 15 in wanted:
+        pg_nofsync = start_postgres(fsync=False)
+        if pg_nofsync is None:
+            wanted -= {15}
     if args.quick:
         wanted.discard(8)
     if tls_files is None and wanted & {10, 11}:
@@ -362,6 +410,9 @@ def main() -> int:
             print(f"  round {round_ + 1}/{args.runs} done", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        for server in (pg, pg_nofsync):
+            if server is not None:
+                server.stop()
     for number, name, _ in chosen:
         results[number] = statistics.median(rates[number])
         print(f"  measured {number}: {name}: " + ", ".join(f"{r:,.0f}" for r in sorted(rates[number])) + " tasks/s")
@@ -382,6 +433,7 @@ def main() -> int:
         (7, 4, 0.5, "row 7 >= 0.5x row 4"),
         (10, 3, 0.6, "row 10 (TLS batch 1) >= 0.6x row 3"),
         (11, 4, 0.7, "row 11 (TLS batch 100) >= 0.7x row 4"),
+        (14, 4, 0.25, "row 14 (PostgreSQL batch 100) >= 0.25x row 4"),
     ]
     for row, base, factor, text in targets:
         if row in results and base in results:

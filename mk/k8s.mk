@@ -79,7 +79,7 @@ $(K8S_CHECKOV_VENV)/.complete: requirements/checkov.txt | $(PYTHON)
 	$(K8S_CHECKOV_VENV)/bin/python -m pip install -q -r requirements/checkov.txt
 	@touch $@
 
-k8s-test: k8s-deps k8s-checkov
+k8s-test: k8s-deps k8s-checkov postgres-wheels
 	@$(call need,$(KUBECTL),$(HOW_KUBECTL))
 	$(K8S_PYTHON) -m pytest -m k8s tests/k8s
 
