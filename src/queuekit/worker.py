@@ -45,7 +45,7 @@ from .errors import (
     QueuekitError,
     ServerUnavailable,
 )
-from .message import Task, encode_payload
+from .message import Task, encode_result
 
 MAX_SLICE = 64  # most tasks a handler thread takes from the buffer at once
 SLICE_BELOW_SECONDS = 0.001  # ...when tasks take less than this on average
@@ -84,17 +84,37 @@ def load_handler(spec: str) -> Callable[..., Any]:
 
 def check_result(value: Any, max_bytes: int) -> str | None:
     """None if a handler's return value can be stored as the task's result, else why not (the
-    error the task is nacked with: a result is never dropped silently)."""
+    error the task is nacked with: a result is never dropped silently). Checked here, per task,
+    because one bad value would make the client refuse the whole get that carries the acks."""
     if value is None:
         return None
     try:
-        text = encode_payload(value, sys.maxsize)
+        encode_result(value, max_bytes)
     except PayloadError as e:
-        return f"unencodable result: {str(e).replace('payload', 'the return value', 1)}"
-    size = len(text.encode("utf-8", "surrogatepass")) if len(text) * 4 > max_bytes else 0
-    if size > max_bytes:
-        return f"unencodable result: the return value is {size} bytes encoded; the server's result limit is {max_bytes}"
+        return f"unencodable result: {e}"
     return None
+
+
+class _Outcomes:
+    """What one slice of tasks came to: acked (with results), or nacked with an error."""
+
+    __slots__ = ("done", "results", "failed")
+
+    def __init__(self) -> None:
+        self.done: list[Task] = []
+        self.results: dict[int, Any] = {}  # task id -> return value, for the tasks in done
+        self.failed: list[tuple[Task, float | None, str]] = []
+
+    def fail(self, task: Task, error: str, trace: str | None = None) -> None:
+        _log.error(
+            "task_failed",
+            queue=task.queue,
+            task=task.id,
+            attempts=task.attempts + 1,
+            error=error[:500],
+            traceback=trace or None,
+        )
+        self.failed.append((task, None, error))
 
 
 class _Seat(Seat):
@@ -138,9 +158,9 @@ class Worker(TaskHost):
         self.client = client
         self.queue_names = [queue] if isinstance(queue, str) else list(queue)
         # One queue: its handle. Several: a set that takes from them in priority order in one get.
-        self.queue: Any = (
-            client.queue(self.queue_names[0]) if len(self.queue_names) == 1 else client.queues(self.queue_names)  # type: ignore[attr-defined]  # until the QueueSet lands
-        )
+        self.queue: Any = client.queue(self.queue_names[0])
+        if len(self.queue_names) > 1:
+            self.queue = client.queues(self.queue_names)
         self.handler = handler
         self.handler_spec = handler_spec
         self.with_ctx = takes_context(handler)
@@ -174,8 +194,7 @@ class Worker(TaskHost):
         self.processed = 0
         self.failed = 0
         self.timed_out = 0
-        self._max_result_bytes: int | None = None
-        self._results_supported = False
+        self._max_result_bytes = 0  # the server's, learnt once connected
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -199,10 +218,7 @@ class Worker(TaskHost):
         try:
             if not self._wait_for_server():
                 return self._exit_code()
-            import inspect
-
-            self._results_supported = "results" in inspect.signature(self.queue.get_many).parameters
-            self._max_result_bytes = int(getattr(self.client, "max_result_bytes", None) or self.client.max_task_bytes)
+            self._max_result_bytes = self.client.max_result_bytes
             _log.info(
                 "consumer_started",
                 queue=",".join(self.queue_names),
@@ -237,7 +253,7 @@ class Worker(TaskHost):
         if self.pool == "process":
             from .pool import Child
 
-            assert self.handler_spec is not None and self._max_result_bytes is not None
+            assert self.handler_spec is not None
             seat.child = Child(self.handler_spec, self._max_result_bytes)
             _log.info("handler_child_started", seat=name, child_pid=seat.child.pid)
         seat.thread = threading.Thread(target=self._handle_loop, args=(seat,), name=name, daemon=True)
@@ -411,9 +427,8 @@ class Worker(TaskHost):
                 for task in tasks:
                     self._running[task.receipt] = task
                 pending.extend(tasks)
-            done: list[Task] = []
-            results: dict[int, Any] = {}
-            failed: list[tuple[Task, float | None, str]] = []
+            out = _Outcomes()
+            done = out.done
             unstarted: list[Task] = []
             started = monotonic()
             while True:
@@ -427,18 +442,19 @@ class Worker(TaskHost):
                     break
                 seat.current = (task, monotonic())
                 if child is not None:
-                    child = self._run_in_child(seat, task, done, results, failed)
+                    child = self._run_in_child(seat, task, out)
                     continue
                 try:
                     value = handler(task.payload, seat.context()) if with_ctx else handler(task.payload)
                 except Exception as e:
-                    self._failed(task, e, failed)
+                    out.fail(task, f"{type(e).__name__}: {e}", traceback.format_exc())
                 else:
                     if value is None:
                         done.append(task)
                     else:
-                        self._returned(task, value, done, results, failed)
+                        self._returned(task, value, out)
             seat.current = None
+            failed, results = out.failed, out.results
             ran = len(done) + len(failed)
             if ran:  # moving average of one task's duration
                 self._task_seconds += ((monotonic() - started) / ran - self._task_seconds) * 0.2
@@ -449,6 +465,8 @@ class Worker(TaskHost):
                     done = [t for t in done if t is not abandoned]
                     failed = [f for f in failed if f[0] is not abandoned]
                     results.pop(abandoned.id, None)
+                    # Only what this thread ran: the rest of its slice went back to the buffer.
+                    tasks = done + [f[0] for f in failed]
                     _log.warning("abandoned_handler_returned", seat=seat.name, task=abandoned.id)
                 for task in tasks:
                     self._running.pop(task.receipt, None)
@@ -465,45 +483,17 @@ class Worker(TaskHost):
                 if abandoned is not None:
                     return
 
-    def _failed(self, task: Task, e: Exception, failed: list[tuple[Task, float | None, str]]) -> None:
-        error = f"{type(e).__name__}: {e}"
-        _log.error(
-            "task_failed",
-            queue=task.queue,
-            task=task.id,
-            attempts=task.attempts + 1,
-            error=error[:500],
-            traceback=traceback.format_exc(),
-        )
-        failed.append((task, None, error))
-
-    def _returned(
-        self,
-        task: Task,
-        value: Any,
-        done: list[Task],
-        results: dict[int, Any],
-        failed: list[tuple[Task, float | None, str]],
-    ) -> None:
+    def _returned(self, task: Task, value: Any, out: _Outcomes) -> None:
         """A handler returned ``value``: stored as the result with the ack, or, if it cannot be
         encoded, the task is nacked saying why."""
-        problem = check_result(value, self._max_result_bytes or 0)
+        problem = check_result(value, self._max_result_bytes)
         if problem is not None:
-            _log.error("task_failed", queue=task.queue, task=task.id, attempts=task.attempts + 1, error=problem)
-            failed.append((task, None, problem))
+            out.fail(task, problem)
             return
-        done.append(task)
-        if self._results_supported:
-            results[task.id] = value
+        out.done.append(task)
+        out.results[task.id] = value
 
-    def _run_in_child(
-        self,
-        seat: _Seat,
-        task: Task,
-        done: list[Task],
-        results: dict[int, Any],
-        failed: list[tuple[Task, float | None, str]],
-    ) -> Any:
+    def _run_in_child(self, seat: _Seat, task: Task, out: _Outcomes) -> Any:
         """Process pool: run ``task`` in the seat's child; returns the child to use next (a new
         one if this one died or was ended)."""
         from .pool import ChildDied, TaskMessage
@@ -515,30 +505,20 @@ class Worker(TaskHost):
             with self._cond:
                 overrun, seat.overrun = seat.overrun, None
             if overrun is not None and overrun[0] is task and overrun[1] == "cancelled":
-                done.append(task)  # reported as an ack: the server records it cancelled
+                out.done.append(task)  # reported as an ack: the server records it cancelled
             elif overrun is not None and overrun[0] is task:
-                failed.append((task, None, TIMEOUT_ERROR))
+                out.failed.append((task, None, TIMEOUT_ERROR))  # task_timeout was logged
             else:
-                error = f"{e} while running the task"
-                _log.error("task_failed", queue=task.queue, task=task.id, attempts=task.attempts + 1, error=error)
-                failed.append((task, None, error))
+                out.fail(task, f"{e} while running the task")
             return self._replace_child(seat, str(e))
         if reply[0] == "ok":
             if reply[1] is None:
-                done.append(task)
+                out.done.append(task)
             else:
-                self._returned(task, reply[1], done, results, failed)
+                self._returned(task, reply[1], out)
         else:
             _, error, trace = reply
-            _log.error(
-                "task_failed",
-                queue=task.queue,
-                task=task.id,
-                attempts=task.attempts + 1,
-                error=error[:500],
-                traceback=trace or None,
-            )
-            failed.append((task, None, error))
+            out.fail(task, error, trace)
         return child
 
     def _replace_child(self, seat: _Seat, why: str) -> Any:
@@ -550,7 +530,7 @@ class Worker(TaskHost):
             return old
         assert self.handler_spec is not None
         try:
-            seat.child = Child(self.handler_spec, self._max_result_bytes or 0)
+            seat.child = Child(self.handler_spec, self._max_result_bytes)
         except QueuekitError as e:
             self._fail_fatally(e)
             seat.child = old
@@ -566,18 +546,14 @@ class Worker(TaskHost):
 
     def _heartbeat_loop(self) -> None:
         interval = max(0.2, self.lease / 3)
-        beat = getattr(self.queue, "heartbeat", None)  # reports cancellations too
         while not self._done.wait(interval):
             with self._cond:
                 held = list(self._running.values()) + list(self._buffer)
             if not held:
                 continue
             try:
-                if beat is not None:
-                    answer = beat(held, self.lease)
-                    lost, cancelled = set(answer.lost), set(answer.cancelled)
-                else:
-                    lost, cancelled = set(self.queue.extend(held, self.lease)), set()
+                answer = self.queue.heartbeat(held, self.lease)  # renews, and tells cancellations
+                lost, cancelled = set(answer.lost), set(answer.cancelled)
                 self._server_ok = True
             except ServerUnavailable as e:
                 self._server_ok = False

@@ -43,3 +43,61 @@ def read_record(path):
             what, pid, n = line.split()
             out.append((what, int(pid), int(n) if n.lstrip("-").isdigit() else n))
     return out
+
+
+# -- task lifecycle (tests/process/test_worker_lifecycle.py) ---------------------------------------
+
+
+def sleepy(payload):
+    """Record start, sleep payload["s"] seconds, record done; returns this process's pid (the
+    process pool's child: the tests see which child ran it)."""
+    _note("start", payload)
+    if payload.get("crash"):
+        os._exit(3)
+    time.sleep(payload.get("s", 0))
+    _note("done", payload)
+    return os.getpid()
+
+
+def with_context(payload, ctx):
+    """Two parameters: gets the context. Fails the first attempt when asked (to see attempt 2)."""
+    import queuekit
+
+    _note(f"ctx-{ctx.queue}", payload)
+    if payload.get("fail_first") and ctx.attempt == 1:
+        raise RuntimeError("first attempt fails on purpose")
+    return {
+        "id": ctx.id,
+        "queue": ctx.queue,
+        "attempt": ctx.attempt,
+        "delivery": ctx.delivery,
+        "enqueued_at": ctx.enqueued_at,
+        "deadline": ctx.deadline,
+        "headers": dict(ctx.headers),
+        "same_as_current_task": queuekit.current_task() is ctx,
+    }
+
+
+def via_current_task(payload):
+    """One parameter: reads the context through queuekit.current_task()."""
+    import queuekit
+
+    ctx = queuekit.current_task()
+    return {"id": ctx.id, "attempt": ctx.attempt, "headers": dict(ctx.headers)}
+
+
+def bad_result(payload):
+    """Returns what cannot be a result: a set, or a string longer than the server's limit."""
+    if payload.get("big"):
+        return "x" * payload["big"]
+    return {1, 2, 3}
+
+
+def until_cancelled(payload, ctx):
+    """Waits (bounded) for ctx.cancelled, then records it."""
+    _note("start", payload)
+    deadline = time.monotonic() + 60
+    while not ctx.cancelled and time.monotonic() < deadline:
+        time.sleep(0.02)
+    _note("cancelled" if ctx.cancelled else "not-cancelled", payload)
+    return "stopped early"
