@@ -34,7 +34,7 @@ from .broker import Broker
 from .errors import ConfigError, ExitCode, NotLeader
 from .journal import Journal
 from .leader import Election
-from .server import QueuekitServer
+from .server import TLS_FAILURE_REASONS, QueuekitServer
 from .settings import ServerSettings
 
 REAPER_INTERVAL = 0.2  # seconds between lease-expiry / retry-promotion passes
@@ -126,6 +126,8 @@ class ServerApp:
             "journal_commits": journal.commits,
             "auth_failures": server.auth_failures,
             "connections_refused": dict(server.refused),
+            "tls_handshakes": server.tls_handshakes,
+            "tls_handshake_failures": {**dict.fromkeys(TLS_FAILURE_REASONS, 0), **server.tls_failures},
             "ready": self.ready,
             "uptime_seconds": round(time.monotonic() - self.started, 3),
         }

@@ -133,6 +133,18 @@ def _server_families(stats: dict) -> list[str]:
             "Connections closed before authentication, by reason.",
             (Sample((("reason", r),), n) for r, n in sorted(refused.items())),
         ),
+        *family(
+            "queuekit_tls_handshakes_total",
+            "counter",
+            "TLS handshakes completed on the queue port.",
+            [Sample((), stats.get("tls_handshakes", 0))],
+        ),
+        *family(
+            "queuekit_tls_handshake_failures_total",
+            "counter",
+            "TLS handshakes that failed on the queue port, by reason (a fixed set: server.TLS_FAILURE_REASONS).",
+            (Sample((("reason", r),), n) for r, n in sorted(stats.get("tls_handshake_failures", {}).items())),
+        ),
         *family("queuekit_ready", "gauge", "1 when the server accepts work.", [Sample((), int(stats["ready"]))]),
         *family(
             "queuekit_uptime_seconds",

@@ -50,6 +50,21 @@ API_IDENT = transport.API_IDENT
 ACCEPT_FAILURE_UNREADY_SECONDS = 5.0  # readiness is false this long after the acceptor failed
 MAX_TRACKED_HOSTS = 4096  # hosts whose recent authentication failures are remembered
 TLS_HELLO_WAIT = 1.0  # seconds a TLS server waits for the ClientHello before telling a plaintext client
+# What /metrics and /stats count failed TLS handshakes by: a fixed set whatever OpenSSL says, so
+# that no peer can grow the label set (the log line keeps the detail). tls_failure_label maps.
+TLS_FAILURE_REASONS = (
+    "no_client_certificate",  # mutual TLS, the client sent none
+    "client_certificate_rejected",  # not signed by QUEUEKIT_TLS_CLIENT_CA_FILE, expired, wrong usage
+    "server_certificate_refused",  # the client's alert: it does not trust our certificate
+    "not_tls",  # a plaintext client (silent, or bytes that are no TLS record)
+    "timeout",  # the handshake deadline
+    "closed",  # the peer closed or reset the connection mid-handshake
+    "protocol",  # any other TLS-level refusal (version, ciphers, malformed messages)
+    "other",
+)
+_NOT_TLS_REASONS = frozenset(
+    {"no_client_hello", "wrong_version_number", "http_request", "https_proxy_request", "unknown_protocol"}
+)
 
 _log = logs.get("server")
 
@@ -74,7 +89,8 @@ class QueuekitServer(managers.Server):
         self.settings = settings
         # New connections speak TLS with this context (None: plaintext); replaced on reload.
         self.tls_context = tls_context
-        self.tls_failures = 0
+        self.tls_handshakes = 0  # completed (/metrics queuekit_tls_handshakes_total)
+        self.tls_failures: collections.Counter[str] = collections.Counter()  # by tls_failure_label
         self.stopping = False
         # Leadership (queuekit.leader): returns the error every request gets while this server must
         # not serve (a standby, a leader past its deadline), None while it may. None: always serve.
@@ -360,6 +376,7 @@ class QueuekitServer(managers.Server):
         try:
             tls_conn.set_recv_timeout(timeout)
             tls_conn.do_handshake()
+            self.tls_handshakes += 1
             return tls_conn
         except ssl.SSLError as e:
             self._tls_failed(tls_conn, _tls_reason(e), str(e))
@@ -371,7 +388,7 @@ class QueuekitServer(managers.Server):
         return None
 
     def _tls_failed(self, conn: transport.Connection, reason: str, detail: str) -> None:
-        self.tls_failures += 1
+        self.tls_failures[tls_failure_label(reason)] += 1
         _log.warning("tls_handshake_failed", peer=conn.peer, reason=reason, detail=detail[:200])
 
     def set_tls_context(self, context: ssl.SSLContext | None) -> None:
@@ -451,6 +468,22 @@ def _tls_reason(e: ssl.SSLError) -> str:
         if reason.startswith(prefix):  # the client refused the handshake (e.g. our certificate)
             return "client_alert_" + reason[len(prefix) :].lower()
     return reason.lower()
+
+
+def tls_failure_label(reason: str) -> str:
+    """The TLS_FAILURE_REASONS entry for a ``tls_handshake_failed`` reason (_tls_reason, or the
+    name of the OSError that ended the handshake)."""
+    if reason in TLS_FAILURE_REASONS:
+        return reason
+    if reason in _NOT_TLS_REASONS:
+        return "not_tls"
+    if reason.startswith("client_alert_"):
+        return "server_certificate_refused"
+    if reason == "eof" or reason in ("ConnectionResetError", "ConnectionAbortedError", "BrokenPipeError"):
+        return "closed"
+    if reason.islower():  # an OpenSSL reason (_tls_reason lowers them); OSError names are CamelCase
+        return "protocol"
+    return "other"
 
 
 def _host(peer: str) -> str:

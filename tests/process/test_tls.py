@@ -11,6 +11,7 @@ marker seen in clear without TLS, nowhere with it).
 from __future__ import annotations
 
 import datetime
+import json
 import secrets
 import signal
 import socket
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 
 import pytest
 import trustme
@@ -25,6 +27,7 @@ import trustme
 import queuekit
 from queuekit import transport
 from queuekit.errors import AuthenticationFailed, ExitCode, TLSError
+from queuekit.server import TLS_FAILURE_REASONS, tls_failure_label
 from queuekit.transport import API_IDENT
 from support.procs import ROOT, Proc, ServerProc, base_env, wait_parked, wait_until, write_key
 
@@ -214,9 +217,9 @@ def test_mutual_tls_refuses_a_client_without_certificate(mtls_server, key_file, 
     tls_failure_logged(mtls_server, "no_client_certificate")
 
 
-def test_mutual_tls_refuses_a_certificate_from_another_ca(mtls_server, key_file, certs, other_certs):
+def refused_with_another_cas_certificate(server, key_file, certs, other_certs):
     refused(
-        mtls_server,
+        server,
         key_file,
         TLSError,
         "refused our client certificate .*QUEUEKIT_TLS_CLIENT_CA_FILE",
@@ -224,7 +227,70 @@ def test_mutual_tls_refuses_a_certificate_from_another_ca(mtls_server, key_file,
         tls_cert_file=str(other_certs.client_cert),
         tls_key_file=str(other_certs.client_key),
     )
+
+
+def test_mutual_tls_refuses_a_certificate_from_another_ca(mtls_server, key_file, certs, other_certs):
+    refused_with_another_cas_certificate(mtls_server, key_file, certs, other_certs)
     tls_failure_logged(mtls_server, "client_certificate_rejected")
+
+
+def http_text(server, path: str) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}{path}", timeout=5) as r:
+        return r.read().decode()
+
+
+def test_tls_handshakes_and_their_failures_are_counted_by_reason(mtls_server, key_file, certs, other_certs):
+    """/stats and /metrics count completed TLS handshakes and failed ones by a fixed set of reasons:
+    a plaintext client (silent, as the manager protocol is) and one that sends HTTP are not_tls, a
+    certificate from another CA client_certificate_rejected; a good client adds a handshake."""
+    refused(mtls_server, key_file, TLSError, "accepts TLS connections only")  # a plaintext queuekit client
+    with socket.create_connection(("127.0.0.1", mtls_server.port), timeout=5) as s:
+        s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        try:
+            while s.recv(1024):  # the server closes the connection (after an alert, which is no HTTP)
+                pass
+        except ConnectionResetError:
+            pass
+    refused_with_another_cas_certificate(mtls_server, key_file, certs, other_certs)
+    tls_failure_logged(mtls_server, r"\S+", count=3)
+    tls = dict(tls_ca_file=str(certs.ca_file), tls_cert_file=str(certs.client_cert), tls_key_file=str(certs.client_key))
+    with connect(mtls_server, key_file, **tls) as client:
+        assert client.ping() is not None
+
+    stats = json.loads(http_text(mtls_server, "/stats"))
+    assert stats["tls_handshake_failures"] == {
+        **dict.fromkeys(TLS_FAILURE_REASONS, 0),
+        "not_tls": 2,
+        "client_certificate_rejected": 1,
+    }, mtls_server.log()[-3000:]
+    assert stats["tls_handshakes"] == 1
+    metrics = http_text(mtls_server, "/metrics")
+    assert "queuekit_tls_handshakes_total 1\n" in metrics
+    assert 'queuekit_tls_handshake_failures_total{reason="not_tls"} 2\n' in metrics
+    assert 'queuekit_tls_handshake_failures_total{reason="client_certificate_rejected"} 1\n' in metrics
+    series = [line for line in metrics.splitlines() if line.startswith("queuekit_tls_handshake_failures_total{")]
+    assert len(series) == len(TLS_FAILURE_REASONS), series  # every reason from the start, nothing else
+
+
+@pytest.mark.parametrize(
+    "logged, label",
+    [
+        ("no_client_hello", "not_tls"),
+        ("wrong_version_number", "not_tls"),
+        ("http_request", "not_tls"),
+        ("no_client_certificate", "no_client_certificate"),
+        ("client_certificate_rejected", "client_certificate_rejected"),
+        ("client_alert_unknown_ca", "server_certificate_refused"),
+        ("timeout", "timeout"),
+        ("eof", "closed"),
+        ("ConnectionResetError", "closed"),
+        ("unsupported_protocol", "protocol"),
+        ("no_shared_cipher", "protocol"),
+        ("ValueError", "other"),
+    ],
+)
+def test_the_logged_reasons_map_to_the_fixed_label_set(logged, label):
+    assert tls_failure_label(logged) == label
 
 
 def test_commands_and_the_worker_exit_with_the_auth_code(tmp_path, server, key_file, other_certs):
