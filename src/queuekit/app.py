@@ -34,6 +34,7 @@ from .broker import Broker
 from .errors import ConfigError, ExitCode, NotLeader
 from .journal import Journal
 from .leader import Election
+from .message import TaskStatus
 from .server import TLS_FAILURE_REASONS, QueuekitServer
 from .settings import ServerSettings
 
@@ -131,6 +132,11 @@ class ServerApp:
             "ready": self.ready,
             "uptime_seconds": round(time.monotonic() - self.started, 3),
         }
+
+    def task_status(self, task_id: int) -> TaskStatus | None:
+        """``GET /tasks/<id>``; None until the server serves (HTTP answers 503 then)."""
+        broker = self.broker
+        return None if broker is None else broker.status(None, task_id)
 
     # -- life cycle -------------------------------------------------------------------------
 

@@ -320,7 +320,9 @@ class Broker:
                 task.started_at, task.consumer = row.started_at, row.consumer
                 if row.state is not None:  # finished: its status (and result) only
                     task.result = row.result
-                    self._store_finished(task, row.state, row.finished_at or now)
+                    # The broker's states are compared by identity: map the stored text back.
+                    finished = SUCCEEDED if row.state == SUCCEEDED else CANCELLED
+                    self._store_finished(task, finished, row.finished_at or now)
                     continue
                 if row.cancel_requested:  # flagged in flight before the restart: it ends here
                     cancelled.append(task)

@@ -215,6 +215,21 @@ def build_parser() -> argparse.ArgumentParser:
     _client_options(p)
     p.set_defaults(run=cmd_dead)
 
+    # Task lifecycle by id (issue 13). Without --queue the server looks in every queue (a key
+    # limited to queues must give it).
+    for name, text in (
+        ("status", "show where a task is in its life (JSON)"),
+        ("cancel", "cancel a task: removed if waiting, flagged if in flight"),
+        ("result", "wait for a task's result and print it (JSON)"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("task_id", type=int, metavar="ID", help="the id put returned")
+        p.add_argument("--queue", metavar="NAME", help="the task's queue (default: any)")
+        if name == "result":
+            p.add_argument("--timeout", type=float, metavar="S", help="give up after S seconds (default: wait)")
+        _client_options(p)
+        p.set_defaults(run=cmd_task, task_command=name)
+
     p = sub.add_parser(
         "tunnel",
         help="plaintext on loopback, TLS to the server: for stock BaseManager clients",
@@ -502,6 +517,19 @@ def cmd_dead(flags: dict) -> int:
             if ids is None and not flags["yes"]:
                 raise QueuekitError("purge drops every dead task of the queue: add --yes (or pick tasks with --id)")
             print(f"purged={queue.dead_purge(ids)} queue={queue.name}")
+    return ExitCode.OK
+
+
+def cmd_task(flags: dict) -> int:
+    """``queuekit status|cancel|result ID``."""
+    command, task_id, queue = flags["task_command"], flags["task_id"], flags.get("queue")
+    with _client(flags, command) as client:
+        if command == "status":
+            print(json.dumps(client.status(task_id, queue)._asdict(), sort_keys=True))
+        elif command == "cancel":
+            print(f"state={client.cancel(task_id, queue)} id={task_id}")
+        else:  # TaskDead, TaskCancelled, ResultExpired, ResultTimeout: one line, exit 1
+            print(json.dumps(client.result(task_id, flags.get("timeout"), queue), sort_keys=True))
     return ExitCode.OK
 
 

@@ -51,6 +51,7 @@ BACKLOG = 128  # listen(2) backlog
 MAX_HEAD_BYTES = 16 * 1024  # request line + headers
 DEFAULT_MAX_QUEUES = 1000
 PROBES = ("/healthz", "/readyz")
+TASKS_PREFIX = "/tasks/"  # GET /tasks/<id>: a task's status (same token rule as /stats)
 
 _log = logs.get("http")
 
@@ -174,8 +175,24 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(200, metrics.CONTENT_TYPE, metrics.render(stats, reported), with_body)
             else:
                 self._send(200, "application/json", json.dumps(stats, sort_keys=True) + "\n", with_body)
+        elif path.startswith(TASKS_PREFIX):
+            self._task_status(path[len(TASKS_PREFIX) :], with_body)
         else:
             self._send(404, "text/plain", "not found: try /healthz /readyz /metrics /stats\n", with_body)
+
+    def _task_status(self, text: str, with_body: bool) -> None:
+        """``GET /tasks/<id>``: the task's status as JSON (404 for an unknown task)."""
+        task_status = getattr(self.server.status, "task_status", None)
+        if not (text.isascii() and text.isdigit()) or len(text) > 20:
+            self._send(400, "text/plain", "bad request: /tasks/<id> takes a task id (digits)\n", with_body)
+            return
+        found = task_status(int(text)) if task_status is not None else None
+        if found is None:
+            self._send(503, "text/plain", "starting\n", with_body)
+        elif found.state == "unknown":
+            self._send(404, "application/json", json.dumps(found._asdict(), sort_keys=True) + "\n", with_body)
+        else:
+            self._send(200, "application/json", json.dumps(found._asdict(), sort_keys=True) + "\n", with_body)
 
     def _send(self, code: int, content_type: str, body: str, with_body: bool) -> None:
         data = body.encode()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import fcntl
 import functools
 import itertools
+import json
 import os
 import sqlite3
 import stat
@@ -29,14 +30,14 @@ from collections.abc import Iterator
 
 from . import logs
 from .errors import DataDirError
-from .journal import DeleteOp, JournalOp, LeaseOp, PutOp, Recovered, StoredTask, UpdateOp
+from .journal import CancelOp, DeleteOp, FinishOp, JournalOp, LeaseOp, PutOp, Recovered, StoredTask, UpdateOp
 from .journal_group import GroupCommitJournal
 
 DB_NAME = "queuekit.db"
 LOCK_NAME = "queuekit.lock"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 APPLICATION_ID = 0x716B6A31  # "qkj1": marks the file as a queuekit journal
-TASK_COLUMNS = {
+TASK_COLUMNS_V1 = {
     "id",
     "queue",
     "payload",
@@ -48,6 +49,16 @@ TASK_COLUMNS = {
     "lease_delivery",
     "lease_until",
 }
+# Schema 2 (task lifecycle): headers, per-task timeout and the cancel flag of live tasks, and a
+# table of finished tasks (their status and result) until the result store evicts them. A finished
+# task moves there (its payload left behind), so that the pages of acked payloads are freed as
+# before. Added to a version 1 file in place.
+_V2_COLUMNS = (
+    ("headers", "TEXT"),  # JSON object of str -> str, NULL: none
+    ("timeout", "REAL"),
+    ("cancel_requested", "INTEGER NOT NULL DEFAULT 0"),
+)
+TASK_COLUMNS = TASK_COLUMNS_V1 | {name for name, _ in _V2_COLUMNS}
 _log = logs.get("journal")
 
 _SCHEMA = """
@@ -65,10 +76,28 @@ CREATE TABLE tasks (
 );
 CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
 """
+_MIGRATE_V2 = "".join(f"ALTER TABLE tasks ADD COLUMN {name} {decl};\n" for name, decl in _V2_COLUMNS) + (
+    """CREATE TABLE finished (
+    id          INTEGER PRIMARY KEY,
+    queue       TEXT    NOT NULL,
+    attempts    INTEGER NOT NULL,
+    enqueued_at REAL    NOT NULL,
+    last_error  TEXT,
+    headers     TEXT,
+    timeout     REAL,
+    state       TEXT    NOT NULL,   -- 'succeeded' or 'cancelled'
+    finished_at REAL    NOT NULL,
+    started_at  REAL,
+    consumer    TEXT,
+    result      TEXT              -- JSON text; NULL: none
+);
+"""
+)
 
 
 class SqliteJournal(GroupCommitJournal):
     _commit_errors = (sqlite3.Error,)
+    keeps_finished = True
 
     def __init__(self, data_dir: str, sync: str = "full"):
         if sync not in ("full", "normal"):
@@ -89,7 +118,9 @@ class SqliteJournal(GroupCommitJournal):
         with self._db_lock:
             rows = self._db.execute(
                 "SELECT queue, id, payload, attempts, enqueued_at, not_before, dead, last_error, lease_delivery, "
-                "lease_until FROM tasks ORDER BY id"
+                "lease_until, headers, timeout, NULL, NULL, NULL, NULL, NULL, cancel_requested FROM tasks "
+                "UNION ALL SELECT queue, id, '', attempts, enqueued_at, 0, 0, last_error, NULL, NULL, headers, "
+                "timeout, state, finished_at, started_at, consumer, result, 0 FROM finished ORDER BY id"
             ).fetchall()
             next_id = (self._db.execute("SELECT value FROM meta WHERE key='next_id'").fetchone() or (0,))[0]
             with self._db:  # saved leases are restored once
@@ -97,7 +128,11 @@ class SqliteJournal(GroupCommitJournal):
                     "UPDATE tasks SET lease_delivery = NULL, lease_until = NULL WHERE lease_until IS NOT NULL"
                 )
         return Recovered(
-            [StoredTask(q, i, p, a, e, nb, bool(d), le, ld, lu) for q, i, p, a, e, nb, d, le, ld, lu in rows], next_id
+            [
+                StoredTask(q, i, p, a, e, nb, bool(d), le, ld, lu, _headers(h), t, st, fin, sta, con, res, bool(cr))
+                for q, i, p, a, e, nb, d, le, ld, lu, h, t, st, fin, sta, con, res, cr in rows
+            ],
+            next_id,
         )
 
     def close(self) -> None:
@@ -117,11 +152,13 @@ class SqliteJournal(GroupCommitJournal):
             for kind, group in itertools.groupby(batch, key=type):
                 ops: list = list(group)
                 if kind is PutOp:
-                    rows = [
-                        (op.queue, task_id, payload, 0, op.enqueued_at, op.not_before)
-                        for op in ops
-                        for task_id, payload in enumerate(op.payloads, op.first_id)
-                    ]
+                    rows = []
+                    for op in ops:
+                        headers = None if op.headers is None else json.dumps(op.headers, separators=(",", ":"))
+                        rows += [
+                            (op.queue, task_id, payload, 0, op.enqueued_at, op.not_before, headers, op.timeout)
+                            for task_id, payload in enumerate(op.payloads, op.first_id)
+                        ]
                     if not rows:
                         continue
                     # Multi-row statements: one step per chunk instead of one per task.
@@ -136,11 +173,32 @@ class SqliteJournal(GroupCommitJournal):
                 elif kind is DeleteOp:
                     ids = [task_id for op in ops for task_id in op.ids]
                     for chunk in _chunks(ids, 500):
-                        db.execute(_delete_sql(len(chunk)), chunk)
+                        db.execute(_delete_sql("tasks", len(chunk)), chunk)
+                        db.execute(_delete_sql("finished", len(chunk)), chunk)
                 elif kind is LeaseOp:
                     db.executemany(
                         "UPDATE tasks SET lease_delivery = ?, lease_until = ? WHERE id = ?",
                         [(op.delivery, op.until, op.id) for op in ops],
+                    )
+                elif kind is FinishOp:
+                    # The task's status moves to the finished table until evicted (a DeleteOp).
+                    db.executemany(
+                        "INSERT OR REPLACE INTO finished (id, queue, attempts, enqueued_at, last_error, headers, "
+                        "timeout, state, finished_at, started_at, consumer, result) SELECT id, queue, attempts, "
+                        "enqueued_at, last_error, headers, timeout, ?, ?, ?, ?, ? FROM tasks WHERE id = ?",
+                        [
+                            (op.state, op.finished_at, started, consumer, (op.results or {}).get(task_id), task_id)
+                            for op in ops
+                            for task_id, started, consumer in zip(op.ids, op.started_at, op.consumers, strict=True)
+                        ],
+                    )
+                    ids = [task_id for op in ops for task_id in op.ids]
+                    for chunk in _chunks(ids, 500):
+                        db.execute(_delete_sql("tasks", len(chunk)), chunk)
+                elif kind is CancelOp:
+                    db.executemany(
+                        "UPDATE tasks SET cancel_requested = 1 WHERE id = ?",
+                        [(task_id,) for op in ops for task_id in op.ids],
                     )
                 else:
                     raise sqlite3.ProgrammingError(f"unknown journal op {kind!r}")
@@ -166,13 +224,19 @@ def _chunks(rows: list, size: int) -> Iterator[list]:
 
 @functools.lru_cache(maxsize=128)
 def _insert_sql(n: int) -> str:
-    values = ", ".join(["(?, ?, ?, ?, ?, ?)"] * n)
-    return f"INSERT INTO tasks (queue, id, payload, attempts, enqueued_at, not_before) VALUES {values}"
+    values = ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?)"] * n)
+    return (
+        f"INSERT INTO tasks (queue, id, payload, attempts, enqueued_at, not_before, headers, timeout) VALUES {values}"
+    )
+
+
+def _headers(text: str | None) -> dict[str, str] | None:
+    return None if text is None else json.loads(text)
 
 
 @functools.lru_cache(maxsize=128)
-def _delete_sql(n: int) -> str:
-    return f"DELETE FROM tasks WHERE id IN ({', '.join(['?'] * n)})"
+def _delete_sql(table: str, n: int) -> str:
+    return f"DELETE FROM {table} WHERE id IN ({', '.join(['?'] * n)})"
 
 
 def _prepare_dir(data_dir: str) -> int:
@@ -253,7 +317,7 @@ def _open(path: str, sync: str) -> sqlite3.Connection:
     try:
         db.isolation_level = "DEFERRED"  # `with db:` opens and commits a transaction
         if existed:
-            _validate(db, path)
+            version = _validate(db, path)
         else:
             db.execute("PRAGMA auto_vacuum=INCREMENTAL")  # must precede WAL mode and the first table
         db.execute("PRAGMA journal_mode=WAL").fetchone()
@@ -261,9 +325,11 @@ def _open(path: str, sync: str) -> sqlite3.Connection:
         db.execute("PRAGMA journal_size_limit=67108864")  # truncate the WAL back to 64 MiB after checkpoints
         if not existed:
             with db:
-                db.executescript(_SCHEMA)
+                db.executescript(_SCHEMA + _MIGRATE_V2)
                 db.execute(f"PRAGMA application_id={APPLICATION_ID}")
                 db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        elif version == 1:
+            _migrate_v2(db, path)
         # Prove we can write (a read-only file or filesystem fails here, not at the first put).
         with db:
             db.execute(
@@ -280,8 +346,25 @@ def _open(path: str, sync: str) -> sqlite3.Connection:
     return db
 
 
-def _validate(db: sqlite3.Connection, path: str) -> None:
-    """Reads only: refuse anything that is not an intact queuekit journal we understand."""
+def _migrate_v2(db: sqlite3.Connection, path: str) -> None:
+    """Schema 1 -> 2 in place, in one transaction (all or nothing): the new columns, NULL/0 for
+    the tasks already there, which keep everything they had."""
+    # executescript would commit first; the statements run one by one inside BEGIN ... COMMIT.
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        for statement in _MIGRATE_V2.strip().split(";\n"):
+            db.execute(statement.rstrip(";"))
+        db.execute("PRAGMA user_version=2")
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    _log.info("journal_migrated", path=path, schema_from=1, schema_to=2)
+
+
+def _validate(db: sqlite3.Connection, path: str) -> int:
+    """Reads only: refuse anything that is not an intact queuekit journal we understand. Returns
+    its schema version."""
     where = f"journal {path}"
     hint = "move it away or point QUEUEKIT_DATA_DIR at another directory; nothing was changed"
     try:
@@ -292,7 +375,9 @@ def _validate(db: sqlite3.Connection, path: str) -> None:
         raise DataDirError(f"{where} is not an SQLite database or is corrupt ({e}): {hint}") from None
     if app_id == APPLICATION_ID and {"tasks", "meta"} <= tables:
         columns = {r[1] for r in db.execute("PRAGMA table_info(tasks)")}
-        missing = TASK_COLUMNS - columns
+        missing = (TASK_COLUMNS_V1 if version <= 1 else TASK_COLUMNS) - columns
+        if version >= 2 and "finished" not in tables:
+            missing.add("(table finished)")
         if missing and version <= SCHEMA_VERSION:
             raise DataDirError(
                 f"{where} lacks columns {sorted(missing)} of schema {SCHEMA_VERSION}: it was written by "
@@ -314,3 +399,4 @@ def _validate(db: sqlite3.Connection, path: str) -> None:
         raise DataDirError(f"{where} is corrupt ({e}): {hint}") from None
     if check != [("ok",)]:
         raise DataDirError(f"{where} failed its integrity check ({'; '.join(r[0] for r in check[:3])}): {hint}")
+    return version

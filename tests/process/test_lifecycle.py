@@ -3,8 +3,18 @@ headers and timeouts, several queues per get, heartbeats, bad input, authorizati
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
 import threading
 import time
+import urllib.error
+import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -19,7 +29,7 @@ from queuekit.errors import (
     TaskCancelled,
     TaskDead,
 )
-from support.procs import ServerProc, wait_until, write_key
+from support.procs import ServerProc, base_env, wait_until, write_key
 
 
 def test_status_through_the_life_of_a_task(client):
@@ -262,4 +272,213 @@ def test_new_methods_follow_the_roles(tmp_path):
         c.queue("jobs").ack(task)
         with pytest.raises(TaskCancelled):
             p.queue("jobs").result(task_id, timeout=1)
+    server.stop()
+
+
+def _cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, from /proc/<pid>/stat (fields 14 and 15, in clock ticks)."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_a_thousand_results_waited_for_by_twenty_clients_without_polling(server, client, key_file):
+    q = client.queue("many")
+    ids = q.put_many(list(range(1000)))
+    results: dict[int, object] = {}
+    errors: list[BaseException] = []
+
+    def wait_for(chunk):
+        try:
+            with queuekit.connect(server.address, authkey_file=str(key_file), connect_timeout=10) as c:
+                for task_id in chunk:
+                    results[task_id] = c.queue("many").result(task_id, timeout=60)
+        except BaseException as e:  # reported by the assertion below
+            errors.append(e)
+
+    threads = [threading.Thread(target=wait_for, args=(ids[i::20],)) for i in range(20)]
+    for t in threads:
+        t.start()
+    wait_until(lambda: client.stats()["results"]["waiting"] == 20, timeout=30, what="20 parked result waits")
+    # While they wait, the server does nothing: no thread per waiter, no polling.
+    before, start = _cpu_seconds(server.pid), time.monotonic()
+    time.sleep(2.0)  # the measurement window itself (not waiting for a condition)
+    used = _cpu_seconds(server.pid) - before
+    elapsed = time.monotonic() - start
+    assert used < 0.1 * elapsed, f"server used {used:.3f} s of CPU in {elapsed:.2f} s with 20 idle waiters"
+
+    with queuekit.connect(server.address, authkey_file=str(key_file), connect_timeout=5) as consumer:
+        cq = consumer.queue("many")
+        done: list = []
+        for _ in range(200):  # bounded: 1000 tasks in batches of up to 100
+            tasks = cq.get_many(100, 1, ack=done, results={t.id: t.payload * 3 for t in done})
+            done = tasks
+            if not tasks:
+                break
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    assert results == {task_id: n * 3 for n, task_id in enumerate(ids)}
+
+
+def test_status_results_and_cancellations_survive_sigkill_of_a_durable_server(tmp_path, key_file):
+    data = str(tmp_path / "data")
+    server = ServerProc(tmp_path, key_file, "--data-dir", data, "--sync", "full")
+    with queuekit.connect(server.address, authkey_file=str(key_file), connect_timeout=5) as c:
+        q = c.queue("durable")
+        done_id, running_id, flagged_id, waiting_id = q.put_many(["done", "running", "flagged", "waiting"])
+        q.put("late", delay=3600)
+        done, running, flagged = q.get_many(3, 5)
+        q.ack(done, result={"ok": True})
+        assert q.cancel(flagged_id) == "cancelling"
+        assert q.cancel(waiting_id) == "cancelled"
+        # Acks and cancels are written behind; a put waits for a commit, which carries them along.
+        q.put("barrier")
+    server.signal(signal.SIGKILL)
+    server.wait()
+
+    server = ServerProc(tmp_path, key_file, "--data-dir", data, "--sync", "full")
+    with queuekit.connect(server.address, authkey_file=str(key_file), connect_timeout=5) as c:
+        q = c.queue("durable")
+        assert q.result(done_id, timeout=1) == {"ok": True}
+        st = q.status(done_id)
+        assert (st.state, st.consumer, st.has_result) == ("succeeded", c.name, True)
+        assert q.status(running_id).state == "ready"  # in flight at the kill: redelivered
+        assert q.status(flagged_id).state == "cancelled"  # flagged in flight: not redelivered
+        assert q.status(waiting_id).state == "cancelled"
+        again = q.get_many(10, 1)
+        assert sorted(t.payload for t in again) == ["barrier", "running"]
+        q.ack([t for t in again if t.id == running_id][0], result=7)
+    server.stop()
+    server = ServerProc(tmp_path, key_file, "--data-dir", data, "--sync", "full")
+    with queuekit.connect(server.address, authkey_file=str(key_file), connect_timeout=5) as c:
+        assert c.queue("durable").result(running_id, timeout=1) == 7
+    server.stop()
+
+
+CONSUMER_THAT_DIES = """
+import sys, time, queuekit
+c = queuekit.connect(sys.argv[1], authkey_file=sys.argv[2], connect_timeout=5, name="doomed")
+task = c.queue("redo").get(timeout=10, lease=1.0)
+print("holding", task.id, flush=True)
+time.sleep(120)
+"""
+
+
+def test_result_of_a_task_whose_consumer_was_sigkilled_comes_from_the_redelivery(tmp_path, server, client, key_file):
+    q = client.queue("redo")
+    task_id = q.put({"x": 2})
+    script = tmp_path / "doomed.py"
+    script.write_text(CONSUMER_THAT_DIES)
+    env = {**os.environ, "PYTHONPATH": str(Path(queuekit.__file__).parents[1])}
+    doomed = subprocess.Popen(
+        [sys.executable, str(script), server.address, str(key_file)], stdout=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        assert doomed.stdout.readline().split() == ["holding", str(task_id)]
+        assert q.status(task_id).consumer == "doomed"
+        doomed.kill()  # SIGKILL before acking
+        doomed.wait(10)
+    finally:
+        if doomed.poll() is None:
+            doomed.kill()
+            doomed.wait(10)
+    waited = []
+    waiter = threading.Thread(target=lambda: waited.append(q.result(task_id, timeout=30)))
+    waiter.start()
+    with queuekit.connect(server.address, authkey_file=str(key_file), connect_timeout=5, name="second") as c2:
+        task = c2.queue("redo").get(timeout=15)  # after the 1 s lease expired
+        assert (task.id, task.attempts, task.delivery) == (task_id, 1, 2)
+        c2.queue("redo").ack(task, result=task.payload["x"] * 10)
+    waiter.join(15)
+    assert waited == [20]
+    st = q.status(task_id)
+    assert (st.state, st.attempts, st.consumer) == ("succeeded", 1, "second")
+    assert "lease expired" in st.last_error
+
+
+V1_JOURNAL = Path(__file__).parent / "data" / "journal-v1.db"
+
+
+def test_a_version_1_journal_is_migrated_in_place_with_its_tasks(tmp_path, key_file):
+    """data/journal-v1.db was written by the server code of 7ee8064 (journal schema 1, before the
+    task lifecycle): three ready tasks (one of them in flight when it closed), one delayed an
+    hour, one dead after two failures, one acked."""
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    shutil.copy(V1_JOURNAL, data / "queuekit.db")
+    os.chmod(data / "queuekit.db", 0o600)
+    server = ServerProc(tmp_path, key_file, "--data-dir", str(data))
+    server.wait_for("event=journal_migrated")
+    with queuekit.connect(server.address, authkey_file=str(key_file), connect_timeout=5) as c:
+        q = c.queue("v1")
+        assert c.stats()["queues"]["v1"]["delayed"] == 1
+        tasks = q.get_many(10, 1)
+        assert [t.payload for t in tasks] == [{"n": 1}, {"n": 2}, "three"]
+        assert {(t.headers, t.timeout) for t in tasks} == {(None, None)}
+        dead = c.queue("other").dead_list()
+        assert [(d["payload"], d["attempts"], d["last_error"]) for d in dead] == [("[1,2]", 2, "second failure")]
+        assert c.status(dead[0]["id"]).state == "dead"
+        q.ack(tasks[0], result="v2 result")
+        new_id = q.put("new", headers={"h": "v"}, timeout=3.0)
+    server.stop()
+    db = sqlite3.connect(data / "queuekit.db")
+    assert db.execute("PRAGMA user_version").fetchone() == (2,)
+    db.close()
+    server = ServerProc(tmp_path, key_file, "--data-dir", str(data))
+    assert "journal_migrated" not in server.log()
+    with queuekit.connect(server.address, authkey_file=str(key_file), connect_timeout=5) as c:
+        q = c.queue("v1")
+        assert q.result(tasks[0].id, timeout=1) == "v2 result"
+        assert q.status(tasks[1].id).state == "inflight"  # a graceful stop saved its lease
+        got = q.get_many(10, 1)
+        assert [(t.payload, t.headers, t.timeout) for t in got if t.id == new_id] == [("new", {"h": "v"}, 3.0)]
+    server.stop()
+
+
+def _http(port: int, path: str, token: str | None = None) -> tuple[int, str]:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}")
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def test_task_status_over_http_and_the_commands(tmp_path, key_file):
+    token = "t" * 40
+    (tmp_path / "token").write_text(token)
+    server = ServerProc(tmp_path, key_file, "--http-token-file", str(tmp_path / "token"))
+    with queuekit.connect(server.address, authkey_file=str(key_file), connect_timeout=5) as c:
+        q = c.queue("web")
+        task_id = q.put("x")
+        assert _http(server.http_port, f"/tasks/{task_id}")[0] == 401  # the same token rule as /stats
+        code, body = _http(server.http_port, f"/tasks/{task_id}", token)
+        assert code == 200 and json.loads(body)["state"] == "ready" and json.loads(body)["queue"] == "web"
+        assert _http(server.http_port, "/tasks/42", token)[0] == 404
+        assert _http(server.http_port, "/tasks/abc", token)[0] == 400
+
+        def cli(*args):
+            return subprocess.run(
+                [sys.executable, "-m", "queuekit", *args, "--server", server.address, "--authkey-file", str(key_file)],
+                capture_output=True,
+                text=True,
+                env=base_env(),
+                timeout=60,
+            )
+
+        out = cli("status", str(task_id))
+        assert out.returncode == 0 and json.loads(out.stdout)["state"] == "ready"
+        q.ack(q.get(timeout=5), result={"answer": 42})
+        out = cli("result", str(task_id), "--queue", "web", "--timeout", "5")
+        assert out.returncode == 0 and json.loads(out.stdout) == {"answer": 42}
+        other = q.put("y")
+        out = cli("cancel", str(other))
+        assert (out.returncode, out.stdout.strip()) == (0, f"state=cancelled id={other}")
+        out = cli("result", str(other), "--timeout", "5")
+        assert out.returncode == 1 and "cancelled" in out.stderr
+        out = cli("result", str(q.put("z")), "--timeout", "0.5")
+        assert out.returncode == 1 and "did not finish within 0.5 s" in out.stderr
+        assert json.loads(_http(server.http_port, f"/tasks/{other}", token)[1])["state"] == "cancelled"
     server.stop()

@@ -68,8 +68,9 @@ def store(request, tmp_path):
 class Harness:
     """A broker on a store, restartable; the clock carries over like real time does."""
 
-    def __init__(self, store, clock=None):
+    def __init__(self, store, clock=None, **broker_options):
         self.store = store
+        self.broker_options = broker_options
         self.clock = clock or FakeClock()
         self.journal = store.open()
         self.broker = self._new_broker()
@@ -84,6 +85,7 @@ class Harness:
             retry_max=10.0,
             default_lease=5.0,
             rng=random.Random(1),
+            **self.broker_options,
         )
 
     def restart(self):
@@ -162,6 +164,68 @@ def test_ids_keep_growing_across_restarts_even_when_everything_was_acked(store):
     h.clock.wall_time -= 3600  # even if the wall clock went backwards
     h.restart()
     assert h.broker.put_many("q", ["3"])[0] > max(first)
+    h.close()
+
+
+# -- schema v2: headers, timeouts, finished tasks (status, results), cancel flags ------------------
+
+
+def v2_harness(store, **options):
+    h = Harness(store, **options)
+    if not h.journal.keeps_finished:
+        h.close()
+        pytest.skip(f"{type(h.journal).__name__} does not keep finished tasks yet (keeps_finished False)")
+    return h
+
+
+def test_headers_timeout_status_and_results_survive_restart(store):
+    h = v2_harness(store)
+    b = h.broker
+    ok, plain, waiting, live = b.put_many("q", ['"ok"', '"plain"', '"waiting"', '"live"'], 0.0, {"trace": "t1"}, 7.5)
+    a, p = b.take_or_wait(["q"], 2, 0.0, None, None, None, print, "worker@1")
+    assert a[6:] == ({"trace": "t1"}, 7.5)
+    b.ack_many("q", [ok, plain], {ok: '{"sum":3}'})
+    assert b.cancel_task("q", waiting) == "cancelled"
+    h.restart()
+    b = h.broker
+    st = b.status("q", ok)
+    assert (st.state, st.has_result, st.consumer, st.queue) == ("succeeded", True, "worker@1", "q")
+    assert st.started_at is not None and st.finished_at is not None
+    assert b.result_or_wait(None, ok, 0.0, print) == ("succeeded", '{"sum":3}', None)
+    assert b.result_or_wait(None, plain, 0.0, print) == ("succeeded", None, None)
+    assert b.status(None, waiting).state == "cancelled"
+    assert b.status(None, live).state == "ready"
+    (item,) = b.take_or_wait(["q"], 5, 0.0, None, None, None, print)
+    assert item[1] == live and item[6:] == ({"trace": "t1"}, 7.5)  # headers and timeout kept
+    assert b.qsize("q") == 0
+    h.close()
+
+
+def test_cancel_flag_of_a_task_in_flight_survives_restart(store):
+    h = v2_harness(store)
+    (task_id,) = h.broker.put_many("q", ['"x"'])
+    h.broker.get_many("q", 1)
+    assert h.broker.cancel_task(None, task_id) == "cancelling"
+    h.restart()  # a crash: the task would be ready again, but it was cancelled
+    assert h.broker.status("q", task_id).state == "cancelled"
+    assert h.broker.get_many("q", 1) == []
+    h.restart()
+    assert h.broker.status("q", task_id).state == "cancelled"
+    h.close()
+
+
+def test_result_store_evictions_are_journaled(store):
+    h = v2_harness(store, result_max_count=2, result_ttl=100.0)
+    ids = h.broker.put_many("q", ['"1"', '"2"', '"3"'])
+    h.broker.get_many("q", 3)
+    for task_id in ids:
+        h.broker.ack_many("q", [task_id], {task_id: str(task_id)})
+    h.restart()
+    assert [h.broker.status("q", i).state for i in ids] == ["unknown", "succeeded", "succeeded"]
+    h.clock.advance(101)
+    h.broker.tick()
+    h.restart()
+    assert [h.broker.status("q", i).state for i in ids] == ["unknown"] * 3
     h.close()
 
 
