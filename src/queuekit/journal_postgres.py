@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import socket
 import threading
 import time
 import urllib.parse
@@ -184,6 +186,9 @@ class PostgresJournal(GroupCommitJournal):
         self._commit_errors = (psycopg.Error,)
         # Set when the session failed: leadership (queuekit.leader) watches it.
         self.broken = threading.Event()
+        # Monotonic start of the commit in progress (None between commits): a watchdog can see a
+        # commit stuck on a frozen database without taking the connection's lock.
+        self.commit_started: float | None = None
         extra = {"password": password.reveal().decode()} if password is not None else {}
         try:
             self._db = psycopg.connect(
@@ -306,6 +311,13 @@ class PostgresJournal(GroupCommitJournal):
             self._db.close()
 
     def _commit(self, batch: list[JournalOp]) -> None:
+        self.commit_started = time.monotonic()
+        try:
+            self._write(batch)
+        finally:
+            self.commit_started = None
+
+    def _write(self, batch: list[JournalOp]) -> None:
         db = self._db
         max_id = None
         # One round trip: BEGIN, the statements and COMMIT go out in one pipeline, and leaving it
@@ -406,6 +418,21 @@ class PostgresJournal(GroupCommitJournal):
             if self._error is None:
                 self._error = error
             self._cond.notify_all()
+
+    def sever(self) -> None:
+        """Cut the session's connection, from any thread: a commit or query waiting on a frozen
+        database (its kernel still acknowledges, so no TCP timeout fires) fails at once, and the
+        journal is failed for good. For a watchdog that saw ``commit_started`` too long ago."""
+        self.broken.set()
+        try:
+            fd = os.dup(self._db.pgconn.socket)
+        except Exception:  # already closed: nothing to cut
+            return
+        with socket.socket(fileno=fd) as sock:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def try_advisory_lock(self, key: int) -> bool:
         """``pg_try_advisory_lock(key)`` on the journal's own session (held until it ends)."""

@@ -263,3 +263,38 @@ def test_a_schema_1_database_is_migrated_in_place_with_its_tasks(pg_db):
     journal.close()
     meta = dict(pg_db.server.sql("SELECT key, value FROM queuekit_meta", pg_db.name))
     assert meta["schema_version"] == SCHEMA_VERSION == 2 and meta["next_id"] == 9
+
+
+def test_a_commit_stuck_on_a_frozen_database_fails_at_once_when_severed(pg_db):
+    """The database's backend stopped (SIGSTOP, as a frozen host): the commit waits with no TCP
+    timeout; sever() from another thread makes the waiting put fail and breaks the journal."""
+    import os
+    import signal
+
+    journal = journal_for(pg_db)
+    broker = Broker(journal=journal)
+    broker.put_many("q", ['"stored"'])
+    os.kill(journal.backend_pid, signal.SIGSTOP)
+    outcome: list = []
+    try:
+        t = threading.Thread(target=lambda: outcome.append(_put(broker)), daemon=True)
+        t.start()
+        wait_until(lambda: journal.commit_started is not None, timeout=10, what="the commit to start")
+        t.join(0.5)
+        assert t.is_alive()  # stuck: the frozen backend never answers
+        journal.sever()
+        t.join(10)
+        assert not t.is_alive() and isinstance(outcome[0], JournalError)
+    finally:
+        os.kill(journal.backend_pid, signal.SIGCONT)
+    assert journal.broken.is_set() and not journal.healthy
+    assert broker.qsize("q") == 1
+    journal.close()
+
+
+def _put(broker):
+    try:
+        broker.put_many("q", ['"stuck"'])
+    except JournalError as e:
+        return e
+    return None
