@@ -78,7 +78,7 @@ class Budgets:
 
     server_start: float = 30.0  # startupProbe success
     server_ready: float = 30.0  # then readinessProbe success
-    consumer_ready: float = 20.0  # each consumer's readinessProbe (`queuekit check`, 5 s per try)
+    consumer_ready: float = 20.0  # each consumer's readinessProbe (`consume --probe ready`: connected to the server)
     job: float = 60.0  # the producer Job, retries included
     flow: float = 60.0  # after the Job: acked == produced
 
