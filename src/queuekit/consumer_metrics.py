@@ -25,8 +25,6 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +42,7 @@ MAX_CONSUMER_SERIES = 50  # consumers with series of their own; the rest are sum
 MAX_CONSUMER_LABEL = 64
 MAX_REPORTERS_REMEMBERED = 4096  # (reporter -> last seq) entries kept for duplicate detection
 OTHER = "other"
+TIMEOUT_ERROR = "timeout"  # the worker's nack error for a run past its time limit (worker.TIMEOUT_ERROR)
 
 
 def _bucket(seconds: float) -> int:
@@ -131,21 +130,23 @@ class Recorder:
             q.duration.observe(duration)
             q.wait.observe(wait)
 
-    @contextmanager
-    def measure(self, queue: str, enqueued_at: float, timeout: type[BaseException] = TimeoutError) -> Iterator[None]:
-        """Around a handler call: observes its duration, its wait (now - ``enqueued_at``, wall
-        clock) and its outcome (``failed`` if it raises, ``timeout`` if what it raises is a
-        ``timeout``); the exception goes on."""
-        begun_wall, begun = time.time(), time.monotonic()
-        outcome = "failed"
-        try:
-            yield
-            outcome = "ok"
-        except timeout:
+    @staticmethod
+    def begin() -> tuple[float, float]:
+        """When a task's run starts: (wall clock, monotonic) for :meth:`end`."""
+        return time.time(), time.monotonic()
+
+    def end(self, task: Any, begun: tuple[float, float], failed: list, abandoned: Any = None) -> None:
+        """A task's run ended; the worker's outcome lists say how: ``timeout`` when the worker
+        gave up on it (``abandoned`` is the task, or its nack error is ``timeout``), ``failed``
+        when it is the last entry of ``failed`` (``(task, delay, error)``), else ``ok``."""
+        if abandoned is task:
             outcome = "timeout"
-            raise
-        finally:
-            self.observe(queue, outcome, time.monotonic() - begun, begun_wall - enqueued_at)
+        elif failed and failed[-1][0] is task:
+            outcome = "timeout" if failed[-1][2] == TIMEOUT_ERROR else "failed"
+        else:
+            outcome = "ok"
+        wall, mono = begun
+        self.observe(task.queue, outcome, time.monotonic() - mono, wall - task.enqueued_at)
 
     def next_report(self) -> dict[str, Any] | None:
         """The report to send now: the unacknowledged one again, else the delta since the last

@@ -131,3 +131,21 @@ def _item(**outcomes):
 def test_bad_reports_are_refused_with_a_clear_error(report, message):
     with pytest.raises(InvalidRequest, match=message):
         check_report(report)
+
+
+def test_end_classifies_outcomes_from_the_worker_lists():
+    from types import SimpleNamespace
+
+    rec = Recorder()
+    tasks = [SimpleNamespace(queue="q", enqueued_at=0.0) for _ in range(5)]
+    failed: list = []
+    rec.end(tasks[0], rec.begin(), failed)  # nothing failed: ok
+    failed.append((tasks[1], None, "ValueError: no"))
+    rec.end(tasks[1], rec.begin(), failed)
+    failed.append((tasks[2], None, "timeout"))  # a process-pool child ended at its time limit
+    rec.end(tasks[2], rec.begin(), failed)
+    rec.end(tasks[3], rec.begin(), failed)  # the last failure is another task's: this one is ok
+    rec.end(tasks[4], rec.begin(), failed, abandoned=tasks[4])  # a thread the worker gave up on
+    report = rec.next_report()["queues"]["q"]
+    assert (report["ok"], report["failed"], report["timeout"]) == (2, 1, 2)
+    assert sum(report["wait"]) == 5 and report["wait_sum"] > 1e9  # enqueued at the epoch: long ago
