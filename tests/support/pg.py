@@ -10,6 +10,7 @@ The pytest fixtures are in tests/conftest.py; bench/throughput.py uses PgServer 
 
 from __future__ import annotations
 
+import ctypes
 import glob
 import itertools
 import os
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 SUPERUSER = "qk_admin"
+PR_SET_PDEATHSIG = 1
 _names = itertools.count()
 
 
@@ -46,6 +48,15 @@ def find_bin() -> Path:
         if directory and os.access(os.path.join(directory, "postgres"), os.X_OK):
             return Path(directory)
     raise PgUnavailable("PostgreSQL is not installed (apt-get install postgresql; or set QK_PG_BIN)")
+
+
+_prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: the child only calls it
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGQUIT (PostgreSQL's immediate shutdown) when the process that
+    started it dies, so a test run killed outright (a timeout's SIGKILL) leaves no server behind."""
+    _prctl(PR_SET_PDEATHSIG, int(signal.SIGQUIT), 0, 0, 0)
 
 
 def _free_port() -> int:
@@ -133,6 +144,7 @@ class PgServer:
                     stderr=subprocess.STDOUT,
                     cwd=self.dir,
                     start_new_session=True,  # a Ctrl-C of the test run is not delivered to it twice
+                    preexec_fn=_die_with_parent,
                     **self._as_owner(),
                 )
             if self._wait_ready(timeout):
@@ -185,7 +197,7 @@ class PgServer:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 self.proc.args, stdout=log, stderr=subprocess.STDOUT, cwd=self.dir, start_new_session=True,
-                **self._as_owner(),
+                preexec_fn=_die_with_parent, **self._as_owner(),
             )  # fmt: skip
         self.port = port
         start = self.log.read_text(errors="replace").count("ready to accept connections")
