@@ -19,6 +19,10 @@ in this run):
                                         per run; skipped with a note without PostgreSQL or psycopg
   15 PostgreSQL, fsync off              row 14 against a database with fsync=off: a diagnostic (the
                                         journal's cost without the disk flush), not a setting to use
+  16 end to end with results            row 5 with a handler returning a small value (stored as the
+                                        task's result; target >= 0.8x row 5)
+  17 call() round trips                 put + result by one client while 2 consumers run; rate, and
+                                        the median and p99 latency printed below the table
 
 Usage: PYTHONPATH=src python3 bench/throughput.py [--tasks 100000] [--runs 5] [--quick] [--only 3,4]
 Only loopback is used; every process is bounded by the task count and a timeout.
@@ -239,7 +243,7 @@ class QueuekitServer:
         self.proc.wait(20)
 
 
-def end_to_end_run(keyfile: str, n: int) -> float:
+def end_to_end_run(keyfile: str, n: int, handler: str = "queuekit.examples:noop") -> float:
     server = QueuekitServer(keyfile)
     env = {
         **os.environ,
@@ -256,7 +260,7 @@ def end_to_end_run(keyfile: str, n: int) -> float:
                 "queuekit",
                 "consume",
                 "--handler",
-                "queuekit.examples:noop",
+                handler,
                 "--queue",
                 "e2e",
                 "--prefetch",
@@ -310,6 +314,45 @@ def start_postgres(fsync: bool):
     except (PgUnavailable, ImportError, RuntimeError) as e:
         print(f"note: no PostgreSQL ({e}): the PostgreSQL rows are skipped", flush=True)
         return None
+
+
+CALL_LATENCIES: list[float] = []  # row 17's call() latencies, all runs
+
+
+def call_run(keyfile: str, n: int) -> float:
+    """Row 17: one client's put + result round trips (``queue.call``) while 2 consumers run a
+    handler that returns a small value. Returns the time for ``n`` tasks at the measured rate (the
+    table's unit); the latencies go to CALL_LATENCIES."""
+    calls = min(n, 2000)  # sequential round trips: bounded in count (and each by its timeout)
+    server = QueuekitServer(keyfile)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT / "src"),
+        "QUEUEKIT_AUTHKEY_FILE": keyfile,
+        "QUEUEKIT_SERVER": server.address,
+        "QUEUEKIT_LOG_LEVEL": "warning",
+    }
+    argv = [sys.executable, "-m", "queuekit", "consume", "--handler", "queuekit.examples:answer", "--queue", "calls"]
+    consumers = [subprocess.Popen(argv, env=env) for _ in range(CONSUMERS)]
+    client = queuekit.connect(server.address, authkey_file=keyfile)
+    try:
+        q = client.queue("calls")
+        q.call({"n": -1}, timeout=30)  # consumers connected and serving
+        t0 = time.perf_counter()
+        for i in range(calls):
+            start = time.perf_counter()
+            if q.call({"n": i}, timeout=30) != i:
+                raise RuntimeError("call() returned a wrong result")
+            CALL_LATENCIES.append(time.perf_counter() - start)
+        elapsed = time.perf_counter() - t0
+    finally:
+        for c in consumers:
+            c.send_signal(signal.SIGTERM)
+        for c in consumers:
+            c.wait(30)
+        client.close()
+        server.stop()
+    return elapsed * n / calls
 
 
 def main() -> int:
@@ -377,6 +420,12 @@ def main() -> int:
         (13, "PostgreSQL journal, batch 1 with acks", api(1, postgres="fsync")),
         (14, "PostgreSQL journal, batch 100 with acks", api(100, postgres="fsync")),
         (15, "PostgreSQL journal, batch 100, database fsync=off (diagnostic)", api(100, postgres="nofsync")),
+        (
+            16,
+            "end to end with results stored (handler returns a small value)",
+            lambda: end_to_end_run(keyfile, n, handler="queuekit.examples:answer"),
+        ),
+        (17, "call() round trips: put + result by 1 client, 2 consumers", lambda: call_run(keyfile, n)),
     ]
     wanted = {1, 2} | ({int(x) for x in args.only.split(",")} if args.only else {r[0] for r in rows})
     pg = pg_nofsync = None
@@ -439,6 +488,15 @@ def main() -> int:
         if row in results and base in results:
             ratio = results[row] / results[base]
             print(f"target {text}: {ratio:.2f}x {'met' if ratio >= factor else 'NOT met'}")
+    if 16 in results and 5 in results:
+        ratio = results[16] / results[5]
+        print(f"target row 16 (results stored) >= 0.8x row 5: {ratio:.2f}x {'met' if ratio >= 0.8 else 'NOT met'}")
+    if CALL_LATENCIES:
+        ms = sorted(x * 1000 for x in CALL_LATENCIES)
+        print(
+            f"row 17 call() latency over {len(ms)} calls: median {statistics.median(ms):.2f} ms, "
+            f"p99 {ms[min(len(ms) - 1, int(len(ms) * 0.99))]:.2f} ms"
+        )
     return 0
 
 

@@ -33,3 +33,8 @@ def handle(payload: Any) -> None:
 
 def noop(payload: Any) -> None:
     """Does nothing: for throughput benchmarks."""
+
+
+def answer(payload: Any) -> Any:
+    """Returns a small value (the payload's ``n``): a result to store, for throughput benchmarks."""
+    return payload.get("n") if isinstance(payload, dict) else payload

@@ -482,3 +482,15 @@ def test_task_status_over_http_and_the_commands(tmp_path, key_file):
         assert out.returncode == 1 and "did not finish within 0.5 s" in out.stderr
         assert json.loads(_http(server.http_port, f"/tasks/{other}", token)[1])["state"] == "cancelled"
     server.stop()
+
+
+def test_the_calls_of_older_clients_keep_their_answers(client):
+    """What a client of the previous version sends (put_many without headers/timeout, get_many,
+    ack_many without results, extend_many) is answered as before: get_many's 5-tuples."""
+    (task_id,) = client.call("put_many", "old", ['"a"'], 0.0)
+    items = client.call("get_many", "old", 10, 0.0, None, None)
+    assert len(items) == 1 and type(items[0]) is tuple and len(items[0]) == 5
+    assert items[0][:4] == (task_id, 1, 0, '"a"')
+    assert client.call("extend_many", "old", [(task_id, 1)], None) == []
+    assert client.call("ack_many", "old", [task_id]) == 1
+    assert client.queue("old").status(task_id).state == "succeeded"
