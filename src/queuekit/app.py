@@ -401,6 +401,8 @@ class ServerApp:
         _log.info("server_stopping", connections=server.connection_count() if server else 0)
         self.serving = False
         self._stop_reaper.set()  # no lease expires while the server drains
+        if self.web is not None and self.web.dashboard is not None:
+            self.web.dashboard.stop()  # nor by its history's samples (broker.stats services leases)
         if server is not None:
             server.stop(self.settings.shutdown_grace_seconds)
         saved = broker.save_leases() if broker is not None else 0
@@ -408,8 +410,6 @@ class ServerApp:
             journal.flush(timeout=2.0)
             journal.close()
         if self.web is not None:
-            if self.web.dashboard is not None:
-                self.web.dashboard.stop()
             self.web.shutdown()
         _log.info(
             "server_stopped", seconds=round(time.monotonic() - t0, 3), leases_saved=saved if self.durable else None

@@ -8,10 +8,12 @@ everything under ``/api/`` follows the ``/stats`` rule: with a bearer token conf
     GET  /api/overview                        /stats (bounded), the connected clients, what the page may do
     GET  /api/history[?queue=NAME ...]        the last hour of gauges and rates (history.History)
     GET  /api/dead?queue=NAME[&limit=N]       dead letters: id, attempts, error, payload preview (*)
+    GET  /api/task?id=N[&queue=NAME]          a task's status (queuekit.message.TaskStatus; error (*))
     POST /api/dead/requeue  {"queue", "ids"}  dead -> ready (ids: a list, or null for all)
     POST /api/dead/purge    {"queue", "ids"}  dead -> gone (ids: a list, or "all": true)
+    POST /api/task/cancel   {"id", "queue"}   cancel a task (queue: a name, or null for any)
 
-(*) The HTTP port used to show counts only. Payload and error previews are shown only to a reader
+(*) The HTTP port used to show counts only. Payload and error texts are shown only to a reader
 who holds a token: the port's read token when it has one, else the admin token (``X-Queuekit-Admin``
 on the GET); otherwise they are null and the page says why.
 
@@ -43,7 +45,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 from . import __version__, logs
 from .errors import QueuekitError
 from .history import History
-from .message import check_queue_name
+from .message import TaskStatus, check_queue_name
 from .settings import Secret
 
 if TYPE_CHECKING:
@@ -77,8 +79,8 @@ ASSETS = {
     "/dashboard.js": ("dashboard.js", "text/javascript; charset=utf-8"),
     "/dashboard.css": ("dashboard.css", "text/css; charset=utf-8"),
 }
-API_GET = ("/api/overview", "/api/history", "/api/dead")
-API_POST = ("/api/dead/requeue", "/api/dead/purge")
+API_GET = ("/api/overview", "/api/history", "/api/dead", "/api/task")
+API_POST = ("/api/dead/requeue", "/api/dead/purge", "/api/task/cancel")
 
 _log = logs.get("dashboard")
 
@@ -91,6 +93,8 @@ class Source(Protocol):
     def dead_list(self, queue: str, limit: int) -> list[dict]: ...
     def dead_requeue(self, queue: str, ids: list[int] | None) -> int: ...
     def dead_purge(self, queue: str, ids: list[int] | None) -> int: ...
+    def task_status(self, queue: str | None, task_id: int) -> TaskStatus: ...
+    def cancel_task(self, queue: str | None, task_id: int) -> str: ...
 
 
 class AppSource:
@@ -137,6 +141,12 @@ class AppSource:
 
     def dead_purge(self, queue: str, ids: list[int] | None) -> int:
         return self._broker().dead_purge(queue, ids)
+
+    def task_status(self, queue: str | None, task_id: int) -> TaskStatus:
+        return self._broker().status(queue, task_id)
+
+    def cancel_task(self, queue: str | None, task_id: int) -> str:
+        return self._broker().cancel_task(queue, task_id)
 
 
 class _Refused(Exception):
@@ -277,6 +287,13 @@ class Dashboard:
             for name in names:
                 _queue_name(name)
             return self.history.snapshot(names[:MAX_HISTORY_QUEUES])
+        if request.path == "/api/task":
+            task_id = _int(_one(request.query, "id"), "id", 0, 2**63 - 1)
+            given = request.query.get("queue")
+            status = source.task_status(_queue_name(given[0]) if given else None, task_id)._asdict()
+            if not trusted:  # an error message may quote the payload
+                status["last_error"] = None
+            return {"contents": trusted, "task": status}
         queue = _queue_name(_one(request.query, "queue"))
         limit = _int(request.query.get("limit", [str(DEFAULT_DEAD_LIMIT)])[0], "limit", 1, MAX_DEAD_LIMIT)
         items = source.dead_list(queue, limit)
@@ -299,6 +316,14 @@ class Dashboard:
     def _act(self, path: str, body: Any) -> dict:
         if not isinstance(body, dict):
             raise _Refused(400, 'the body must be a JSON object {"queue": ..., "ids": [...]}')
+        if path == "/api/task/cancel":
+            task_id = body.get("id")
+            if type(task_id) is not int or not 0 <= task_id < 2**63:
+                raise _Refused(400, "id must be a task id (an integer)")
+            name = body.get("queue")
+            queue_or_any = None if name is None else _queue_name(name)
+            state = self.source.cancel_task(queue_or_any, task_id)
+            return {"action": "cancel", "queue": queue_or_any, "id": task_id, "state": state}
         queue = _queue_name(body.get("queue"))
         ids = _ids(body.get("ids"))
         if path == "/api/dead/requeue":

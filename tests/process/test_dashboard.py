@@ -190,3 +190,47 @@ def test_payloads_need_a_token_when_the_port_has_none(tmp_path, key_file):
     finally:
         client.close()
         server.stop()
+
+
+def test_task_lookup_and_cancel(tmp_path, key_file):
+    admin = "a" * 40
+    (tmp_path / "admin").write_text(admin + "\n")
+    env = base_env(QUEUEKIT_DASHBOARD_ADMIN_TOKEN_FILE=str(tmp_path / "admin"))
+    server = ServerProc(tmp_path, key_file, "--max-attempts", "0", env=env)
+    port = server.http_port
+    client = queuekit.connect(server.address, authkey_file=str(key_file), connect_timeout=5)
+    try:
+        q = client.queue("jobs")
+        failed, ready = q.put_many([{"n": 1}, {"n": 2}])
+        q.nack(q.get(timeout=5), error="boom on 1")
+        status, _, body = call(port, "GET", f"/api/task?id={failed}")
+        task = json.loads(body)["task"]
+        assert status == 200 and (task["state"], task["queue"], task["attempts"]) == ("dead", "jobs", 1)
+        assert task["last_error"] is None  # an open port: the error only with the admin token
+        task = json.loads(
+            call(port, "GET", f"/api/task?id={failed}&queue=jobs", headers={"X-Queuekit-Admin": admin})[2]
+        )
+        assert task["task"]["last_error"] == "boom on 1"
+        assert json.loads(call(port, "GET", f"/api/task?id={ready}&queue=other")[2])["task"]["state"] == "unknown"
+        for bad in ("id=x", "id=-1", "", f"id={ready}&queue=a%20b"):
+            assert call(port, "GET", "/api/task?" + bad)[0] == 400, bad
+        body = json.dumps({"id": ready, "queue": None}).encode()
+        json_only = {"Content-Type": "application/json"}
+        assert call(port, "POST", "/api/task/cancel", body, json_only)[0] == 403  # no admin token
+        assert q.status(ready).state == "ready"
+        for bad in ({"id": "1"}, {"id": -1}, {"id": ready, "queue": "a b"}):
+            status, _, _ = call(
+                port, "POST", "/api/task/cancel", json.dumps(bad).encode(), {**json_only, "X-Queuekit-Admin": admin}
+            )
+            assert status == 400, bad
+        status, _, answer = call(port, "POST", "/api/task/cancel", body, {**json_only, "X-Queuekit-Admin": admin})
+        assert status == 200 and json.loads(answer) == {
+            "action": "cancel",
+            "queue": None,
+            "id": ready,
+            "state": "cancelled",
+        }
+        assert q.status(ready).state == "cancelled" and client.stats()["queues"]["jobs"]["ready"] == 0
+    finally:
+        client.close()
+        server.stop()

@@ -3,7 +3,8 @@ driven by Selenium): a server with a read token and an admin token, real consume
 the page's numbers against /stats, its charts and clients, a dead letter requeued and another
 purged through the page, markup in a payload shown as text, a screenshot
 (tests/artifacts/dashboard.png). Refused: actions without the admin token, a cross-site form
-post and a cross-origin fetch from another loopback origin opened in the same browser.
+post and a cross-origin fetch from another loopback origin opened in the same browser. A task
+looked up and cancelled through the page.
 
 The browser reaches only loopback: ``--host-resolver-rules`` maps every other name to nothing.
 """
@@ -283,6 +284,23 @@ def test_dashboard_in_a_real_browser(tmp_path, key_file, browser):
         click(browser, f'#dead tr[data-task="{ids[1]}"] button[data-act="purge"]')
         wait_until(lambda: client.stats()["queues"]["poison"]["dead"] == 1, timeout=10, what="the purge")
         wait_until(lambda: len(dead_rows()) == 1, timeout=10, what="the page to list one dead letter")
+        # Look up the requeued task and cancel it through the page (issue 13's task API).
+        browser.find_element(By.ID, "task-id").send_keys(str(ids[0]))
+        click(browser, '#task-form button[type="submit"]')
+
+        def task_field(name):
+            return browser.execute_script(
+                "const r = document.querySelector('#task tr[data-field=\"' + arguments[0] + '\"] td');"
+                "return r ? r.textContent : null;",
+                name,
+            )
+
+        wait_until(lambda: task_field("state") == "ready", timeout=10, what="the task's state on the page")
+        assert task_field("queue") == "poison" and task_field("id") == str(ids[0])
+        click(browser, "#task-cancel")
+        wait_until(lambda: task_field("state") == "cancelled", timeout=10, what="the task cancelled on the page")
+        assert client.status(ids[0]).state == "cancelled" and client.stats()["queues"]["poison"]["ready"] == 0
+        assert not browser.find_element(By.ID, "task-cancel").is_enabled()  # nothing left to cancel
         wait_until(lambda: matches_stats(browser, port, read_token, queues), timeout=15, what="the page = /stats")
         server.wait_for(r"event=dashboard_action peer=127\.0\.0\.1:\d+ action=requeue queue=poison count=1")
 
@@ -318,7 +336,7 @@ def test_dashboard_in_a_real_browser(tmp_path, key_file, browser):
             hostile.shutdown()
             hostile.server_close()
         assert client.stats()["queues"]["poison"]["dead"] == 1  # nothing purged
-        assert server.log().count("event=dashboard_action") == 2  # the page's requeue and purge, nothing else
+        assert server.log().count("event=dashboard_action") == 3  # the page's requeue, purge, cancel; no more
         assert consumer.stop() == 0
     finally:
         client.close()
@@ -342,6 +360,11 @@ def test_read_only_without_admin_token(tmp_path, key_file, browser):
         wait_until(lambda: browser.find_elements(By.CSS_SELECTOR, "#dead tbody tr"), timeout=10, what="dead row")
         buttons = browser.find_elements(By.CSS_SELECTOR, "button.action")
         assert buttons and all(not b.is_enabled() for b in buttons)
+        # Looking a task up needs no admin token; cancelling it does.
+        browser.find_element(By.ID, "task-id").send_keys(str(q.dead_list()[0]["id"]))
+        click(browser, '#task-form button[type="submit"]')
+        wait_until(lambda: "dead" in browser.find_element(By.ID, "task").text, timeout=10, what="the task looked up")
+        assert not browser.find_element(By.ID, "task-cancel").is_enabled()
         # No read token on the port and no admin token in the page: payload and error stay hidden.
         assert "payloads and errors hidden" in browser.find_element(By.ID, "dead-note").text
         assert "boom" not in browser.find_element(By.ID, "dead").text

@@ -92,7 +92,9 @@ function drawOverview(o) {
   drawDeadSelect(names, s.queues);
   $("actions-note").textContent = o.actions ? "" :
     "read-only: the server has no dashboard admin token (QUEUEKIT_DASHBOARD_ADMIN_TOKEN_FILE)";
-  for (const b of document.querySelectorAll("button.action")) b.disabled = !o.actions;
+  for (const b of document.querySelectorAll("#dead button.action, .toolbar > button.action")) {
+    if (b.id !== "task-cancel") b.disabled = !o.actions;
+  }
 }
 
 function drawClients(clients) {
@@ -178,6 +180,61 @@ async function act(action, ids) {
     say(action + " failed: " + e.message, true);
   }
   refresh();
+}
+
+// -- one task: look up, cancel ----------------------------------------------------------------
+
+const FINISHED = ["succeeded", "dead", "cancelled", "unknown"];
+
+function taskQuery() {
+  const id = $("task-id").value.trim();
+  const queue = $("task-queue").value.trim();
+  if (!/^[0-9]+$/.test(id)) throw new Error("a task id is a number");
+  return { id: id, queue: queue || null };
+}
+
+async function lookUp() {
+  let q;
+  try { q = taskQuery(); } catch (e) { say(e.message, true); return; }
+  const admin = sessionStorage.getItem("queuekit.admin") || "";
+  try {
+    const r = await api("/api/task?id=" + q.id + (q.queue ? "&queue=" + encodeURIComponent(q.queue) : ""),
+      { headers: headers(admin ? { "X-Queuekit-Admin": admin } : {}) });
+    const t = r.task;
+    const when = (s) => (s ? new Date(s * 1000).toLocaleString() : "");
+    const rows = [["id", t.id], ["queue", t.queue || ""], ["state", t.state], ["attempts", t.attempts],
+      ["last error", t.last_error === null ? (r.contents ? "" : "hidden") : t.last_error],
+      ["enqueued", when(t.enqueued_at)], ["started", when(t.started_at)], ["finished", when(t.finished_at)],
+      ["consumer", t.consumer || ""], ["result stored", t.has_result ? "yes" : "no"]];
+    replaceRows($("task").tBodies[0], rows.map(([k, v]) => {
+      const tr = el("tr");
+      tr.dataset.field = k;
+      tr.append(el("th", k), cell(v));
+      return tr;
+    }));
+    $("task-cancel").disabled = !state.actions || FINISHED.includes(t.state);
+  } catch (e) {
+    say("look up failed: " + e.message, true);
+  }
+}
+
+async function cancelTask() {
+  let q;
+  try { q = taskQuery(); } catch (e) { say(e.message, true); return; }
+  const admin = sessionStorage.getItem("queuekit.admin") || "";
+  if (!admin) { say("enter the admin token first", true); return; }
+  try {
+    const r = await api("/api/task/cancel", {
+      method: "POST",
+      headers: headers({ "Content-Type": "application/json", "X-Queuekit-Admin": admin }),
+      // The id as JSON text digits: task ids fit a double exactly (microsecond timestamps < 2^53).
+      body: JSON.stringify({ id: Number(q.id), queue: q.queue }),
+    });
+    say("cancel: task " + r.id + " is " + r.state, false);
+  } catch (e) {
+    say("cancel failed: " + e.message, true);
+  }
+  lookUp();
 }
 
 // -- charts -----------------------------------------------------------------------------------
@@ -287,5 +344,7 @@ document.addEventListener("DOMContentLoaded", () => {
   $("dead-queue").addEventListener("change", (event) => { state.deadQueue = event.target.value; refresh(); });
   $("dead-requeue-all").addEventListener("click", () => act("requeue", null));
   $("dead-purge-all").addEventListener("click", () => act("purge", null));
+  $("task-form").addEventListener("submit", (event) => { event.preventDefault(); lookUp(); });
+  $("task-cancel").addEventListener("click", cancelTask);
   refresh();
 });
