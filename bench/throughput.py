@@ -14,6 +14,7 @@ in this run):
   6.. durable modes                     rows 3/4 against a server with --data-dir, sync normal/full
   10, 11 TLS                            rows 3/4 over TLS (certificates made at bench time with the
                                         `openssl` command; without it these rows are skipped)
+  12 end to end with TLS                row 5 over TLS (the producer and consumers verify the server)
   13, 14 PostgreSQL journal             rows 3/4 against a server with --journal-url: a throwaway
                                         PostgreSQL (tests/support/pg.py, fsync on), a new database
                                         per run; skipped with a note without PostgreSQL or psycopg
@@ -243,14 +244,18 @@ class QueuekitServer:
         self.proc.wait(20)
 
 
-def end_to_end_run(keyfile: str, n: int, handler: str = "queuekit.examples:noop") -> float:
-    server = QueuekitServer(keyfile)
+def end_to_end_run(
+    keyfile: str, n: int, handler: str = "queuekit.examples:noop", tls: tuple[str, str, str] | None = None
+) -> float:
+    server = QueuekitServer(keyfile, tls=tls)
+    ca_file = tls[0] if tls else None
     env = {
         **os.environ,
         "PYTHONPATH": str(ROOT / "src"),
         "QUEUEKIT_AUTHKEY_FILE": keyfile,
         "QUEUEKIT_SERVER": server.address,
         "QUEUEKIT_LOG_LEVEL": "warning",
+        **({"QUEUEKIT_TLS_CA_FILE": ca_file} if ca_file else {}),
     }
     consumers = [
         subprocess.Popen(
@@ -270,7 +275,7 @@ def end_to_end_run(keyfile: str, n: int, handler: str = "queuekit.examples:noop"
         )
         for _ in range(CONSUMERS)
     ]
-    client = queuekit.connect(server.address, authkey_file=keyfile)
+    client = queuekit.connect(server.address, authkey_file=keyfile, tls_ca_file=ca_file)
     time.sleep(1.0)  # consumers connected and waiting
     try:
         t0 = time.perf_counter()
@@ -417,6 +422,7 @@ def main() -> int:
         (9, "durable sync=full, batch 100, with acks", api(100, True, "full")),
         (10, "TLS batch 1 with acks", api(1, tls=True)),
         (11, "TLS batch 100 with acks", api(100, tls=True)),
+        (12, "end to end with TLS", lambda: end_to_end_run(keyfile, n, tls=tls_files)),
         (13, "PostgreSQL journal, batch 1 with acks", api(1, postgres="fsync")),
         (14, "PostgreSQL journal, batch 100 with acks", api(100, postgres="fsync")),
         (15, "PostgreSQL journal, batch 100, database fsync=off (diagnostic)", api(100, postgres="nofsync")),
@@ -439,9 +445,9 @@ def main() -> int:
             wanted -= {15}
     if args.quick:
         wanted.discard(8)
-    if tls_files is None and wanted & {10, 11}:
-        print("note: no working `openssl` command: the TLS rows 10 and 11 are skipped", flush=True)
-        wanted -= {10, 11}
+    if tls_files is None and wanted & {10, 11, 12}:
+        print("note: no working `openssl` command: the TLS rows 10, 11 and 12 are skipped", flush=True)
+        wanted -= {10, 11, 12}
     results = {}
     print(
         f"{n} tasks per run, {args.runs} runs per mode, 1 producer + {CONSUMERS} consumer processes, loopback; "
@@ -488,6 +494,8 @@ def main() -> int:
         if row in results and base in results:
             ratio = results[row] / results[base]
             print(f"target {text}: {ratio:.2f}x {'met' if ratio >= factor else 'NOT met'}")
+    if 12 in results and 5 in results:  # no target: what TLS costs the whole path
+        print(f"row 12 (end to end with TLS): {results[12] / results[5]:.2f}x row 5")
     if 16 in results and 5 in results:
         ratio = results[16] / results[5]
         print(f"target row 16 (results stored) >= 0.8x row 5: {ratio:.2f}x {'met' if ratio >= 0.8 else 'NOT met'}")
