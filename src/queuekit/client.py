@@ -373,12 +373,41 @@ class Client:
         conn.close()
 
 
-class Queue:
+class _Taking:
+    """What a queue and a queue set share: taking tasks (with acks and results riding along) and
+    heartbeats, over ``names`` in their order of priority."""
+
+    client: Client
+    names: list[str]
+
+    def get_many(
+        self,
+        max_n: int = 100,
+        timeout: float = 0.0,
+        *,
+        lease: float | None = None,
+        ack: Iterable[Task] = (),
+        results: dict[int, Any] | None = None,
+    ) -> list[Task]:
+        """Lease up to ``max_n`` tasks, waiting up to ``timeout`` s for the first one.
+
+        ``ack``: tasks to acknowledge in the same round trip (they are acked even if none arrive);
+        ``results``: task id -> JSON-compatible return value stored with that ack.
+        """
+        return _take(self.client, self.names, max_n, timeout, lease, ack, results)
+
+    def heartbeat(self, tasks: Iterable[Task], lease: float | None = None) -> Heartbeat:
+        """Renew leases (like ``extend``) and learn which held tasks were cancelled."""
+        return _heartbeat(self.client, self.names, tasks, lease)
+
+
+class Queue(_Taking):
     """A handle on one named queue (queues exist on the server from their first use)."""
 
     def __init__(self, client: Client, name: str):
         self.client = client
         self.name = name
+        self.names = [name]
 
     def __repr__(self) -> str:
         return f"Queue({self.name!r} on {self.client.address})"
@@ -434,22 +463,6 @@ class Queue:
         tasks = self.get_many(1, timeout, lease=lease, ack=ack)
         return tasks[0] if tasks else None
 
-    def get_many(
-        self,
-        max_n: int = 100,
-        timeout: float = 0.0,
-        *,
-        lease: float | None = None,
-        ack: Iterable[Task] = (),
-        results: dict[int, Any] | None = None,
-    ) -> list[Task]:
-        """Lease up to ``max_n`` tasks, waiting up to ``timeout`` s for the first one.
-
-        ``ack``: tasks to acknowledge in the same round trip (they are acked even if none arrive);
-        ``results``: task id -> JSON-compatible return value stored with that ack.
-        """
-        return _take(self.client, [self.name], max_n, timeout, lease, ack, results)
-
     def ack(self, task: Task | Iterable[Task], *, result: Any = None) -> int:
         """Acknowledge tasks as done; ``result`` (one task only): its return value, stored for
         ``result()`` (JSON-compatible, at most the server's QUEUEKIT_MAX_RESULT_BYTES)."""
@@ -463,10 +476,6 @@ class Queue:
             raise TypeError("ack(result=...) takes one task; use get_many(results={id: value}) for several")
         text = encode_result(result, self.client.max_result_bytes)
         return self.client.call("ack_many", self.name, ids, {ids[0]: text})
-
-    def heartbeat(self, tasks: Iterable[Task], lease: float | None = None) -> Heartbeat:
-        """Renew leases (like :meth:`extend`) and learn which held tasks were cancelled."""
-        return _heartbeat(self.client, [self.name], tasks, lease)
 
     def nack(self, task: Task, *, delay: float | None = None, error: str | None = None) -> bool:
         """Give a task back as failed: retried after ``delay`` s (default: server backoff), or
@@ -501,7 +510,7 @@ class Queue:
         return self.client.call("dead_purge", self.name, None if ids is None else list(ids))
 
 
-class QueueSet:
+class QueueSet(_Taking):
     """Several queues consumed as one, in strict order of priority: a get takes every ready task
     of the first queue before any of the second, in one round trip, and waits on all of them at
     once (the server parks one waiter that a task of any of them wakes). Each :class:`Task`
@@ -515,20 +524,6 @@ class QueueSet:
 
     def __repr__(self) -> str:
         return f"QueueSet({self.names!r} on {self.client.address})"
-
-    def get_many(
-        self,
-        max_n: int = 100,
-        timeout: float = 0.0,
-        *,
-        lease: float | None = None,
-        ack: Iterable[Task] = (),
-        results: dict[int, Any] | None = None,
-    ) -> list[Task]:
-        return _take(self.client, self.names, max_n, timeout, lease, ack, results)
-
-    def heartbeat(self, tasks: Iterable[Task], lease: float | None = None) -> Heartbeat:
-        return _heartbeat(self.client, self.names, tasks, lease)
 
     def nack_many(self, items: Iterable[tuple[Task, float | None, str | None]]) -> int:
         """``Queue.nack_many`` for tasks of any of the queues (one round trip per queue)."""
