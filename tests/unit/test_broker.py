@@ -284,3 +284,68 @@ def test_close_answers_parked_waiters_with_nothing_and_refuses_puts(broker):
     assert park(broker)[0] == []  # closed: never parks again
     with pytest.raises(ServerShuttingDown):
         broker.put_many("q", texts(1))
+
+
+# -- task lifecycle (issue 13) ---------------------------------------------------------------
+
+
+def test_result_store_is_bounded_by_count_bytes_and_ttl_oldest_first(clock):
+    b = Broker(clock=clock, result_max_count=3, result_max_bytes=9300, result_ttl=60.0)
+    ids = b.put_many("q", texts(*range(5)))
+    b.get_many("q", 5)
+    b.ack_many("q", ids[:4], {i: '"r"' for i in ids[:4]})
+    assert [b.status("q", i).state for i in ids[:4]] == ["unknown", "succeeded", "succeeded", "succeeded"]
+    b.ack_many("q", [ids[4]], {ids[4]: json.dumps("x" * 9000)})  # counted 200 + 9002 bytes: the older ones go
+    assert b.result_store()["finished"] == 1 and b.status("q", ids[4]).has_result
+    clock.advance(61)
+    b.tick()
+    assert b.status(None, ids[4]).state == "unknown" and b.result_store() == {"finished": 0, "bytes": 0, "waiting": 0}
+
+
+def test_result_waiters_complete_on_ack_dead_letter_and_cancel(clock):
+    broker = Broker(clock=clock, max_attempts=0)
+    done, dead, waiting = broker.put_many("q", texts("a", "b", "c"))
+    got = {}
+    for task_id in (done, dead, waiting):
+        waiter = broker.result_or_wait("q", task_id, 5.0, lambda outcome, i=task_id: got.setdefault(i, outcome))
+        assert type(waiter).__name__ == "ResultWaiter"
+    assert broker.result_store()["waiting"] == 3
+    a, b = broker.get_many("q", 2)
+    broker.ack_many("q", [a[0]], {a[0]: "[1]"})
+    broker.nack_many("q", [NackItem(b[0], b[1], 0.0, "bad")])  # max_attempts=0: dead at once
+    assert broker.cancel_task(None, waiting) == "cancelled"
+    assert got[done] == ("succeeded", "[1]", None)
+    assert got[dead] == ("dead", None, "bad")
+    assert got[waiting][0] == "cancelled"
+    assert broker.result_store()["waiting"] == 0
+    # A waiter withdrawn at its timeout is not completed later.
+    (late,) = broker.put_many("q", texts("d"))
+    w = broker.result_or_wait("q", late, 5.0, lambda outcome: got.setdefault("late", outcome))
+    assert broker.cancel(w) is True and broker.cancel(w) is False
+    broker.ack_many("q", [late])
+    assert "late" not in got
+
+
+def test_a_take_over_several_queues_waits_once_and_is_woken_once(broker):
+    delivered = []
+    waiter = broker.take_or_wait(["high", "low"], 10, 5.0, None, None, None, delivered.append, "w")
+    assert broker.stats()["high"]["waiting"] == broker.stats()["low"]["waiting"] == 1
+    broker.put_many("low", texts("l1"))
+    assert [[(item[0], json.loads(item[4])) for item in items] for items in delivered] == [[("low", "l1")]]
+    assert broker.stats()["high"]["waiting"] == broker.stats()["low"]["waiting"] == 0
+    broker.put_many("high", texts("h1"))
+    assert len(delivered) == 1 and broker.cancel(waiter) is False
+    # Parked again, then the broker closes: delivered [] once, not once per queue.
+    broker.take_or_wait(["high", "low", "other"], 10, 5.0, None, None, None, delivered.append)
+    broker.get_many("high", 5)  # (h1 was ready: the take above took it without parking)
+    broker.take_or_wait(["high", "low"], 10, 5.0, None, None, None, delivered.append)
+    broker.close()
+    assert delivered[-1] == [] and delivered.count([]) == 1
+
+
+def test_a_cancelled_delayed_task_is_never_promoted(broker, clock):
+    (task_id,) = broker.put_many("q", texts("later"), delay=30)
+    assert broker.cancel_task("q", task_id) == "cancelled"
+    clock.advance(31)
+    assert broker.get_many("q", 5) == [] and broker.stats()["q"]["delayed"] == 0
+    assert broker.status("q", task_id).state == "cancelled"
