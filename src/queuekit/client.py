@@ -38,7 +38,7 @@ from collections.abc import Iterable, Iterator
 from multiprocessing import AuthenticationError
 from typing import Any
 
-from . import handshake, logs, transport
+from . import handshake, logs, tracing, transport
 from .errors import (
     AuthenticationFailed,
     ConfigError,
@@ -189,8 +189,9 @@ class Client:
 
     def report(self, report: dict) -> bool:
         """Send consumer metrics (a :class:`queuekit.consumer_metrics.Recorder` report); False
-        when the server had applied that report already (a retry)."""
-        return self.call("report", report)
+        when the server had applied that report already (a retry). Not retried here: the
+        heartbeat that sends it must not wait for a reconnect; the next one resends it."""
+        return self.call("report", report, retry=False)
 
     @property
     def max_task_bytes(self) -> int:
@@ -425,6 +426,7 @@ class Queue(_Taking):
         up to 128 characters, 8 KiB in all). ``timeout``: seconds the handler may run (else the
         consumer's default)."""
         text = encode_payload(payload, self.client.max_task_bytes)
+        headers = tracing.inject(self.name, headers)  # W3C trace context, with opentelemetry-api
         return self.client.call("put_many", self.name, [text], delay, *_put_extras(headers, timeout))[0]
 
     def put_many(
@@ -440,7 +442,7 @@ class Queue(_Taking):
         ``timeout`` apply to each task (see :meth:`put`)."""
         limit = self.client.max_task_bytes
         texts = [encode_payload(p, limit) for p in payloads]
-        extras = _put_extras(headers, timeout)
+        extras = _put_extras(tracing.inject(self.name, headers), timeout)
         ids: list[int] = []
         for chunk in _chunks(texts):
             ids.extend(self.client.call("put_many", self.name, chunk, delay, *extras))

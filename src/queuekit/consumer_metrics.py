@@ -24,11 +24,13 @@ import math
 import secrets
 import threading
 import time
+from bisect import bisect_left
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import InvalidRequest
+from . import logs
+from .errors import InvalidRequest, ServerUnavailable
 from .message import check_queue_name
 
 # Upper bounds in seconds of the histogram buckets (+Inf is implicit): from 5 ms to 10 min, for
@@ -42,14 +44,13 @@ MAX_CONSUMER_SERIES = 50  # consumers with series of their own; the rest are sum
 MAX_CONSUMER_LABEL = 64
 MAX_REPORTERS_REMEMBERED = 4096  # (reporter -> last seq) entries kept for duplicate detection
 OTHER = "other"
+_log = logs.get("consumer")
 TIMEOUT_ERROR = "timeout"  # the worker's nack error for a run past its time limit (worker.TIMEOUT_ERROR)
 
 
 def _bucket(seconds: float) -> int:
-    for i, bound in enumerate(BUCKETS):
-        if seconds <= bound:
-            return i
-    return len(BUCKETS)
+    """Index of the first bucket whose upper bound is >= ``seconds`` (bounds are inclusive)."""
+    return bisect_left(BUCKETS, seconds)
 
 
 @dataclass
@@ -119,6 +120,7 @@ class Recorder:
         self._reporter = secrets.token_hex(8)  # this process, for the server's duplicate check
         self._seq = 0
         self._pending: dict[str, Any] | None = None  # sent, not yet acknowledged: resent as it is
+        self._refused = False  # the server refused the call itself: stop reporting
 
     def observe(self, queue: str, outcome: str, duration: float, wait: float) -> None:
         """One handled task: ``duration`` its handler's run time, ``wait`` start - enqueued_at."""
@@ -138,15 +140,27 @@ class Recorder:
     def end(self, task: Any, begun: tuple[float, float], failed: list, abandoned: Any = None) -> None:
         """A task's run ended; the worker's outcome lists say how: ``timeout`` when the worker
         gave up on it (``abandoned`` is the task, or its nack error is ``timeout``), ``failed``
-        when it is the last entry of ``failed`` (``(task, delay, error)``), else ``ok``."""
+        when it is the last entry of ``failed`` (``(task, delay, error)``), else ``ok``.
+        On every task of a consumer: kept to a few attribute lookups and one lock round."""
+        duration = time.monotonic() - begun[1]
         if abandoned is task:
             outcome = "timeout"
         elif failed and failed[-1][0] is task:
             outcome = "timeout" if failed[-1][2] == TIMEOUT_ERROR else "failed"
         else:
             outcome = "ok"
-        wall, mono = begun
-        self.observe(task.queue, outcome, time.monotonic() - mono, wall - task.enqueued_at)
+        wait = max(0.0, begun[0] - task.enqueued_at)
+        with self._lock:
+            q = self._queues.get(task.queue)
+            if q is None:
+                q = self._queues[task.queue] = QueueMetrics()
+            q.outcomes[outcome] += 1
+            h = q.duration
+            h.counts[bisect_left(BUCKETS, duration)] += 1
+            h.total += duration
+            h = q.wait
+            h.counts[bisect_left(BUCKETS, wait)] += 1
+            h.total += wait
 
     def next_report(self) -> dict[str, Any] | None:
         """The report to send now: the unacknowledged one again, else the delta since the last
@@ -169,15 +183,21 @@ class Recorder:
 
     def send(self, client: Any) -> bool:
         """Report to the server through ``client.report``; False (and kept for the next call)
-        when that failed. Never raises a queuekit error: metrics must not stop a worker."""
-        from .errors import QueuekitError
-
+        when that failed. Never raises: metrics must not stop a worker's heartbeat. A server that
+        refuses the call itself (one older than reports, or a key without the consumer role) is
+        logged once (``metrics_report_refused``) and not asked again."""
+        if self._refused:
+            return False
         report = self.next_report()
         if report is None:
             return True
         try:
             client.report(report)
-        except QueuekitError:
+        except (ServerUnavailable, OSError, EOFError):
+            return False  # the connection: resent on the next heartbeat
+        except Exception as e:
+            self._refused = True
+            _log.warning("metrics_report_refused", error=f"{type(e).__name__}: {e}"[:300])
             return False
         self.acknowledged(report)
         return True

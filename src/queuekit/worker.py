@@ -34,8 +34,9 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from . import logs, probe
+from . import logs, probe, tracing
 from .client import Client
+from .consumer_metrics import Recorder
 from .context import Seat, TaskHost, bind_seat, takes_context
 from .errors import (
     AuthenticationFailed,
@@ -195,6 +196,7 @@ class Worker(TaskHost):
         self.failed = 0
         self.timed_out = 0
         self._max_result_bytes = 0  # the server's, learnt once connected
+        self.metrics = Recorder()  # handler durations, waits, outcomes: reported on the heartbeat
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -305,6 +307,7 @@ class Worker(TaskHost):
             overdue = list(self._running.values())
             self._nacks.extend((task, 0.0, "worker stopped: drain timeout exceeded") for task in overdue)
         self._flush_outcomes()
+        self.metrics.send(self.client)  # the last handlers' numbers
         for seat in seats:
             if seat.child is not None:
                 seat.child.stop()
@@ -441,11 +444,15 @@ class Worker(TaskHost):
                     unstarted.extend(_take_all(pending))
                     break
                 seat.current = (task, monotonic())
+                begun = self.metrics.begin()
                 if child is not None:
-                    child = self._run_in_child(seat, task, out)
+                    with tracing.process(task, out.failed):
+                        child = self._run_in_child(seat, task, out)
+                    self.metrics.end(task, begun, out.failed)
                     continue
                 try:
-                    value = handler(task.payload, seat.context()) if with_ctx else handler(task.payload)
+                    with tracing.process(task, out.failed):
+                        value = handler(task.payload, seat.context()) if with_ctx else handler(task.payload)
                 except Exception as e:
                     out.fail(task, f"{type(e).__name__}: {e}", traceback.format_exc())
                 else:
@@ -453,6 +460,7 @@ class Worker(TaskHost):
                         done.append(task)
                     else:
                         self._returned(task, value, out)
+                self.metrics.end(task, begun, out.failed, seat.abandoned)
             seat.current = None
             failed, results = out.failed, out.results
             ran = len(done) + len(failed)
@@ -547,6 +555,7 @@ class Worker(TaskHost):
     def _heartbeat_loop(self) -> None:
         interval = max(0.2, self.lease / 3)
         while not self._done.wait(interval):
+            self.metrics.send(self.client)
             with self._cond:
                 held = list(self._running.values()) + list(self._buffer)
             if not held:

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from queuekit.consumer_metrics import BUCKETS, OTHER, Histogram, Recorder, Store, check_report
-from queuekit.errors import InvalidRequest, QueuekitError, ServerUnavailable
+from queuekit.errors import InvalidRequest, ServerUnavailable
 
 
 class FlakyClient:
@@ -66,16 +66,22 @@ def test_recorder_reports_deltas_once_even_when_answers_are_lost():
     assert rec.send(client) is True and client.calls == calls  # nothing new: no call
 
 
-def test_recorder_send_swallows_only_queuekit_errors():
+def test_a_refused_report_is_logged_once_and_not_sent_again(caplog):
     rec = Recorder()
     rec.observe("q", "ok", 0.1, 0.1)
 
-    class Broken:
-        def report(self, report):
-            raise QueuekitError("refused")
+    class OldServer:
+        calls = 0
 
-    assert rec.send(Broken()) is False
-    assert rec.next_report()["seq"] == 1  # still the first report
+        def report(self, report):
+            self.calls += 1
+            raise AttributeError("method 'report' is not exposed by QueueAPI")  # what a server before reports says
+
+    server = OldServer()
+    assert rec.send(server) is False
+    rec.observe("q", "ok", 0.1, 0.1)
+    assert rec.send(server) is False and server.calls == 1
+    assert sum("metrics_report_refused" in r.getMessage() for r in caplog.records) == 1
 
 
 def test_store_caps_consumer_series():

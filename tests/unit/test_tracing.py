@@ -37,6 +37,7 @@ print("ok", sorted(m for m, v in sys.modules.items() if m.startswith("openteleme
 """
 
 NO_SDK = """
+import opentelemetry.trace  # what an application that uses OpenTelemetry has done
 from types import SimpleNamespace
 from queuekit import tracing
 assert tracing.available()
@@ -61,6 +62,23 @@ def test_importing_queuekit_does_not_import_opentelemetry():
     code = "import sys, queuekit, queuekit.client, queuekit.worker, queuekit.tracing; "
     code += "print([m for m in sys.modules if m.startswith('opentelemetry')])"
     assert run(code).strip() == "[]"
+
+
+NOT_IMPORTED = """
+import sys
+from types import SimpleNamespace
+from queuekit import tracing
+assert tracing.inject("q", {"a": "b"}) == {"a": "b"}
+with tracing.process(SimpleNamespace(queue="q", id=1, attempts=0, headers={"traceparent": "x"})):
+    pass
+print([m for m in sys.modules if m.startswith("opentelemetry")])
+"""
+
+
+def test_installed_but_not_imported_by_the_application_is_never_imported():
+    """Importing OpenTelemetry takes most of a second: queuekit leaves it to the application."""
+    pytest.importorskip("opentelemetry.trace")
+    assert run(NOT_IMPORTED).strip() == "[]"
 
 
 def test_with_the_api_but_no_sdk_nothing_is_added():
