@@ -12,7 +12,8 @@ States and transitions (``attempts`` counts failed deliveries)::
     ready/delayed ──cancel──▶ cancelled;  leased ──cancel──▶ flagged, its ack/nack/expiry ──▶ cancelled
     succeeded/cancelled ──evicted (TTL, count, bytes; oldest first)──▶ gone
     crash + restart (durable): leased ──▶ ready, attempts kept
-    graceful restart (durable): leased ──▶ leased, same delivery and remaining lease (save_leases)
+    graceful restart (durable): leased ──▶ leased, same delivery, remaining lease but at least a
+                                default lease (the holder could not extend while the server was down)
 
 Contract:
 - The broker trusts its callers: arguments were checked where they entered the process
@@ -303,6 +304,12 @@ class Broker:
         now = self._clock.wall()
         mono = self._clock.monotonic()
         cancelled: list[_Task] = []
+        # Delivery numbers are not journaled (only saved leases keep theirs). Counting again from
+        # 0 would hand out a number that a holder from before the restart still quotes, letting
+        # its nack/extend/release act on the new holder's lease. So recovered tasks count on from
+        # a base above every number an earlier incarnation used: those counted from 0 or from an
+        # earlier base, one per lease handed out, far fewer than the milliseconds since.
+        delivery_base = int(now * 1000)
         with self._lock:
             for row in state.tasks:
                 q = self._queue(row.queue)
@@ -318,6 +325,7 @@ class Broker:
                     row.timeout,
                 )
                 task.started_at, task.consumer = row.started_at, row.consumer
+                task.delivery = delivery_base
                 if row.state is not None:  # finished: its status (and result) only
                     task.result = row.result
                     # The broker's states are compared by identity: map the stored text back.
@@ -333,11 +341,13 @@ class Broker:
                     continue
                 q.live[task.id] = task
                 counts[row.queue] = counts.get(row.queue, 0) + 1
-                if row.lease_until is not None and row.lease_until > now:
-                    # Saved by a graceful shutdown: the holder may still ack or extend it.
+                if row.lease_until is not None:
+                    # Saved by a graceful shutdown: the holder may still ack or extend it. It could
+                    # not extend while the server was down, so it gets at least a default lease
+                    # from now to reconnect (the downtime is the server's, not the holder's).
                     task.state = LEASED
                     task.delivery = row.lease_delivery or 0
-                    task.lease_deadline = mono + (row.lease_until - now)
+                    task.lease_deadline = mono + max(row.lease_until - now, self.default_lease)
                     q.n_leased += 1
                     heapq.heappush(q.leases, (task.lease_deadline, next(self._batch_seq), [(task, task.delivery)]))
                 elif row.not_before > now:

@@ -7,6 +7,7 @@ import pytest
 
 from queuekit.broker import Broker
 from queuekit.errors import ServerShuttingDown
+from queuekit.journal import MemoryJournal
 from queuekit.message import NackItem
 from support.fakeclock import FakeClock
 
@@ -349,3 +350,48 @@ def test_a_cancelled_delayed_task_is_never_promoted(broker, clock):
     clock.advance(31)
     assert broker.get_many("q", 5) == [] and broker.stats()["q"]["delayed"] == 0
     assert broker.status("q", task_id).state == "cancelled"
+
+
+# -- restarts: leases and delivery numbers (a MemoryJournal shared by two broker incarnations) ----
+
+
+def restarted(journal, clock):
+    broker = Broker(journal=journal, clock=clock, default_lease=10.0, rng=random.Random(7))
+    broker.recover()
+    return broker
+
+
+def test_a_saved_lease_that_ran_out_during_the_downtime_is_held_a_default_lease_after_it(clock):
+    """Graceful restart: the holder could not extend while the server was down, so its lease is
+    not charged for the downtime: it gets a default lease from the restart to reconnect."""
+    journal = MemoryJournal()
+    first = restarted(journal, clock)
+    first.put_many("q", texts("held"))
+    ((task_id, delivery, *_),) = first.get_many("q", 1, lease=2.0)
+    first.save_leases()
+    clock.advance(5.0)  # down longer than the 2 s the lease had left
+    second = restarted(journal, clock)
+    assert second.stats()["q"]["inflight"] == 1
+    assert second.get_many("q", 1) == []  # not handed to anyone else
+    assert second.extend_many("q", [(task_id, delivery)], lease=2.0) == []  # the holder still holds it
+    clock.advance(2.5)
+    second.tick()
+    assert second.stats()["q"]["ready"] == 1  # a holder that stops extending loses it as usual
+
+
+def test_a_holder_from_before_a_crash_cannot_nack_extend_or_release_the_new_lease(clock):
+    """Delivery numbers are not journaled; after a restart they must not start again where a
+    holder from before the restart could quote the new holder's number."""
+    journal = MemoryJournal()
+    first = restarted(journal, clock)
+    first.put_many("q", texts("t"))
+    ((task_id, old_delivery, *_),) = first.get_many("q", 1)  # holder A; then the server crashes
+    clock.advance(1.0)
+    second = restarted(journal, clock)
+    ((same_id, new_delivery, *_),) = second.get_many("q", 1)  # holder B
+    assert same_id == task_id and new_delivery != old_delivery
+    assert second.nack_many("q", [NackItem(task_id, old_delivery, 0.0, "stale")]) == 0
+    assert second.release_many("q", [(task_id, old_delivery)]) == 0
+    assert second.extend_many("q", [(task_id, old_delivery)]) == [task_id]
+    assert second.stats()["q"]["inflight"] == 1  # B's lease untouched
+    assert second.extend_many("q", [(task_id, new_delivery)]) == []
