@@ -20,6 +20,7 @@ from .message import (
     check_headers,
     check_queue_name,
     check_task_timeout,
+    printable_text,
     validate_results,
     validate_texts,
 )
@@ -309,5 +310,5 @@ def nack_items(items: Any) -> list[NackItem]:
     for task_id, delivery, delay, error in _items(items, 4, "nack"):
         if delay is not None:
             delay = seconds(delay, "delay", 0.0, MAX_DELAY_SECONDS)
-        out.append(NackItem(task_id, delivery, delay, None if error is None else str(error)))
+        out.append(NackItem(task_id, delivery, delay, None if error is None else printable_text(str(error))))
     return out

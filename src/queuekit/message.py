@@ -83,7 +83,28 @@ def encode_payload(value: Any, max_bytes: int) -> str:
     except (ValueError, TypeError) as e:  # NaN/Infinity
         raise PayloadError(f"payload is not JSON-compatible: {e}") from None
     check_size(text, max_bytes)
+    check_unicode(text, "payload")
     return text
+
+
+def check_unicode(text: str, what: str) -> None:
+    """``text`` must be encodable as UTF-8: a Python str may hold lone surrogates ("\\ud800"),
+    which JSON parsing accepts but no journal can store (the commit would fail for every put in
+    it). ``isascii`` is O(1) in CPython, so ASCII texts cost nothing."""
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise PayloadError(
+            f"{what} is not valid Unicode text: a lone surrogate {text[e.start]!a} at character {e.start}"
+        ) from None
+
+
+def printable_text(text: str) -> str:
+    """``text`` made storable for diagnostics (an error message, a client's name): what is not
+    valid UTF-8 (lone surrogates) is written as an escape instead of being refused."""
+    return text if text.isascii() else text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def check_size(
@@ -121,6 +142,7 @@ def validate_results(results: Any, max_bytes: int) -> dict[int, str] | None:
         if type(text) is not str:
             raise PayloadError(f"result of task {task_id} must be JSON text (str), got {type(text).__name__}")
         check_size(text, max_bytes, task_id, "result of task", "QUEUEKIT_MAX_RESULT_BYTES")
+        check_unicode(text, f"result of task {task_id}")
         _check_json(text, f"result of task {task_id}")
     return results
 
@@ -149,6 +171,8 @@ def check_headers(headers: Any) -> dict[str, str] | None:
             raise InvalidRequest(f"header names must be str of 1..{MAX_HEADER_NAME_CHARS} characters, got {name!r:.60}")
         if type(value) is not str:
             raise InvalidRequest(f"header {name!r} must have a str value, got {type(value).__name__}")
+        check_unicode(name, "a header name")
+        check_unicode(value, f"header {name!r}")
         size += len(name.encode("utf-8", "surrogatepass")) + len(value.encode("utf-8", "surrogatepass"))
     if size > MAX_HEADERS_BYTES:
         raise InvalidRequest(f"headers are {size} bytes (names and values, UTF-8); the limit is {MAX_HEADERS_BYTES}")
@@ -175,6 +199,7 @@ def validate_texts(texts: Any, max_bytes: int) -> list[str]:
         if type(text) is not str:
             raise PayloadError(f"payload {index} must be JSON text (str), got {type(text).__name__}")
         check_size(text, max_bytes, index)
+        check_unicode(text, f"payload {index}")
         # Fast path: the C scanner on compact JSON (what queuekit clients send) must consume the
         # whole text. Anything else (surrounding whitespace, errors) takes the full decoder, which
         # accepts what JSON allows and words the error.

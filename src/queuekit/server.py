@@ -43,7 +43,7 @@ from .broker import Broker
 from .errors import ConfigError, PermissionDenied, QueuekitError
 from .keys import Grant
 from .loop import Loop, Session
-from .message import check_queue_name
+from .message import check_queue_name, printable_text
 from .settings import ServerSettings
 
 API_IDENT = transport.API_IDENT
@@ -342,7 +342,7 @@ class QueuekitServer(managers.Server):
                 if self._reply(conn, ("#RETURN", None)):
                     with self._conns_lock:  # no handshake deadline from here on
                         self._conns.pop(conn, None)
-                    self.loop.add(conn, str(args[0]) if args else "?", grant)
+                    self.loop.add(conn, client_name(args), grant)
                     served = True
                 return
             try:
@@ -508,6 +508,16 @@ class _LogLimiter:
     def take(self, reason: str) -> dict[str, int]:
         n = self._suppressed.pop(reason, 0)
         return {"suppressed": n} if n else {}
+
+
+MAX_CLIENT_NAME_CHARS = 128
+
+
+def client_name(args: tuple) -> str:
+    """The name a client gave in ``accept_connection`` (shown in logs, the dashboard and a task's
+    status, and journaled with the tasks it takes): cut to MAX_CLIENT_NAME_CHARS, and what is not
+    valid UTF-8 escaped, since any peer with a key chooses it."""
+    return printable_text(str(args[0])[:MAX_CLIENT_NAME_CHARS]) if args else "?"
 
 
 def _error_reply(e: Exception) -> tuple:
