@@ -52,7 +52,7 @@ def connect(server, path):
 def test_each_role_may_do_its_part_and_is_told_what_it_lacks(server, keys_dir):
     with connect(server, keys_dir / "producer.web") as producer, connect(server, keys_dir / "consumer.workers") as cons:
         producer.queue("jobs").put({"n": 1})
-        with pytest.raises(PermissionDenied, match="may not call get_many: it needs the consumer role"):
+        with pytest.raises(PermissionDenied, match="may not call take: it needs the consumer role"):
             producer.queue("jobs").get(timeout=0)
         with pytest.raises(PermissionDenied, match="needs the admin role"):
             producer.stats()
