@@ -118,7 +118,10 @@ def test_scale_down_sigterm_drains_in_flight_tasks(stack, metrics):
         assert code == 0, f"{name} exited {code} after SIGTERM:\n{text}"
         assert took < 5, f"{name} took {took:.1f}s to stop (grace {grace}s, tasks of {ms} ms):\n{text}"
         draining = re.search(r"event=consumer_draining running=(\d+) buffered=(\d+)", text)
-        stopped = re.search(r"event=consumer_stopped processed=(\d+) failed=(\d+) released=(\d+) abandoned=(\d+)", text)
+        stopped = re.search(
+            r"event=consumer_stopped processed=(\d+) failed=(\d+) (?:timed_out=\d+ )?released=(\d+) abandoned=(\d+)",
+            text,
+        )
         assert draining and stopped, f"{name}: no consumer_draining/consumer_stopped line:\n{text}"
         running = int(draining.group(1))
         running_total += running
