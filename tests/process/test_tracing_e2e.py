@@ -24,19 +24,30 @@ except ImportError:  # pragma: no cover - depends on the environment
     trace = None
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def exporter():
+    """An SDK tracer provider with the in-memory exporter as the process' global one, for this
+    test only: OpenTelemetry sets the global provider once per process, so it is reset afterwards
+    the way OpenTelemetry's own test utilities do (private names, pinned version), or every later
+    put in this pytest process would carry a traceparent."""
     if trace is None:
         if os.environ.get("CI") == "true":
             pytest.fail("opentelemetry-sdk is missing (pip install -r requirements/dev.txt)")
         pytest.skip("opentelemetry-sdk not installed")
+    from opentelemetry.util._once import Once
+
+    from queuekit import tracing
+
     exporter = InMemorySpanExporter()
-    provider = trace.get_tracer_provider()
-    if not isinstance(provider, TracerProvider):  # the global provider can be set once per process
-        provider = TracerProvider()
-        trace.set_tracer_provider(provider)
+    provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    return exporter
+    trace.set_tracer_provider(provider)
+    yield exporter
+    provider.shutdown()
+    trace._TRACER_PROVIDER_SET_ONCE = Once()
+    trace._TRACER_PROVIDER = None
+    tracing._provider_set = False
+    tracing._unset_seen_at = float("-inf")
 
 
 def test_one_trace_from_producer_to_consumer(tmp_path, key_file, exporter):
@@ -90,3 +101,11 @@ def test_one_trace_from_producer_to_consumer(tmp_path, key_file, exporter):
     # A task put without headers starts a trace of its own in the consumer.
     untraced = process[str(untraced_id)]
     assert untraced["trace_id"] != root.get_span_context().trace_id and untraced["parent_span_id"] is None
+
+
+def test_after_the_tracing_test_puts_carry_no_trace_context(tmp_path, server, client):
+    """The reset above works: with no provider set, a put's headers are what the caller gave."""
+    q = client.queue("plain")
+    q.put({"n": 1}, headers={"a": "b"})
+    (task,) = q.get_many(1, 5)
+    assert task.headers == {"a": "b"}
