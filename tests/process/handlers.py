@@ -101,3 +101,23 @@ def until_cancelled(payload, ctx):
         time.sleep(0.02)
     _note("cancelled" if ctx.cancelled else "not-cancelled", payload)
     return "stopped early"
+
+
+def until_file(payload):
+    """Notes ``start``, holds its seat until the file ``payload["file"]`` exists (bounded), then
+    returns ``n``."""
+    _note("start", payload)
+    deadline = time.monotonic() + 60
+    while not os.path.exists(payload["file"]) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return payload["n"]
+
+
+def parked_gets(payload):
+    """Returns how many gets are parked on the server for the task's queue while it runs (read
+    from /stats on ``payload["http"]``, the server's HTTP port)."""
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{payload['http']}/stats", timeout=10) as r:
+        return json.load(r)["queues"][payload["queue"]]["waiting"]
