@@ -401,8 +401,10 @@ V1_JOURNAL = Path(__file__).parent / "data" / "journal-v1.db"
 
 def test_a_version_1_journal_is_migrated_in_place_with_its_tasks(tmp_path, key_file):
     """data/journal-v1.db was written by the server code of 7ee8064 (journal schema 1, before the
-    task lifecycle): three ready tasks (one of them in flight when it closed), one delayed an
-    hour, one dead after two failures, one acked."""
+    task lifecycle): three ready tasks (one of them in flight when it closed), one delayed, one
+    dead after two failures, one acked. The delayed one's not_before was then set to 2100-01-01 in
+    the file (sqlite3, nothing else changed): written as "an hour from now", it became ready an hour
+    after the file was made and the test failed from then on."""
     data = tmp_path / "data"
     data.mkdir(mode=0o700)
     shutil.copy(V1_JOURNAL, data / "queuekit.db")
