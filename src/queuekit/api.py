@@ -12,7 +12,7 @@ from typing import Any
 
 from . import __version__
 from .broker import Broker, Outcome
-from .consumer_metrics import check_report
+from .consumer_metrics import checked_report
 from .errors import InvalidRequest
 from .loop import Loop, Session
 from .message import (
@@ -216,11 +216,11 @@ class QueueAPI:
     def report(self, session: Session, report: Any) -> bool:
         """A consumer's metrics since its last report (:mod:`queuekit.consumer_metrics`). Queues
         that do not exist are left out (they would be series nobody bounds). False: a duplicate."""
-        reporter, seq, queues = check_report(report)
+        reporter, seq, queues, info = checked_report(report)
         for name in queues:
             session.grant.check("report", name)
         known = {name: item for name, item in queues.items() if self._broker.has_queue(name)}
-        return self._info.reports.add(session.name, reporter, seq, known)
+        return self._info.reports.add(session.name, reporter, seq, known, info)
 
 
 def _outcome_reply(outcome: Any) -> tuple:

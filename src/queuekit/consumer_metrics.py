@@ -14,6 +14,13 @@ it, always with the same ``(reporter, seq)``; the server drops a report whose ``
 applied already, so a retry after a lost answer is not counted twice, and an unacknowledged
 report is never lost while the consumer lives. New observations wait for the next report.
 
+Every report also carries the consumer's ``info`` (host, pid, version, queues, concurrency,
+pool, in flight, heartbeat period): a snapshot, not a delta, sent with every heartbeat's report
+(an idle consumer sends one with no queues). The server keeps the latest per reporter for the
+dashboard's consumers table and forgets it once older than ``STALE_HEARTBEATS`` of the periods
+the consumer said it beats at: a stopped consumer leaves the table by itself. A report without
+``info`` (a consumer of an earlier version) is still applied.
+
 Everything on the wire is plain ``dict``/``list``/``int``/``float``/``str`` (the transport
 unpickles nothing else); :func:`check_report` checks a report where it enters the server.
 """
@@ -21,15 +28,18 @@ unpickles nothing else); :func:`check_report` checks a report where it enters th
 from __future__ import annotations
 
 import math
+import os
 import secrets
+import socket
 import threading
 import time
 from bisect import bisect_left
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
-from . import logs
+from . import __version__, logs
 from .errors import InvalidRequest, ServerUnavailable
 from .message import check_queue_name
 
@@ -44,6 +54,13 @@ MAX_CONSUMER_SERIES = 50  # consumers with series of their own; the rest are sum
 MAX_CONSUMER_LABEL = 64
 MAX_REPORTERS_REMEMBERED = 4096  # (reporter -> last seq) entries kept for duplicate detection
 OTHER = "other"
+# The info part of a report: a snapshot of the consumer, bounded field by field.
+MAX_INFO_TEXT = 253  # host (a DNS name's length), version, pool
+MAX_INFO_QUEUES = 64  # queues one consumer takes from
+MAX_INFO_KEYS = 32  # fields of a newer consumer's info beyond the known ones are ignored, to a bound
+MAX_CONCURRENCY = 100_000
+MIN_HEARTBEAT, MAX_HEARTBEAT = 0.05, 3600.0
+STALE_HEARTBEATS = 3  # a consumer's info is dropped after this many of its heartbeat periods
 _log = logs.get("consumer")
 TIMEOUT_ERROR = "timeout"  # the worker's nack error for a run past its time limit (worker.TIMEOUT_ERROR)
 
@@ -114,7 +131,10 @@ class Reported:
 class Recorder:
     """The worker's accumulator: ``observe`` from handler threads, ``send`` from the heartbeat."""
 
-    def __init__(self) -> None:
+    def __init__(self, info: Callable[[], dict[str, Any]] | None = None) -> None:
+        """``info``: the consumer's snapshot for every report (:func:`consumer_info`); with it a
+        report goes out on every heartbeat, without it only when there is a delta."""
+        self._info = info
         self._lock = threading.Lock()
         self._queues: dict[str, QueueMetrics] = {}
         self._reporter = secrets.token_hex(8)  # this process, for the server's duplicate check
@@ -164,9 +184,9 @@ class Recorder:
 
     def next_report(self) -> dict[str, Any] | None:
         """The report to send now: the unacknowledged one again, else the delta since the last
-        (None when there is nothing to report)."""
+        (None when there is nothing to report), with the consumer's info as it is now."""
         with self._lock:
-            if self._pending is None and self._queues:
+            if self._pending is None and (self._queues or self._info is not None):
                 self._seq += 1
                 queues, self._queues = self._queues, {}
                 self._pending = {
@@ -174,11 +194,16 @@ class Recorder:
                     "seq": self._seq,
                     "queues": {name: q.to_wire() for name, q in queues.items()},
                 }
-            return self._pending
+            pending = self._pending
+        if pending is None or self._info is None:
+            return pending
+        # Outside the lock: the worker's info takes the worker's lock, handler threads hold it
+        # while they call end().
+        return {**pending, "info": self._info()}
 
     def acknowledged(self, report: dict[str, Any]) -> None:
         with self._lock:
-            if self._pending is report:
+            if self._pending is not None and self._pending["seq"] == report["seq"]:
                 self._pending = None
 
     def send(self, client: Any) -> bool:
@@ -203,7 +228,49 @@ class Recorder:
         return True
 
 
+def consumer_info(queues: list[str], concurrency: int, pool: str, in_flight: int, heartbeat: float) -> dict[str, Any]:
+    """The ``info`` of a report from this process (see :func:`check_info` for the bounds)."""
+    return {
+        "host": socket.gethostname()[:MAX_INFO_TEXT] or "unknown",
+        "pid": os.getpid(),
+        "version": __version__,
+        "queues": list(queues),
+        "concurrency": concurrency,
+        "pool": pool,
+        "in_flight": in_flight,
+        "heartbeat": heartbeat,
+    }
+
+
 # -- server side ---------------------------------------------------------------------------
+
+
+class ConsumerInfo(NamedTuple):
+    """A checked ``info``: what the dashboard shows of one consumer."""
+
+    host: str
+    pid: int
+    version: str
+    queues: list[str]
+    concurrency: int
+    pool: str
+    in_flight: int  # running + buffered (leased, not yet started)
+    heartbeat: float  # seconds between its reports
+
+
+class CheckedReport(NamedTuple):
+    reporter: str
+    seq: int
+    queues: dict[str, dict[str, Any]]
+    info: ConsumerInfo | None  # None: a consumer of a version before info
+
+
+class SeenConsumer(NamedTuple):
+    """The latest info of one reporter, where and when it came."""
+
+    session: str
+    info: ConsumerInfo
+    arrived: float  # the Store's clock: time.monotonic()
 
 
 def _count(value: Any, what: str) -> int:
@@ -224,8 +291,58 @@ def _counts(value: Any, what: str) -> list[int]:
     return [_count(n, what) for n in value]
 
 
+def _info_int(info: dict, name: str, low: int, high: int) -> int:
+    value = info.get(name)
+    if type(value) is not int or not low <= value <= high:
+        raise InvalidRequest(f"report: info.{name} must be an int in {low}..{high}, got {value!r:.80}")
+    return value
+
+
+def _info_text(info: dict, name: str) -> str:
+    value = info.get(name)
+    if type(value) is not str or not 1 <= len(value) <= MAX_INFO_TEXT or not value.isprintable():
+        raise InvalidRequest(
+            f"report: info.{name} must be printable text of 1..{MAX_INFO_TEXT} chars, got {value!r:.80}"
+        )
+    return value
+
+
+def check_info(info: Any) -> ConsumerInfo | None:
+    """The checked ``info`` of a report (None when the report has none), or :class:`InvalidRequest`."""
+    if info is None:
+        return None
+    if type(info) is not dict or len(info) > MAX_INFO_KEYS:
+        raise InvalidRequest(f"report: info must be a dict of at most {MAX_INFO_KEYS} fields")
+    queues = info.get("queues")
+    if type(queues) is not list or not 1 <= len(queues) <= MAX_INFO_QUEUES:
+        raise InvalidRequest(f"report: info.queues must be a list of 1..{MAX_INFO_QUEUES} queue names")
+    for name in queues:
+        check_queue_name(name)
+    heartbeat: Any = info.get("heartbeat")
+    if type(heartbeat) not in (int, float) or not MIN_HEARTBEAT <= heartbeat <= MAX_HEARTBEAT:
+        raise InvalidRequest(
+            f"report: info.heartbeat must be seconds in {MIN_HEARTBEAT}..{MAX_HEARTBEAT}, got {heartbeat!r:.80}"
+        )
+    return ConsumerInfo(
+        host=_info_text(info, "host"),
+        pid=_info_int(info, "pid", 1, 2**31 - 1),
+        version=_info_text(info, "version"),
+        queues=list(queues),
+        concurrency=_info_int(info, "concurrency", 1, MAX_CONCURRENCY),
+        pool=_info_text(info, "pool"),
+        in_flight=_info_int(info, "in_flight", 0, MAX_COUNT),
+        heartbeat=float(heartbeat),
+    )
+
+
 def check_report(report: Any) -> tuple[str, int, dict[str, dict[str, Any]]]:
-    """``(reporter, seq, queues)`` of a report a client sent, or :class:`InvalidRequest`."""
+    """``(reporter, seq, queues)`` of a report a client sent, or :class:`InvalidRequest` (its
+    ``info`` checked too: :func:`checked_report` returns it)."""
+    return checked_report(report)[:3]
+
+
+def checked_report(report: Any) -> CheckedReport:
+    """A report a client sent, checked, or :class:`InvalidRequest`."""
     if type(report) is not dict:
         raise InvalidRequest(f"report must be a dict, got {type(report).__name__}")
     reporter, seq, queues = report.get("reporter"), report.get("seq"), report.get("queues")
@@ -247,23 +364,38 @@ def check_report(report: Any) -> tuple[str, int, dict[str, dict[str, Any]]]:
             "wait": _counts(item.get("wait"), f"{name}.wait"),
             "wait_sum": _seconds_sum(item.get("wait_sum"), f"{name}.wait_sum"),
         }
-    return reporter, seq, checked
+    return CheckedReport(reporter, seq, checked, check_info(report.get("info")))
 
 
 class Store:
     """The server's totals of what consumers reported (thread-safe: the loop writes, HTTP reads)."""
 
-    def __init__(self, max_consumers: int = MAX_CONSUMER_SERIES):
+    def __init__(self, max_consumers: int = MAX_CONSUMER_SERIES, clock: Callable[[], float] = time.monotonic):
+        self._clock = clock  # ages of the consumers' info
         self._lock = threading.Lock()
         self._queues: dict[str, QueueMetrics] = {}
         self._consumers: dict[str, dict[str, int]] = {}
         self._max_consumers = max_consumers
         self._seen: OrderedDict[str, int] = OrderedDict()  # reporter -> last seq applied
+        self._infos: OrderedDict[str, SeenConsumer] = OrderedDict()  # reporter -> latest info
         self._reports = 0
 
-    def add(self, consumer: str, reporter: str, seq: int, queues: dict[str, dict[str, Any]]) -> bool:
-        """Apply a checked report from the connection named ``consumer``. False: a duplicate."""
+    def add(
+        self,
+        consumer: str,
+        reporter: str,
+        seq: int,
+        queues: dict[str, dict[str, Any]],
+        info: ConsumerInfo | None = None,
+    ) -> bool:
+        """Apply a checked report from the connection named ``consumer``. False: a duplicate
+        (its info, fresh on a resend, is still kept)."""
         with self._lock:
+            if info is not None:
+                self._infos[reporter] = SeenConsumer(consumer, info, self._clock())
+                self._infos.move_to_end(reporter)
+                while len(self._infos) > MAX_REPORTERS_REMEMBERED:
+                    self._infos.popitem(last=False)
             if self._seen.get(reporter, 0) >= seq:
                 return False
             self._seen[reporter] = seq
@@ -271,6 +403,8 @@ class Store:
             while len(self._seen) > MAX_REPORTERS_REMEMBERED:
                 self._seen.popitem(last=False)
             self._reports += 1
+            if not queues:  # an idle consumer's info-only report: no series of its own
+                return True
             label = consumer[:MAX_CONSUMER_LABEL] or "unnamed"
             if label not in self._consumers and len(self._consumers) >= self._max_consumers:
                 label = OTHER
@@ -283,6 +417,19 @@ class Store:
                 for o in OUTCOMES:
                     per_consumer[o] += item[o]
             return True
+
+    def consumers(self, limit: int) -> list[dict[str, Any]]:
+        """The latest info of up to ``limit`` consumers heard from within ``STALE_HEARTBEATS``
+        of their heartbeat periods, most recent first; older ones are forgotten here."""
+        now = self._clock()
+        with self._lock:
+            for reporter, seen in list(self._infos.items()):
+                if now - seen.arrived > STALE_HEARTBEATS * seen.info.heartbeat:
+                    del self._infos[reporter]
+            latest = list(reversed(self._infos.values()))[:limit]
+        return [
+            {**s.info._asdict(), "session": s.session, "last_heartbeat_age": round(now - s.arrived, 3)} for s in latest
+        ]
 
     def snapshot(self) -> Reported:
         with self._lock:

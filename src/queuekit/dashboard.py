@@ -5,7 +5,8 @@ everything under ``/api/`` follows the ``/stats`` rule: with a bearer token conf
 ``Authorization: Bearer <token>``)::
 
     GET  /  /dashboard.js  /dashboard.css     the page (package resources queuekit/web/*)
-    GET  /api/overview                        /stats (bounded), the connected clients, what the page may do
+    GET  /api/overview                        /stats (bounded), the connected clients, the consumers'
+                                              latest reported info, what the page may do
     GET  /api/history[?queue=NAME ...]        the last hour of gauges and rates (history.History)
     GET  /api/dead?queue=NAME[&limit=N]       dead letters: id, attempts, error, payload preview (*)
     GET  /api/task?id=N[&queue=NAME]          a task's status (queuekit.message.TaskStatus; error (*))
@@ -28,7 +29,8 @@ as markup.
 
 Bounded: a POST body of at most ``MAX_BODY_BYTES``, read by the connection's deadline; at most
 ``MAX_DEAD_LIMIT`` dead letters a request, each payload cut to ``PREVIEW_CHARS``; at most
-``MAX_HISTORY_QUEUES`` queues of history a request; at most ``MAX_CLIENTS`` clients listed.
+``MAX_HISTORY_QUEUES`` queues of history a request; at most ``MAX_CLIENTS`` clients and as many
+consumers listed.
 """
 
 from __future__ import annotations
@@ -90,6 +92,7 @@ class Source(Protocol):
 
     def stats(self) -> dict | None: ...
     def clients(self) -> list[dict]: ...
+    def consumers(self) -> list[dict]: ...
     def dead_list(self, queue: str, limit: int) -> list[dict]: ...
     def dead_requeue(self, queue: str, ids: list[int] | None) -> int: ...
     def dead_purge(self, queue: str, ids: list[int] | None) -> int: ...
@@ -126,6 +129,10 @@ class AppSource:
                 }
             )
         return out
+
+    def consumers(self) -> list[dict]:
+        """What the consumers said of themselves on their last heartbeat (consumer_metrics.Store)."""
+        return self._app.reports.consumers(MAX_CLIENTS)
 
     def _broker(self) -> Any:
         broker = self._app.broker
@@ -278,6 +285,7 @@ class Dashboard:
             return {
                 "stats": bounded_stats(stats, self.max_queues),
                 "clients": source.clients(),
+                "consumers": source.consumers(),
                 "actions": self.actions,
                 "version": __version__,
                 "history_interval": self.history.interval,

@@ -36,7 +36,7 @@ from typing import Any
 
 from . import logs, probe, tracing
 from .client import Client
-from .consumer_metrics import Recorder
+from .consumer_metrics import Recorder, consumer_info
 from .context import Seat, TaskHost, bind_seat, takes_context
 from .errors import (
     AuthenticationFailed,
@@ -196,7 +196,8 @@ class Worker(TaskHost):
         self.failed = 0
         self.timed_out = 0
         self._max_result_bytes = 0  # the server's, learnt once connected
-        self.metrics = Recorder()  # handler durations, waits, outcomes: reported on the heartbeat
+        # Handler durations, waits, outcomes, and this consumer's info: reported on the heartbeat.
+        self.metrics = Recorder(self._report_info)
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -575,8 +576,18 @@ class Worker(TaskHost):
         except QueuekitError as e:
             _log.warning("lease_renewal_failed", tasks=1, error=str(e))
 
+    @property
+    def heartbeat_interval(self) -> float:
+        return max(0.2, self.lease / 3)
+
+    def _report_info(self) -> dict[str, Any]:
+        """This consumer for the dashboard, sent with every heartbeat's metrics report."""
+        with self._cond:
+            in_flight = len(self._running) + len(self._buffer)
+        return consumer_info(self.queue_names, self.concurrency, self.pool, in_flight, self.heartbeat_interval)
+
     def _heartbeat_loop(self) -> None:
-        interval = max(0.2, self.lease / 3)
+        interval = self.heartbeat_interval
         while not self._done.wait(interval):
             self.metrics.send(self.client)
             with self._cond:

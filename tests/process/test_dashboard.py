@@ -1,6 +1,7 @@
 """The dashboard's HTTP side on a real server process (no browser: tests/process/test_dashboard_browser.py
 drives one): security headers and no inline script, the token rules, every refusal of an action
-and its bounds (body size, slow body, content type, ids), the dead-letter listing's bounds."""
+and its bounds (body size, slow body, content type, ids), the dead-letter listing's bounds, the
+consumers table fed by a real consumer's heartbeats."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import time
 import pytest
 
 import queuekit
-from support.procs import ServerProc, base_env, wait_until
+from support.procs import Proc, ServerProc, base_env, wait_until
 
 PREVIEW_CHARS = 300  # queuekit.dashboard.PREVIEW_CHARS, as documented in docs/reference.md
 
@@ -232,5 +233,41 @@ def test_task_lookup_and_cancel(tmp_path, key_file):
         }
         assert q.status(ready).state == "cancelled" and client.stats()["queues"]["jobs"]["ready"] == 0
     finally:
+        client.close()
+        server.stop()
+
+
+def test_consumers_show_what_a_real_consumer_reports(tmp_path, key_file):
+    """A consumer's heartbeat reports say who it is and how much it holds; once it stops, its
+    entry ages out (3 heartbeats: --lease 1.5 beats every 0.5 s)."""
+    server = ServerProc(tmp_path, key_file)
+    client = queuekit.connect(server.address, authkey_file=str(key_file), connect_timeout=5)
+    argv = ["consume", "--server", server.address, "--authkey-file", str(key_file), "--queue", "slow"]
+    argv += ["--handler", "metrics_handlers:work", "--concurrency", "3", "--lease", "1.5"]
+    consumer = Proc("consumer", argv, tmp_path, base_env())
+    try:
+        consumer.wait_for("event=consumer_started")
+
+        def overview():
+            return json.loads(call(server.http_port, "GET", "/api/overview")[2])
+
+        [seen] = wait_until(lambda: overview()["consumers"], timeout=10, what="the consumer's first report")
+        assert (seen["host"], seen["pid"], seen["queues"], seen["concurrency"], seen["pool"], seen["version"]) == (
+            socket.gethostname(),
+            consumer.pid,
+            ["slow"],
+            3,
+            "thread",
+            queuekit.__version__,
+        )
+        assert seen["in_flight"] == 0 and 0 <= seen["last_heartbeat_age"] < 1.5
+        assert seen["session"] in [c["name"] for c in overview()["clients"]]
+        client.queue("slow").put({"ms": 2000})
+        wait_until(lambda: overview()["consumers"][0]["in_flight"] == 1, timeout=10, what="in_flight while it runs")
+        wait_until(lambda: overview()["consumers"][0]["in_flight"] == 0, timeout=10, what="in_flight after it ran")
+        assert consumer.stop() == 0
+        wait_until(lambda: overview()["consumers"] == [], timeout=10, what="the stopped consumer to age out")
+    finally:
+        consumer.cleanup()
         client.close()
         server.stop()

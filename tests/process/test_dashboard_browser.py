@@ -200,6 +200,8 @@ def test_dashboard_in_a_real_browser(tmp_path, key_file, browser):
                 "queuekit.examples:handle",
                 "--concurrency",
                 "2",
+                "--lease",
+                "3",  # a heartbeat (and its report, for the consumers table) every second
             ],
             tmp_path,
         )
@@ -250,6 +252,17 @@ def test_dashboard_in_a_real_browser(tmp_path, key_file, browser):
             what="the clients table",
         )
         assert "127.0.0.1:" in browser.find_element(By.ID, "clients").text
+        # Consumers: what the consumer said of itself on its last heartbeat.
+        wait_until(
+            lambda: (
+                [e.text for e in browser.find_elements(By.CSS_SELECTOR, '#consumers td[data-field="pid"]')]
+                == [str(consumer.pid)]
+            ),
+            timeout=10,
+            what="the consumer's row in the consumers table",
+        )
+        row = browser.find_element(By.CSS_SELECTOR, "#consumers tbody tr").text
+        assert "2 (thread)" in row and queuekit.__version__ in row, row
 
         # Dead letters of "poison" (chosen first: the queues with dead letters come first).
         def dead_rows():

@@ -3,10 +3,22 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 
-from queuekit.consumer_metrics import BUCKETS, OTHER, Histogram, Recorder, Store, check_report
+from queuekit import __version__
+from queuekit.consumer_metrics import (
+    BUCKETS,
+    OTHER,
+    ConsumerInfo,
+    Histogram,
+    Recorder,
+    Store,
+    check_report,
+    checked_report,
+    consumer_info,
+)
 from queuekit.errors import InvalidRequest, ServerUnavailable
 
 
@@ -155,3 +167,106 @@ def test_end_classifies_outcomes_from_the_worker_lists():
     report = rec.next_report()["queues"]["q"]
     assert (report["ok"], report["failed"], report["timeout"]) == (2, 1, 2)
     assert sum(report["wait"]) == 5 and report["wait_sum"] > 1e9  # enqueued at the epoch: long ago
+
+
+# -- the consumer's info -------------------------------------------------------------------
+
+
+def _info(**changes):
+    info = {
+        "host": "node-1",
+        "pid": 4321,
+        "version": "0.1.0",
+        "queues": ["jobs", "mail"],
+        "concurrency": 4,
+        "pool": "thread",
+        "in_flight": 3,
+        "heartbeat": 10.0,
+    }
+    info.update(changes)
+    return {k: v for k, v in info.items() if v is not ...}
+
+
+def test_info_is_checked_and_old_reports_without_it_still_apply():
+    report = {"reporter": "r", "seq": 1, "queues": {"q": _item(ok=1)}}
+    old = checked_report(report)
+    assert old.info is None and check_report(report)[2]["q"]["ok"] == 1
+    new = checked_report({**report, "info": _info(extra_field_of_a_newer_consumer=1)})
+    assert new.info == ConsumerInfo("node-1", 4321, "0.1.0", ["jobs", "mail"], 4, "thread", 3, 10.0)
+
+
+@pytest.mark.parametrize(
+    "info, message",
+    [
+        ([], "info must be a dict"),
+        ({**_info(), **{f"k{i}": 0 for i in range(30)}}, "at most 32 fields"),
+        (_info(host=...), "info.host"),
+        (_info(host=""), "info.host"),
+        (_info(host="h" * 254), "info.host"),
+        (_info(host="a\nb"), "info.host"),
+        (_info(host=7), "info.host"),
+        (_info(pid=0), "info.pid"),
+        (_info(pid="1"), "info.pid"),
+        (_info(pid=True), "info.pid"),
+        (_info(version=...), "info.version"),
+        (_info(version="\x1b[31m"), "info.version"),
+        (_info(queues=[]), "info.queues"),
+        (_info(queues="jobs"), "info.queues"),
+        (_info(queues=[f"q{i}" for i in range(65)]), "info.queues"),
+        (_info(queues=["bad name!"]), "queue"),
+        (_info(concurrency=0), "info.concurrency"),
+        (_info(concurrency=100_001), "info.concurrency"),
+        (_info(pool=""), "info.pool"),
+        (_info(pool=None), "info.pool"),
+        (_info(in_flight=-1), "info.in_flight"),
+        (_info(in_flight=1.5), "info.in_flight"),
+        (_info(heartbeat=0.0), "info.heartbeat"),
+        (_info(heartbeat=math.inf), "info.heartbeat"),
+        (_info(heartbeat="10"), "info.heartbeat"),
+        (_info(heartbeat=...), "info.heartbeat"),
+    ],
+)
+def test_bad_info_is_refused_with_a_clear_error(info, message):
+    with pytest.raises(InvalidRequest, match=message):
+        check_report({"reporter": "r", "seq": 1, "queues": {}, "info": info})
+
+
+def test_recorder_with_info_reports_every_heartbeat_and_the_store_ages_it_out():
+    now = [100.0]
+    store = Store(clock=lambda: now[0])
+    in_flight = [2]
+    rec = Recorder(lambda: consumer_info(["jobs"], 2, "thread", in_flight[0], 1.0))
+
+    class Client:
+        def report(self, report):
+            c = checked_report(report)
+            return store.add("queuekit-worker", c.reporter, c.seq, c.queues, c.info)
+
+    assert rec.send(Client()) is True  # nothing handled yet: an info-only report all the same
+    assert store.snapshot().consumers == {}  # and no per-consumer series for it
+    [seen] = store.consumers(10)
+    assert seen["pid"] == os.getpid() and seen["version"] == __version__ and seen["in_flight"] == 2
+    assert seen["session"] == "queuekit-worker" and seen["last_heartbeat_age"] == 0
+    now[0] += 2.0
+    in_flight[0] = 0
+    rec.observe("jobs", "ok", 0.1, 0.1)
+    assert rec.send(Client()) is True
+    assert store.consumers(10)[0]["in_flight"] == 0 and store.snapshot().queues["jobs"].outcomes["ok"] == 1
+    now[0] += 2.9  # within 3 heartbeats of 1 s
+    assert store.consumers(10)[0]["last_heartbeat_age"] == pytest.approx(2.9)
+    now[0] += 0.2
+    assert store.consumers(10) == []
+
+
+def test_a_resent_report_refreshes_the_info_without_counting_twice():
+    store = Store()
+    rec = Recorder(lambda: consumer_info(["q"], 1, "process", 1, 1.0))
+    rec.observe("q", "ok", 0.1, 0.1)
+    first = rec.next_report()
+    c = checked_report(first)
+    assert store.add("w", c.reporter, c.seq, c.queues, c.info) is True
+    c = checked_report(rec.next_report())  # the answer was lost: the same seq again
+    assert store.add("w", c.reporter, c.seq, c.queues, c.info) is False
+    assert store.snapshot().queues["q"].outcomes["ok"] == 1 and store.consumers(5)[0]["pool"] == "process"
+    rec.acknowledged(first)  # the first copy's answer arrives: the one pending is the same report
+    assert rec.next_report()["seq"] == c.seq + 1

@@ -89,6 +89,7 @@ function drawOverview(o) {
     return tr;
   }));
   drawClients(o.clients);
+  drawConsumers(o.consumers || []);
   drawDeadSelect(names, s.queues);
   $("actions-note").textContent = o.actions ? "" :
     "read-only: the server has no dashboard admin token (QUEUEKIT_DASHBOARD_ADMIN_TOKEN_FILE)";
@@ -103,6 +104,20 @@ function drawClients(clients) {
     const tr = el("tr");
     tr.append(cell(c.name), cell(c.peer), cell(c.key + " (" + c.role + ")"), cell(c.state),
       cell(c.waiting_on || ""), cell(c.tls ? "yes" : "no"));
+    return tr;
+  }));
+}
+
+// What each consumer said of itself on its last heartbeat; all text, set as text.
+function drawConsumers(consumers) {
+  $("consumer-count").textContent = "(" + consumers.length + ")";
+  replaceRows($("consumers").tBodies[0], consumers.map((c) => {
+    const tr = el("tr");
+    tr.append(cell(c.host, { field: "host" }), cell(String(c.pid), { field: "pid" }),
+      cell(c.queues.join(", "), { field: "queues" }),
+      cell(c.concurrency + " (" + c.pool + ")", { field: "concurrency" }),
+      cell(String(c.in_flight), { field: "in_flight" }), cell(ago(c.last_heartbeat_age) + " ago"),
+      cell(c.version, { field: "version" }), cell(c.session));
     return tr;
   }));
 }
