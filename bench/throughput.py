@@ -295,13 +295,18 @@ def end_to_end_run(
         if client.stats()["queues"]["e2e"]["acked"] < n:
             raise RuntimeError("end-to-end run did not finish")
     finally:
-        for c in consumers:
-            c.send_signal(signal.SIGTERM)
-        for c in consumers:
-            c.wait(30)
-        client.close()
-        server.stop()
+        _stop_run(consumers, client, server)
     return elapsed
+
+
+def _stop_run(consumers: list, client, server) -> None:
+    """End a run with consumer processes: SIGTERM them all (they drain), wait, then close."""
+    for c in consumers:
+        c.send_signal(signal.SIGTERM)
+    for c in consumers:
+        c.wait(30)
+    client.close()
+    server.stop()
 
 
 def start_postgres(fsync: bool):
@@ -351,12 +356,7 @@ def call_run(keyfile: str, n: int) -> float:
             CALL_LATENCIES.append(time.perf_counter() - start)
         elapsed = time.perf_counter() - t0
     finally:
-        for c in consumers:
-            c.send_signal(signal.SIGTERM)
-        for c in consumers:
-            c.wait(30)
-        client.close()
-        server.stop()
+        _stop_run(consumers, client, server)
     return elapsed * n / calls
 
 
