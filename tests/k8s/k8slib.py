@@ -448,17 +448,23 @@ def cert_manager_schemas() -> dict[str, dict]:
     same side directory as the KEDA models (they share the cloudcoil package) and closed the same
     way (:func:`close_schema`).
     """
+    return cloudcoil_schemas("cert_manager", ("Issuer", "Certificate"), "cert-manager-models.txt", "cert-manager")
+
+
+def cloudcoil_schemas(package: str, kinds: tuple[str, ...], requirements: str, what: str) -> dict[str, dict]:
+    """Closed JSON schemas of ``kinds`` from the cloudcoil models package ``package`` (v1),
+    installed into the KEDA models' side directory by ``make k8s-deps`` from ``requirements``."""
     require_module("pydantic")
-    if not (KEDA_MODELS_DIR / "cloudcoil" / "models" / "cert_manager").is_dir():
+    if not (KEDA_MODELS_DIR / "cloudcoil" / "models" / package).is_dir():
         missing_tool(
-            f"cert-manager models not found in {KEDA_MODELS_DIR} (make k8s-deps, or: pip install --no-deps "
-            f"--target {KEDA_MODELS_DIR} -r requirements/keda-models.txt -r requirements/cert-manager-models.txt)"
+            f"{what} models not found in {KEDA_MODELS_DIR} (make k8s-deps, or: pip install --no-deps "
+            f"--target {KEDA_MODELS_DIR} -r requirements/keda-models.txt -r requirements/{requirements})"
         )
     if str(KEDA_MODELS_DIR) not in sys.path:
         sys.path.append(str(KEDA_MODELS_DIR))
-    models = importlib.import_module("cloudcoil.models.cert_manager.v1")
+    models = importlib.import_module(f"cloudcoil.models.{package}.v1")
     schemas = {}
-    for kind in ("Issuer", "Certificate"):
+    for kind in kinds:
         schema = getattr(models, kind).model_json_schema(by_alias=True)
         close_schema(schema)
         schemas[kind] = schema

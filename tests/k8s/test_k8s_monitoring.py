@@ -7,8 +7,6 @@ Prometheus' namespace may reach /metrics and nothing else. Negative controls sho
 from __future__ import annotations
 
 import copy
-import importlib
-import sys
 
 import k8slib
 import pytest
@@ -25,20 +23,11 @@ PROMETHEUS_NAMESPACE = "monitoring"
 def validators():
     """Strict (closed) JSON schemas of PodMonitor and PrometheusRule, as for KEDA and cert-manager."""
     jsonschema = k8slib.require_module("jsonschema")
-    k8slib.require_module("pydantic")
-    models_dir = k8slib.KEDA_MODELS_DIR
-    if not (models_dir / "cloudcoil" / "models" / "prometheus_operator").is_dir():
-        k8slib.missing_tool(
-            f"Prometheus Operator models not found in {models_dir} (make k8s-deps, or: pip install --no-deps "
-            f"--target {models_dir} -r requirements/keda-models.txt -r requirements/prometheus-operator-models.txt)"
-        )
-    if str(models_dir) not in sys.path:
-        sys.path.append(str(models_dir))
-    models = importlib.import_module("cloudcoil.models.prometheus_operator.v1")
+    schemas = k8slib.cloudcoil_schemas(
+        "prometheus_operator", tuple(KINDS), "prometheus-operator-models.txt", "Prometheus Operator"
+    )
     out = {}
-    for kind in KINDS:
-        schema = getattr(models, kind).model_json_schema(by_alias=True)
-        k8slib.close_schema(schema)
+    for kind, schema in schemas.items():
         python_regex(schema)
         jsonschema.Draft202012Validator.check_schema(schema)
         out[kind] = jsonschema.Draft202012Validator(schema)
