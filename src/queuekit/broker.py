@@ -413,6 +413,16 @@ class Broker:
         """Block until the journal committed everything up to ``seq`` (raises ``JournalError``)."""
         self._journal.wait(seq)
 
+    @property
+    def commits_in_background(self) -> bool:
+        """The journal's commits are slow enough to run beside the loop (``when_committed``)."""
+        return self._journal.commits_in_background
+
+    def when_committed(self, seq: int, done: Callable[[BaseException | None], object]) -> None:
+        """``done(None)`` once the journal committed up to ``seq``, ``done(JournalError)`` if it
+        could not; from the committing thread when ``commits_in_background``."""
+        self._journal.when_committed(seq, done)
+
     def finish_put(self, put: PendingPut) -> list[int]:
         """The second half of ``put_many``: make committed tasks visible. Returns their ids."""
         if put.seq:

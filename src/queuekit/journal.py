@@ -5,10 +5,12 @@ Contract (every implementation; tests/unit/test_journal_contract.py runs one sui
 - ``append(ops)`` is called by the broker *while it holds its lock*, in the order the state
   changed, so it must not block on I/O: it queues the ops and returns a sequence number.
 - ``wait(seq)`` blocks until every op up to ``seq`` is committed (durable per the journal's sync
-  mode) or raises :class:`JournalError`. Only puts wait: a put is acknowledged to the producer only
-  after its tasks are committed. Other ops (ack, nack, dead-letter, requeue, purge) are written
-  behind, in order, in the next group commit; a crash loses at most the last few of them, which
-  makes a task come back (at-least-once), never disappear.
+  mode) or raises :class:`JournalError`; ``when_committed(seq, done)`` is the same without
+  blocking (``done(None)`` or ``done(error)`` later, from the committing thread). Only puts
+  wait: a put is acknowledged to the producer only after its tasks are committed. Other ops
+  (ack, nack, dead-letter, requeue, purge) are written behind, in order, in the next group
+  commit; a crash loses at most the last few of them, which makes a task come back
+  (at-least-once), never disappear.
 - ``load()`` returns every stored task (live, dead and finished) ordered by id, and the next id
   to use. Finished tasks (schema v2: acked or cancelled, ``state`` set) keep their status and
   result until the broker evicts them from its result store with a ``DeleteOp``.
@@ -27,6 +29,7 @@ per call, not one per task: creating a record per task cost more than the rest o
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import NamedTuple
 
 from .errors import QueuekitError
@@ -153,6 +156,9 @@ class Journal:
     # Schema v2: keeps finished tasks (FinishOp, CancelOp). A journal without it gets a DeleteOp
     # for each finish and no CancelOp: results and cancel flags then do not survive a restart.
     keeps_finished = False
+    # A commit takes long enough (a network round trip, a disk flush) that the server's loop
+    # should go on serving while it runs: the loop then uses ``when_committed`` instead of ``wait``.
+    commits_in_background = False
 
     @property
     def healthy(self) -> bool:
@@ -167,6 +173,18 @@ class Journal:
 
     def wait(self, seq: int, timeout: float | None = None) -> None:
         return None
+
+    def when_committed(self, seq: int, done: Callable[[BaseException | None], object]) -> None:
+        """Call ``done(None)`` once every op up to ``seq`` is committed, or ``done(error)`` (a
+        :class:`JournalError`) if that commit failed. Never blocks when ``commits_in_background``
+        is set: ``done`` then runs later, on the thread that committed. Otherwise (the default
+        here) it commits now and calls ``done`` before it returns."""
+        try:
+            self.wait(seq)
+        except JournalError as e:
+            done(e)
+        else:
+            done(None)
 
     def flush(self, timeout: float | None = None) -> None:
         """Commit everything appended so far (used at shutdown)."""

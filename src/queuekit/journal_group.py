@@ -6,6 +6,8 @@ that arrive while a commit is in progress share the next one, so durability cost
 batch of concurrent puts, not one per task. A put's ``wait`` runs the commit itself when none is
 running (no hand-off to the writer thread and back); acks and nacks nobody waits for are written
 behind by the writer, after a short delay that usually lets a put's commit carry them along.
+``when_committed`` is the put's wait without blocking (the server's loop, when the journal
+``commits_in_background``): the writer commits at once, skipping that delay, and calls back.
 
 A subclass supplies ``_commit(batch)`` (one transaction, raising one of ``_commit_errors`` on
 failure) and may override ``_housekeeping()`` (run by the writer between commits, e.g. vacuum).
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 from . import logs
 from .journal import Journal, JournalError, JournalOp
@@ -38,6 +41,8 @@ class GroupCommitJournal(Journal):
         self._committing = False  # a thread is running a commit (the leader)
         self._writer_idle = False  # the writer thread sleeps until the next append
         self._error: BaseException | None = None
+        # when_committed: (seq, done) in seq order, called once the commit reached seq or failed
+        self._callbacks: list[tuple[int, Callable[[BaseException | None], object]]] = []
         self._closing = False
         self._next_housekeeping = time.monotonic() + HOUSEKEEPING_EVERY
         self.commits = 0
@@ -76,7 +81,7 @@ class GroupCommitJournal(Journal):
         with self._cond:
             while self._committed < seq:
                 if self._error is not None:
-                    raise JournalError(f"journal commit failed, nothing was stored: {self._error}")
+                    raise self._failure()
                 if not self._committing:
                     self._lead()
                     continue
@@ -84,6 +89,40 @@ class GroupCommitJournal(Journal):
                 if remaining is not None and remaining <= 0:
                     raise JournalError(f"journal commit did not finish within {timeout} s")
                 self._cond.wait(remaining)
+
+    def when_committed(self, seq: int, done: Callable[[BaseException | None], object]) -> None:
+        """``done(None)`` once ``seq`` is committed, ``done(JournalError)`` if that failed; it runs
+        on the thread that committed (the writer, at once: no write-behind delay for a put)."""
+        with self._cond:
+            if self._committed < seq and self._error is None:
+                self._callbacks.append((seq, done))
+                self._cond.notify_all()
+                return
+            error = self._failure() if self._committed < seq else None
+        done(error)
+
+    def _failure(self) -> JournalError:
+        return JournalError(f"journal commit failed, nothing was stored: {self._error}")
+
+    def _call_back(self) -> None:
+        """Run the ``when_committed`` callbacks that are due (condition held). ``done`` must not
+        block: the server's loop only posts to its own queue."""
+        callbacks = self._callbacks
+        if not callbacks:
+            return
+        if self._error is not None:
+            error = self._failure()
+            self._callbacks = []
+            for _, done in callbacks:
+                done(error)
+            return
+        n = 0
+        while n < len(callbacks) and callbacks[n][0] <= self._committed:
+            n += 1
+        if n:
+            self._callbacks = callbacks[n:]
+            for _, done in callbacks[:n]:
+                done(None)
 
     def flush(self, timeout: float | None = None) -> None:
         with self._cond:
@@ -115,9 +154,14 @@ class GroupCommitJournal(Journal):
                 if self._closing and not self._pending:
                     return
                 # Let write-behind ops wait a little: usually a put's commit carries them along
-                # (one transaction instead of two).
+                # (one transaction instead of two). A put waiting through when_committed does not.
                 until = time.monotonic() + WRITE_BEHIND_DELAY
-                while self._pending and not self._closing and (left := until - time.monotonic()) > 0:
+                while (
+                    self._pending
+                    and not self._callbacks
+                    and not self._closing
+                    and (left := until - time.monotonic()) > 0
+                ):
                     self._cond.wait(left)
                 if self._committing:
                     self._cond.wait(WRITE_BEHIND_DELAY)
@@ -151,4 +195,5 @@ class GroupCommitJournal(Journal):
             self._committed = max(self._committed, upto)
         else:
             self._error = error
+        self._call_back()
         self._cond.notify_all()

@@ -167,6 +167,7 @@ def _text(value: str | None) -> str | None:
 
 class PostgresJournal(GroupCommitJournal):
     keeps_finished = True  # schema 2: finished tasks keep their row (FinishOp, CancelOp)
+    commits_in_background = True  # a commit is a round trip to the database (and its WAL flush)
 
     def __init__(
         self,
@@ -417,6 +418,7 @@ class PostgresJournal(GroupCommitJournal):
         with self._cond:
             if self._error is None:
                 self._error = error
+            self._call_back()
             self._cond.notify_all()
 
     def sever(self) -> None:

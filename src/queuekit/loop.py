@@ -14,9 +14,14 @@ HMAC challenge is a blocking exchange with a timeout; the connection joins the l
 Durable puts are answered after their journal commit, and the loop commits once per turn: the
 puts read in one turn are journaled as they come, then one group commit covers them all, then they
 become visible and are answered (the way an event-loop database syncs its log before it replies).
-Gets need no commit and are answered at once; a request that arrives during a commit (an fsync
-with ``sync=full``) waits for it, and is answered in the next turn together with everything else
-that arrived meanwhile.
+Gets need no commit and are answered at once. With a journal whose commits are fast (SQLite) the
+loop commits inline: a request that arrives during a commit (an fsync with ``sync=full``) waits
+for it, and is answered in the next turn together with everything else that arrived meanwhile.
+With a journal that ``commits_in_background`` (PostgreSQL: a round trip to the database and its
+WAL flush, milliseconds) the loop hands the turn's commit to the journal's writer thread and goes
+on serving: gets and acks are answered during the commit, and the puts read meanwhile form the
+next group commit. The writer posts the outcome back ("committed"), and the loop then publishes
+those puts and answers them, in the order they were committed.
 
 Per connection the protocol is strictly request/response (the manager's). While a request is
 being answered (a parked get, a put waiting for the commit, a reply not yet fully written) the
@@ -332,6 +337,8 @@ class Loop:
         kind = item[0]
         if kind == "items":
             self._delivered(item[1], item[2])
+        elif kind == "committed":
+            self._committed(item[1], item[2])
         elif kind == "process":
             self._process(item[1])
         elif kind == "add":
@@ -575,14 +582,24 @@ class Loop:
         self._send(session, msg)
 
     def _commit(self) -> None:
-        """One group commit for the puts of this turn, then answer them."""
+        """One group commit for the puts of this turn, then answer them (now, or in the turn
+        after the writer thread posted that the commit is done)."""
         waiting, self._uncommitted = self._uncommitted, []
         seq, self._commit_seq = self._commit_seq, 0
+        if self._broker.commits_in_background:
+            self._broker.when_committed(seq, lambda error: self._post(("committed", waiting, error)))
+            return
         error = None
         try:
             self._broker.wait_committed(seq)
         except Exception as e:  # JournalError: nothing of these puts becomes visible
             error = e
+        self._committed(waiting, error)
+
+    def _committed(
+        self, waiting: list[tuple[Session, Callable[[BaseException | None], Any]]], error: BaseException | None
+    ) -> None:
+        """Answer the puts of one group commit (``error``: it failed, nothing became visible)."""
         for session, finish in waiting:
             try:
                 msg = ("#RETURN", finish(error))

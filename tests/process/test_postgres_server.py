@@ -4,6 +4,7 @@
 import shutil
 import subprocess
 import sys
+import threading
 import urllib.error
 import urllib.request
 
@@ -14,7 +15,7 @@ import queuekit
 from queuekit.errors import ExitCode
 from queuekit.journal import JournalError
 from queuekit.journal_postgres import SCHEMA_VERSION
-from support.procs import SRC, ServerProc, base_env
+from support.procs import SRC, ServerProc, base_env, wait_until
 
 
 def pg_args(db):
@@ -99,3 +100,42 @@ def test_a_server_that_loses_its_session_reports_not_ready(tmp_path, key_file, p
         urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/readyz", timeout=5)
     assert e.value.code == 503
     client.close()
+
+
+def test_the_loop_serves_other_clients_while_a_put_waits_for_its_commit(tmp_path, key_file, pg_db):
+    """The commit runs beside the loop (PostgreSQL: a round trip plus the WAL flush): a put whose
+    COMMIT is stuck behind a row lock that another session holds leaves every other client
+    served, and is answered, and its task delivered, once the commit went through."""
+    server = ServerProc(tmp_path, key_file, *pg_args(pg_db))
+    consumer = queuekit.connect(server.address, authkey_file=str(key_file), name="consumer")
+    producer = queuekit.connect(server.address, authkey_file=str(key_file), name="producer")
+    consumer.queue("jobs").put({"n": 1})  # stored before the lock is taken
+    blocker = pg_db.server.connect(pg_db.name)
+    blocker.execute("BEGIN")
+    blocker.execute("SELECT value FROM queuekit_meta WHERE key = 'next_id' FOR UPDATE")  # every commit bumps it
+    answered = threading.Event()
+    put = threading.Thread(target=lambda: (producer.queue("jobs").put({"n": 2}), answered.set()), daemon=True)
+    put.start()
+    try:
+        wait_until(
+            lambda: pg_db.server.sql(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND application_name = %s "
+                "AND wait_event_type = 'Lock'",
+                params=(pg_db.name, "queuekit-server"),
+            )[0][0],
+            timeout=10,
+            what="the server's COMMIT waiting for the row lock",
+        )
+        (task,) = consumer.queue("jobs").get_many(1, timeout=0)  # answered while that commit waits
+        assert task.payload == {"n": 1}
+        assert consumer.ping()["durable"] is True
+        assert not answered.is_set(), "the put was answered before its commit"
+    finally:
+        blocker.rollback()
+        blocker.close()
+    assert answered.wait(10), "the put was not answered once its commit went through"
+    (task,) = consumer.queue("jobs").get_many(1, timeout=5, ack=[task])
+    assert task.payload == {"n": 2}
+    consumer.close()
+    producer.close()
+    assert server.stop() == 0

@@ -7,6 +7,7 @@ server (tests/support/pg.py), a new database per test.
 
 import json
 import random
+import threading
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -118,6 +119,46 @@ def test_put_survives_restart_with_payload_and_order(store):
     got = h.broker.get_many("q", 10)
     assert [item[0] for item in got] == ids
     assert [json.loads(item[3]) for item in got] == [{"n": i} for i in range(5)]
+    h.close()
+
+
+def test_when_committed_calls_back_once_the_put_is_stored(store):
+    h = Harness(store)
+    put = h.broker.begin_put("q", ['"a"', '"b"'])
+    outcomes = []
+    done = threading.Event()
+
+    def record(error):
+        outcomes.append(error)
+        done.set()
+
+    h.broker.when_committed(put.seq, record)
+    assert done.wait(10), "when_committed never called back"
+    assert outcomes == [None]
+    h.broker.finish_put(put)
+    h.broker.when_committed(put.seq, outcomes.append)  # committed already: at once, on this thread
+    assert outcomes == [None, None]
+    assert h.restart() == {"q": 2}
+    h.close()
+
+
+def test_when_committed_does_not_block_the_caller_of_a_background_journal(store):
+    """The server's loop calls when_committed and goes on serving: with a journal that commits in
+    the background, the call returns while the commit cannot even start (its connection is
+    busy), and the callback comes once it could."""
+    h = Harness(store)
+    journal = h.journal
+    if not journal.commits_in_background:
+        pytest.skip(f"{journal.description}: the loop commits inline")
+    called = threading.Event()
+    with journal._db_lock:  # the connection is busy (another commit, a leadership query)
+        put = h.broker.begin_put("q", ['"a"'])
+        caller = threading.Thread(target=journal.when_committed, args=(put.seq, lambda error: called.set()))
+        caller.start()
+        caller.join(5)
+        assert not caller.is_alive(), "when_committed blocked until the commit could run"
+        assert not called.is_set()
+    assert called.wait(10), "when_committed never called back once the connection was free"
     h.close()
 
 
@@ -385,5 +426,24 @@ def test_sqlite_commit_failure_is_reported_to_the_waiting_put_and_marks_the_jour
     assert not journal.healthy
     with pytest.raises(JournalError):
         broker.put_many("q", ['"also refused"'])
+    journal._db.execute("PRAGMA query_only = OFF")
+    journal.close()
+
+
+def test_failed_commit_is_reported_to_when_committed_and_nothing_becomes_visible(tmp_path):
+    from queuekit.journal import JournalError
+
+    journal = SqliteJournal(str(tmp_path / "d"), sync="normal")
+    broker = Broker(journal=journal)
+    journal._db.execute("PRAGMA query_only = ON")  # every write now fails, like a read-only disk
+    put = broker.begin_put("q", ['"lost"'])
+    outcomes = []
+    done = threading.Event()
+    broker.when_committed(put.seq, lambda error: (outcomes.append(error), done.set()))
+    assert done.wait(10)
+    assert len(outcomes) == 1 and isinstance(outcomes[0], JournalError)
+    assert broker.qsize("q") == 0
+    broker.when_committed(put.seq + 1, outcomes.append)  # a failed journal answers at once
+    assert isinstance(outcomes[1], JournalError)
     journal._db.execute("PRAGMA query_only = OFF")
     journal.close()
