@@ -230,8 +230,10 @@ class FakeServer:
                 _, method, _, _ = pickle.loads(conn.recv_bytes())
                 evil = evil or method == self.evil_from
                 if evil:
-                    conn.send_bytes(self.evil)
+                    # Counted before sending: the client may read it, refuse it and the test check
+                    # the count before this thread runs again.
                     self.evil_sent += 1
+                    conn.send_bytes(self.evil)
                 elif method == "ping":
                     conn.send(
                         ("#RETURN", {"server": "queuekit", "version": "0", "durable": False, "max_task_bytes": 1 << 20})
