@@ -20,6 +20,7 @@ listener again, and a new journal session to campaign with.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
 import signal
@@ -33,7 +34,7 @@ from . import __version__, consumer_metrics, http, keys, logs, transport
 from .broker import Broker
 from .errors import ConfigError, ExitCode, NotLeader
 from .journal import Journal
-from .leader import Election
+from .leader import STEPDOWN_REASONS, Election
 from .message import TaskStatus
 from .server import TLS_FAILURE_REASONS, QueuekitServer
 from .settings import ServerSettings
@@ -87,6 +88,14 @@ class ServerApp:
         self._campaign_thread: threading.Thread | None = None
         self._transition = threading.Lock()  # one change of role at a time (campaign thread vs stop)
         self.holder = f"{socket.gethostname()}:{os.getpid()}"
+        # Since the process started (/metrics): terms won, terms ended by reason.
+        self.elections = 0
+        self.stepdowns: collections.Counter[str] = collections.Counter(dict.fromkeys(STEPDOWN_REASONS, 0))
+        # Each change of role replaces the queue server (and the journal): what the replaced ones
+        # counted is kept here, so that /metrics' counters only grow. ``_swap`` makes the change
+        # and the tally one step for stats().
+        self._swap = threading.Lock()
+        self._past = _Tally()
 
     # -- what the HTTP port and the API report ----------------------------------------------
 
@@ -108,6 +117,12 @@ class ServerApp:
         )
 
     @property
+    def leading(self) -> bool:
+        """With a shared journal: this server holds a valid term (its deadline has not passed)."""
+        election = self.election
+        return self.ha and self.broker is not None and election is not None and election.valid()
+
+    @property
     def not_ready_reason(self) -> str | None:
         """What ``/readyz`` says beside the 503 (None: nothing particular)."""
         if self.ha and not self.ready:
@@ -115,23 +130,41 @@ class ServerApp:
         return None
 
     def stats(self) -> dict[str, Any] | None:
-        """``/stats``; None until the server serves (HTTP answers 503 then)."""
-        server, broker, journal = self.server, self.broker, self.journal
-        if server is None or broker is None or journal is None:
-            return None
-        return {
-            "queues": broker.stats(),
-            "results": broker.result_store(),
-            "connections": server.connection_count(),
-            "durable": journal.durable,
-            "journal_commits": journal.commits,
-            "auth_failures": server.auth_failures,
-            "connections_refused": dict(server.refused),
-            "tls_handshakes": server.tls_handshakes,
-            "tls_handshake_failures": {**dict.fromkeys(TLS_FAILURE_REASONS, 0), **server.tls_failures},
-            "ready": self.ready,
-            "uptime_seconds": round(time.monotonic() - self.started, 3),
-        }
+        """``/stats``; None until the server serves (or, with a shared journal, stands by): HTTP
+        answers 503 then. ``role``: ``single`` (no shared journal), ``leader`` (holds a term's
+        state), ``standby`` (holds no state: no queues, no results)."""
+        with self._swap:
+            server, broker, journal = self.server, self.broker, self.journal
+            if server is None:
+                return None
+            if broker is None or journal is None:
+                if not self.ha:
+                    return None
+                role, broker, journal = "standby", None, None
+            else:
+                role = "leader" if self.ha else "single"
+            counted = self._past.plus(server, journal)
+        stats: dict[str, Any] = {"role": role, "queues": broker.stats() if broker is not None else {}}
+        if broker is not None:
+            stats["results"] = broker.result_store()
+        stats.update(
+            connections=server.connection_count(),
+            durable=journal.durable if journal is not None else True,  # a standby's: PostgreSQL
+            journal_commits=counted.journal_commits,
+            auth_failures=counted.auth_failures,
+            connections_refused=dict(counted.refused),
+            tls_handshakes=counted.tls_handshakes,
+            tls_handshake_failures={**dict.fromkeys(TLS_FAILURE_REASONS, 0), **counted.tls_failures},
+            ready=self.ready,
+            uptime_seconds=round(time.monotonic() - self.started, 3),
+        )
+        if self.ha:
+            stats["leadership"] = {
+                "leader": self.leading,
+                "elections": self.elections,
+                "stepdowns": dict(self.stepdowns),
+            }
+        return stats
 
     def task_status(self, task_id: int) -> TaskStatus | None:
         """``GET /tasks/<id>``; None until the server serves (HTTP answers 503 then)."""
@@ -311,14 +344,15 @@ class ServerApp:
                 _close_quietly(journal)
                 journal = None
                 continue
+            self.elections += 1  # only this thread writes it
             try:
                 self._lead(journal, election, term)
             except Exception as e:  # loading failed (the session broke?): give the term up
                 _log.error("leader_start_failed", exc_info=e, error=f"{type(e).__name__}: {e}"[:300])
-                election.lost = election.lost or f"start failed: {type(e).__name__}"
+                election.lose(f"start failed: {type(e).__name__}", "start_failed")
             while election.lost is None and not stop.wait(interval):
                 if journal.broken.is_set():
-                    election.lost = "the journal's session failed"
+                    election.lose("the journal's session failed", "session_failed")
                 elif not election.renew():
                     break
             if stop.is_set() and election.lost is None:
@@ -339,10 +373,14 @@ class ServerApp:
             **{f"queue.{name}": n for name, n in sorted(counts.items())},
         )
         with self._transition:
-            if self.server is not None:
-                self.server.stop(0.0)  # the standby port: its clients go and find the leader
-            self.journal, self.broker, self.election = journal, broker, election
-            self.server = self._listen(broker, gate=lambda: None if election.valid() else NotLeader(STANDBY))
+            standby = self.server
+            if standby is not None:
+                standby.stop(0.0)  # the standby port: its clients go and find the leader
+            self.journal, self.broker, self.election = journal, broker, election  # _step_down closes them
+            server = self._listen(broker, gate=lambda: None if election.valid() else NotLeader(STANDBY))
+            with self._swap:
+                self._past.retire(standby, None)
+                self.server = server
             self._start_reaper(broker, election.valid)
             self.serving = True
         _log.info(
@@ -377,8 +415,13 @@ class ServerApp:
             connections = server.connection_count() if server is not None else 0
             if journal is not None:
                 _close_quietly(journal)
-            self.journal = self.broker = None
-            self.server = self._standby_server()
+            standby = self._standby_server()
+            with self._swap:
+                self._past.retire(server, journal)
+                self.journal = self.broker = None
+                self.server = standby
+            if election.lost_reason is not None:  # always set here (the term ended); only this thread writes
+                self.stepdowns[election.lost_reason] += 1
         _log.warning(
             "leader_lost",
             epoch=election.term.epoch if election.term else None,
@@ -483,6 +526,39 @@ class ServerApp:
                 broker.tick()
             except Exception as e:  # never let housekeeping die silently
                 _log.error("reaper_failed", exc_info=e)
+
+
+class _Tally:
+    """The counters of the queue servers and journals an app has replaced (one per change of
+    role): added to the current ones' in stats()."""
+
+    def __init__(self) -> None:
+        self.journal_commits = 0
+        self.auth_failures = 0
+        self.tls_handshakes = 0
+        self.refused: collections.Counter[str] = collections.Counter()
+        self.tls_failures: collections.Counter[str] = collections.Counter()
+
+    def retire(self, server: QueuekitServer | None, journal: Journal | None) -> None:
+        """Keep what ``server`` and ``journal`` counted (they are being replaced)."""
+        if server is not None:
+            self.auth_failures += server.auth_failures
+            self.tls_handshakes += server.tls_handshakes
+            self.refused.update(server.refused)
+            self.tls_failures.update(server.tls_failures)
+        if journal is not None:
+            self.journal_commits += journal.commits
+
+    def plus(self, server: QueuekitServer, journal: Journal | None) -> _Tally:
+        """A new tally: this one plus what the current ``server`` and ``journal`` counted."""
+        total = _Tally()
+        total.retire(server, journal)
+        total.journal_commits += self.journal_commits
+        total.auth_failures += self.auth_failures
+        total.tls_handshakes += self.tls_handshakes
+        total.refused.update(self.refused)
+        total.tls_failures.update(self.tls_failures)
+        return total
 
 
 def _close_quietly(journal: Any) -> None:

@@ -34,6 +34,15 @@ LEADER_LOCK_KEY = 0x716B6A32  # "qkj2": pg_try_advisory_lock key of the leader's
 TABLE_LOCK_KEY = 0x716B6A31  # the journal's schema lock (journal_postgres.SCHEMA_LOCK_KEY): creating our table
 FENCE_WAIT_MS = 5000  # how long pg_terminate_backend waits for the fenced backend to exit
 LOCK_RETRY_SECONDS = 2.0  # after fencing, how long the lock is retried (the backend's exit frees it)
+# Why a term ends (Election.lost_reason; /metrics queuekit_leader_stepdowns_total{reason}), a fixed set.
+STEPDOWN_REASONS = (
+    "lease_expired",  # the deadline passed before a renewal (frozen, stalled)
+    "probe_failed",  # the heartbeat's query failed (the session is gone)
+    "probe_slow",  # the heartbeat took longer than the lease
+    "superseded",  # another server took over (the epoch changed)
+    "session_failed",  # the journal's session failed (a write, a commit)
+    "start_failed",  # loading the state after winning failed
+)
 
 _TABLE = (
     "CREATE TABLE IF NOT EXISTS queuekit_leader ("
@@ -88,6 +97,7 @@ class Election:
         self.term: Term | None = None
         self.deadline = -math.inf  # serve only before this (monotonic)
         self.lost: str | None = None  # why the term ended
+        self.lost_reason: str | None = None  # the same as one of STEPDOWN_REASONS
         self._first_seen: tuple[int, float] | None = None  # a lock holder without its heartbeat, since when
         with journal.session() as db, db.transaction():
             # Servers starting together: serialised with the journal's own schema creation.
@@ -179,20 +189,26 @@ class Election:
         assert self.term is not None
         started = self.clock()
         if started >= self.deadline:
-            return self._lose(f"lease expired {started - self.deadline:.3f} s ago (frozen or stalled?)")
+            return self.lose(f"lease expired {started - self.deadline:.3f} s ago (frozen or stalled?)", "lease_expired")
         try:
             with self.journal.session() as db:
                 row = db.execute(_RENEW, (self.term.epoch,)).fetchone()
         except Exception as e:  # the session is gone: we cannot commit anything any more
-            return self._lose(f"probe failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:200]}")
+            return self.lose(
+                f"probe failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:200]}", "probe_failed"
+            )
         if row is None:
-            return self._lose("another server took over (epoch changed)")
+            return self.lose("another server took over (epoch changed)", "superseded")
         if self.clock() >= started + self.lease:
-            return self._lose("the probe took longer than the lease")
+            return self.lose("the probe took longer than the lease", "probe_slow")
         self.deadline = started + self.lease
         return True
 
-    def _lose(self, why: str) -> bool:
+    def lose(self, why: str, reason: str) -> bool:
+        """End the term (the first call says why: ``why`` for the log, ``reason`` one of
+        :data:`STEPDOWN_REASONS`); returns False."""
+        if reason not in STEPDOWN_REASONS:
+            raise ValueError(f"unknown step-down reason {reason!r}: one of {', '.join(STEPDOWN_REASONS)}")
         if self.lost is None:
-            self.lost = why
+            self.lost, self.lost_reason = why, reason
         return False

@@ -23,6 +23,7 @@ from typing import NamedTuple
 
 from . import __version__
 from .consumer_metrics import BUCKETS, OUTCOMES, Histogram, Reported
+from .leader import STEPDOWN_REASONS
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -72,8 +73,22 @@ def family(name: str, kind: str, help_text: str, samples: Iterable[Sample]) -> l
 
 def render(stats: dict, reported: Reported | None = None) -> str:
     """The whole ``/metrics`` page. ``stats`` is the (bounded) ``/stats`` object; ``reported``
-    what consumers reported, listed only for the queues ``stats`` lists (same bound)."""
-    queues = stats["queues"]
+    what consumers reported, listed only for the queues ``stats`` lists (same bound).
+
+    A standby (``"role": "standby"``) holds no queues: its page has no queue families and no
+    consumer-reported ones, only the server's, the leadership's, build and process families."""
+    standby = stats.get("role") == "standby"
+    lines = [] if standby else _queue_families(stats["queues"])
+    lines += _server_families(stats, standby)
+    lines += _leadership_families(stats)
+    if reported is not None and not standby:
+        lines += _reported_families(reported, set(stats["queues"]))
+    lines += build_info()
+    lines += process_families()
+    return "\n".join(lines) + "\n"
+
+
+def _queue_families(queues: dict) -> list[str]:
     names = sorted(queues)
     lines: list[str] = []
     for key, help_text in GAUGES:
@@ -94,23 +109,19 @@ def render(stats: dict, reported: Reported | None = None) -> str:
         "Seconds since the task next in line (the front of the ready list) was enqueued; 0 when none is ready.",
         (Sample(_q(q), queues[q].get("oldest_ready_age_seconds", 0.0)) for q in names),
     )
-    lines += _server_families(stats)
-    if reported is not None:
-        lines += _reported_families(reported, set(names))
-    lines += build_info()
-    lines += process_families()
-    return "\n".join(lines) + "\n"
+    return lines
 
 
-def _server_families(stats: dict) -> list[str]:
+def _server_families(stats: dict, standby: bool) -> list[str]:
     refused = {**dict.fromkeys(REFUSAL_REASONS, 0), **stats.get("connections_refused", {})}
+    omitted = family(
+        "queuekit_queues_omitted",
+        "gauge",
+        "Queues left out of /metrics and /stats (QUEUEKIT_HTTP_MAX_QUEUES).",
+        [Sample((), stats.get("omitted", 0))],
+    )
     return [
-        *family(
-            "queuekit_queues_omitted",
-            "gauge",
-            "Queues left out of /metrics and /stats (QUEUEKIT_HTTP_MAX_QUEUES).",
-            [Sample((), stats.get("omitted", 0))],
-        ),
+        *([] if standby else omitted),
         *family("queuekit_connections", "gauge", "Open client connections.", [Sample((), stats["connections"])]),
         *family(
             "queuekit_durable", "gauge", "1 when tasks are journaled to disk.", [Sample((), int(stats["durable"]))]
@@ -151,6 +162,34 @@ def _server_families(stats: dict) -> list[str]:
             "gauge",
             "Seconds since the server started.",
             [Sample((), stats["uptime_seconds"])],
+        ),
+    ]
+
+
+def _leadership_families(stats: dict) -> list[str]:
+    """Only with a shared journal (``stats["leadership"]``); a single server has none."""
+    leadership = stats.get("leadership")
+    if leadership is None:
+        return []
+    stepdowns = {**dict.fromkeys(STEPDOWN_REASONS, 0), **leadership["stepdowns"]}
+    return [
+        *family(
+            "queuekit_leader",
+            "gauge",
+            "1 while this server leads the shared journal (a term whose lease has not passed), 0 as a standby.",
+            [Sample((), int(leadership["leader"]))],
+        ),
+        *family(
+            "queuekit_leader_elections_total",
+            "counter",
+            "Leadership terms this server won since it started.",
+            [Sample((), leadership["elections"])],
+        ),
+        *family(
+            "queuekit_leader_stepdowns_total",
+            "counter",
+            "Leadership terms this server stepped down from, by reason (a fixed set: leader.STEPDOWN_REASONS).",
+            (Sample((("reason", r),), n) for r, n in sorted(stepdowns.items())),
         ),
     ]
 

@@ -15,6 +15,7 @@ import queuekit
 from queuekit import metrics
 from queuekit.broker import Broker
 from queuekit.consumer_metrics import BUCKETS, Recorder, Store, check_report
+from queuekit.leader import STEPDOWN_REASONS
 from support.fakeclock import FakeClock
 
 REFERENCE = Path(__file__).resolve().parents[2] / "docs" / "reference.md"
@@ -164,8 +165,55 @@ def test_a_task_acked_while_ready_does_not_count_as_oldest():
     assert broker.stats()["q"]["oldest_ready_age_seconds"] == pytest.approx(1)
 
 
+def _leadership(leader: bool, elections: int = 0, **stepdowns: int) -> dict:
+    return {"leader": leader, "elections": elections, "stepdowns": stepdowns}
+
+
+def _standby(**over):
+    """A standby's /stats (app.ServerApp.stats): no queues, no results, the server's counters."""
+    stats = {**_stats(), "role": "standby", "ready": False, "leadership": _leadership(False)}
+    del stats["omitted"]
+    return {**stats, **over}
+
+
+def test_a_standby_writes_no_queue_families_but_the_servers_and_leaderships():
+    text = metrics.render(_standby(), _reported())  # reports kept from an earlier term: not written
+    types = families(text)
+    assert not [n for n in types if n.startswith(("queuekit_tasks_", "queuekit_task_", "queuekit_consumer_"))]
+    assert not {"queuekit_gets_waiting", "queuekit_queue_oldest_ready_age_seconds", "queuekit_queues_omitted"} & set(
+        types
+    )
+    assert "queuekit_leader 0\n" in text
+    assert "queuekit_leader_elections_total 0\n" in text
+    for reason in STEPDOWN_REASONS:  # every reason exists from the start, at 0
+        assert f'queuekit_leader_stepdowns_total{{reason="{reason}"}} 0\n' in text
+    assert "queuekit_ready 0\n" in text
+    assert "queuekit_auth_failures_total 1\n" in text
+    assert 'queuekit_connections_refused_total{reason="max_connections"} 3\n' in text
+    assert types["queuekit_build_info"] == "gauge" and "process_cpu_seconds_total" in types
+    assert types["queuekit_leader"] == "gauge" and types["queuekit_leader_stepdowns_total"] == "counter"
+
+
+def test_a_leader_writes_every_family_a_standby_does_and_its_terms():
+    stats = {**_stats(jobs=_queue(ready=2)), "role": "leader"}
+    stats["leadership"] = _leadership(True, 3, superseded=1, probe_failed=1)
+    text = metrics.render(stats, _reported())
+    assert set(families(text)) >= set(families(metrics.render(_standby(), None)))
+    assert "queuekit_leader 1\n" in text
+    assert "queuekit_leader_elections_total 3\n" in text
+    assert 'queuekit_leader_stepdowns_total{reason="superseded"} 1\n' in text
+    assert 'queuekit_leader_stepdowns_total{reason="lease_expired"} 0\n' in text
+    assert 'queuekit_tasks_ready{queue="jobs"} 2\n' in text
+
+
+def test_a_single_server_writes_no_leadership_families():
+    text = metrics.render({**_stats(jobs=_queue()), "role": "single"}, None)
+    assert not [n for n in families(text) if n.startswith("queuekit_leader")]
+
+
 def test_every_metric_family_is_in_the_reference():
     reference = REFERENCE.read_text()
-    names = families(metrics.render(_stats(jobs=_queue()), _reported()))
+    stats = {**_stats(jobs=_queue()), "role": "leader", "leadership": _leadership(True, 1)}
+    names = families(metrics.render(stats, _reported()))
     missing = [n for n in names if f"`{n}`" not in reference]
     assert not missing, f"add these metrics to docs/reference.md (Metrics): {', '.join(missing)}"

@@ -1,0 +1,131 @@
+"""A standby is observable: ``/metrics`` and ``/stats`` answer 200 on every server of a shared
+PostgreSQL journal (a standby: no queues, the server's, leadership, build and process families),
+and the leadership families follow a failover and a step-down.
+
+Real server processes on loopback and a real PostgreSQL (tests/support/pg.py, a database per
+test); ``/metrics`` is read with Prometheus' own text parser (prometheus_client.parser)."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import signal
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from test_failover import connect, ha_server, is_ready, leader_pair
+from test_preauth import wrong_key_attempt
+
+from queuekit.leader import STEPDOWN_REASONS
+from support.procs import ServerProc, wait_until
+
+pytestmark = pytest.mark.process
+
+
+def get(server: ServerProc, path: str) -> tuple[int, str]:
+    conn = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=5)
+    try:
+        conn.request("GET", path)
+        r = conn.getresponse()
+        return r.status, r.read().decode()
+    finally:
+        conn.close()
+
+
+def scrape(server: ServerProc) -> dict[str, dict[tuple, float]]:
+    """{sample name: {sorted labels: value}} of a 200 /metrics, parsed by Prometheus' parser."""
+    status, body = get(server, "/metrics")
+    assert status == 200, f"/metrics answered {status}: {body!r}"
+    samples: dict[str, dict[tuple, float]] = {}
+    for f in text_string_to_metric_families(body):
+        for s in f.samples:
+            samples.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
+    return samples
+
+
+def one(samples: dict, name: str, **labels: str) -> float:
+    return samples[name][tuple(sorted(labels.items()))]
+
+
+def stats(server: ServerProc) -> dict:
+    status, body = get(server, "/stats")
+    assert status == 200, f"/stats answered {status}: {body!r}"
+    return json.loads(body)
+
+
+def leads(server: ServerProc) -> bool:
+    try:
+        return one(scrape(server), "queuekit_leader") == 1
+    except (AssertionError, OSError):
+        return False
+
+
+def test_standby_answers_metrics_and_stats_and_takes_over(tmp_path, key_file, pg_db):
+    a, b = leader_pair(tmp_path, key_file, pg_db)
+    with connect([a, b], key_file) as client:
+        client.queue("jobs").put_many(["x", "y"])
+
+    # The standby's queue port authenticates (then refuses with NotLeader): its failures count.
+    assert [wrong_key_attempt(b, "127.0.0.41") for _ in range(2)] == ["wrong key"] * 2
+    standby = scrape(b)
+    assert one(standby, "queuekit_auth_failures_total") == 2
+    assert one(standby, "queuekit_leader") == 0
+    assert one(standby, "queuekit_leader_elections_total") == 0
+    assert {one(standby, "queuekit_leader_stepdowns_total", reason=r) for r in STEPDOWN_REASONS} == {0}
+    assert one(standby, "queuekit_ready") == 0
+    assert one(standby, "process_cpu_seconds_total") > 0
+    assert one(standby, "process_resident_memory_bytes") > 1024 * 1024
+    assert len(standby["queuekit_build_info"]) == 1
+    assert one(standby, "queuekit_connections_refused_total", reason="max_connections") == 0
+    assert not [n for n in standby if n.startswith(("queuekit_tasks_", "queuekit_gets_", "queuekit_queue"))]
+    s = stats(b)
+    assert s["role"] == "standby" and s["queues"] == {} and s["ready"] is False
+    assert s["leadership"] == {"leader": False, "elections": 0, "stepdowns": dict.fromkeys(STEPDOWN_REASONS, 0)}
+    status, overview = get(b, "/api/overview")  # the dashboard's: the same object
+    assert status == 200 and json.loads(overview)["stats"]["role"] == "standby"
+
+    leader = scrape(a)
+    assert one(leader, "queuekit_leader") == 1
+    assert one(leader, "queuekit_leader_elections_total") == 1
+    assert one(leader, "queuekit_ready") == 1
+    assert one(leader, "queuekit_tasks_ready", queue="jobs") == 2
+    assert set(leader) >= set(standby), f"families only the standby writes: {set(standby) - set(leader)}"
+    s = stats(a)
+    assert s["role"] == "leader" and s["queues"]["jobs"]["ready"] == 2 and s["leadership"]["leader"] is True
+
+    a.signal(signal.SIGKILL)
+    a.wait()
+    wait_until(lambda: leads(b), timeout=20.0, what="the standby's /metrics saying queuekit_leader 1")
+    took_over = scrape(b)
+    assert one(took_over, "queuekit_leader_elections_total") == 1
+    assert one(took_over, "queuekit_tasks_ready", queue="jobs") == 2  # the state it loaded
+    assert one(took_over, "queuekit_auth_failures_total") == 2  # counted as a standby: a counter only grows
+    wait_until(lambda: is_ready(b), what="the new leader ready")
+    s = stats(b)
+    assert s["role"] == "leader" and s["queues"]["jobs"]["ready"] == 2 and s["ready"] is True
+
+
+def test_a_leader_whose_session_is_terminated_steps_down_and_is_elected_again(tmp_path, key_file, pg_db):
+    server = ha_server(tmp_path, key_file, pg_db)
+    server.wait_for(r"event=leader_elected epoch=1\b")
+    wait_until(lambda: leads(server), what="the server leading")
+    pg_db.server.sql(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+        params=(pg_db.name,),
+    )
+    server.wait_for(r"event=leader_lost epoch=1 ")
+    server.wait_for(r"event=leader_elected epoch=2\b")
+    wait_until(lambda: leads(server), what="the server leading again")
+    samples = scrape(server)
+    assert one(samples, "queuekit_leader_elections_total") == 2
+    stepdowns = {r: one(samples, "queuekit_leader_stepdowns_total", reason=r) for r in STEPDOWN_REASONS}
+    assert sum(stepdowns.values()) == 1
+    assert stepdowns["probe_failed"] + stepdowns["session_failed"] == 1, stepdowns
+
+
+def test_a_single_server_says_single_and_writes_no_leadership_families(server):
+    samples = scrape(server)
+    assert not [n for n in samples if n.startswith("queuekit_leader")]
+    assert one(samples, "queuekit_ready") == 1
+    s = stats(server)
+    assert s["role"] == "single" and "leadership" not in s
