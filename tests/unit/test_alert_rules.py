@@ -41,7 +41,7 @@ def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 def test_rules_are_valid_and_their_unit_tests_pass():
     checked = run("check", "rules", RULES.name, cwd=MONITORING)
     assert checked.returncode == 0, checked.stdout + checked.stderr
-    assert "SUCCESS: 5 rules found" in checked.stdout
+    assert "SUCCESS: 8 rules found" in checked.stdout
     tested = run("test", "rules", RULE_TESTS.name, cwd=MONITORING)
     assert tested.returncode == 0, tested.stdout + tested.stderr
 
@@ -51,8 +51,15 @@ MUTATIONS = [
     ("increase(queuekit_tasks_dead_lettered_total[10m]) > 0", "queuekit_tasks_dead_lettered_total > 0"),
     ("queuekit_queue_oldest_ready_age_seconds > 600", "queuekit_queue_oldest_ready_age_seconds > 6000"),
     (" and (queuekit_tasks_inflight == 0)", ""),
-    ("expr: queuekit_ready == 0\n        for: 2m", "expr: queuekit_ready == 0\n        for: 0m"),
+    ("(queuekit_leader == 0)\n        for: 2m", "(queuekit_leader == 0)\n        for: 0m"),
+    (" unless (queuekit_leader == 0)", ""),  # every standby would be "not ready"
     ('up{job="queuekit-server"} == 0', "up == 0"),
+    ("max by (namespace, job) (queuekit_leader) == 0", "max(queuekit_leader) == 0"),  # one leader hides another job
+    ("(queuekit_leader) == 0\n        for: 1m", "(queuekit_leader) == 0\n        for: 0m"),
+    ("sum by (namespace, job) (queuekit_leader) > 1", "sum by (namespace, job) (queuekit_leader) > 0"),
+    ("(queuekit_leader) > 1\n        for: 30s", "(queuekit_leader) > 1\n        for: 0s"),
+    ("[15m])) >= 4", "[15m])) > 3"),  # 3 elections extrapolated read as more than 3
+    ("increase(queuekit_leader_elections_total[15m])", "queuekit_leader_elections_total"),
 ]
 
 
@@ -83,6 +90,8 @@ def written_metrics() -> set[str]:
         "journal_commits": 0,
         "ready": True,
         "uptime_seconds": 1.0,
+        "role": "leader",
+        "leadership": {"leader": True, "elections": 1, "stepdowns": {}},
     }
     text = metrics.render(stats, store.snapshot())
     samples = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if not line.startswith("#")}
