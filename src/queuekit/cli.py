@@ -42,6 +42,13 @@ def _client_options(p: argparse.ArgumentParser) -> None:
         help="give up reaching the server after S seconds (env QUEUEKIT_CONNECT_TIMEOUT, default 30)",
     )
     g.add_argument(
+        "--call-timeout",
+        type=float,
+        metavar="S",
+        help="a call without a reply S seconds after the server's own wait is retried at the next address "
+        "(env QUEUEKIT_CALL_TIMEOUT, default 10)",
+    )
+    g.add_argument(
         "--tls-ca-file",
         metavar="PATH",
         help="connect with TLS; the server's certificate must be signed by this CA (env QUEUEKIT_TLS_CA_FILE)",
@@ -323,6 +330,7 @@ def _client(
         s.server,
         s.authkey,
         connect_timeout=connect_timeout or s.connect_timeout,
+        call_timeout=s.call_timeout,
         name=name,
         authkey_source=f"key file {s.authkey_file}",
         tls_ca_file=s.tls_ca_file,

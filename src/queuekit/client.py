@@ -21,6 +21,19 @@ that cannot be reached, or a standby that refuses with :class:`NotLeader`, sends
 one at once; the backoff applies after a whole round. A connection that breaks, or a leader that
 steps down, starts the next attempt at the following address.
 
+Every call has a reply deadline: ``call_timeout`` (``connect(..., call_timeout=)``,
+``QUEUEKIT_CALL_TIMEOUT`` for the commands, default 10 s) for a call the server answers at once
+(put, ack, nack, extend, heartbeat, stats, status, cancel, ping...), the server-side wait plus
+``call_timeout`` for one that waits (``get``/``get_many`` with ``timeout=``, ``result``, ``call``;
+a short wait may round the deadline up by at most a second, so that a consumer switching between
+waits does not reset the socket's timeout per call). A call without a reply by then is treated
+like a broken connection (``event=call_timeout`` at warning): dropped, and retried at the next
+address within ``connect_timeout``. That is what gets a client off a frozen leader (SIGSTOP,
+``docker pause``, a VM stall), whose kernel still acknowledges TCP so that no keepalive ever
+fires: a standby takes over within the leader lease, and the client's pending call moves to it
+``call_timeout`` after it was sent. A put retried this way may have been committed by the leader
+before it froze: it is then enqueued twice (at least once, as above).
+
 TLS: ``connect(..., tls_ca_file=...)`` (``QUEUEKIT_TLS_CA_FILE`` for the commands) verifies the
 server's certificate against that CA and the name connected to (or ``tls_server_name``);
 ``tls_cert_file``/``tls_key_file`` present a client certificate (mutual TLS). A TLS failure that
@@ -30,6 +43,7 @@ on one side only) raises :class:`TLSError` at once, naming the setting to fix.
 
 from __future__ import annotations
 
+import math
 import random
 import ssl
 import threading
@@ -64,10 +78,18 @@ from .message import (
     encode_payload,
     encode_result,
 )
-from .settings import Address, Secret, ServerList, load_authkey
+from .settings import DEFAULT_CALL_TIMEOUT, Address, Secret, ServerList, load_authkey
 
-CALL_TIMEOUT = 30.0  # seconds a reply may take beyond any server-side wait
-MAX_WAIT_PER_CALL = 30.0
+# Seconds a reply may take beyond the call's server-side wait (10). A server answers a put within
+# milliseconds (a COMMIT included); 10 s of silence means it is frozen or gone, and the call moves
+# to the next address (a standby that took over). Longer only delays failover; shorter risks
+# giving up on a server that is merely slow (and a retried put enqueues twice).
+CALL_TIMEOUT = DEFAULT_CALL_TIMEOUT
+MAX_WAIT_PER_CALL = 30.0  # server-side wait per call; longer waits are made of several calls
+# A call's receive timeout is left as it is when it is already between the deadline the call
+# needs and this much more: a consumer alternating waits of 0, 0.05 and 1 s pays no setsockopt
+# per call.
+DEADLINE_SLACK = 1.0
 PUT_CHUNK_TASKS = 1000
 PUT_CHUNK_BYTES = 16 * 1024 * 1024
 
@@ -116,8 +138,10 @@ class Client:
             transport.client_tls_context(tls_ca_file, tls_cert_file, tls_key_file) if tls_ca_file else None
         )
         self._tls_server_name = tls_server_name
+        if not 0 < call_timeout < float("inf"):  # also refuses NaN
+            raise ConfigError(f"call_timeout must be a number of seconds > 0, got {call_timeout!r}")
         self.connect_timeout = connect_timeout
-        self.call_timeout = call_timeout
+        self.call_timeout = float(call_timeout)
         self.name = name
         self.server_info: dict = {}
         self._max_task_bytes = max_task_bytes
@@ -153,7 +177,7 @@ class Client:
         while True:
             remaining = MAX_WAIT_PER_CALL if deadline is None else max(0.0, deadline - time.monotonic())
             wait = min(remaining, MAX_WAIT_PER_CALL)
-            state, text, error = self.call("result", queue, task_id, wait)
+            state, text, error = self.call("result", queue, task_id, wait, wait=wait)
             if state == "succeeded":
                 return None if text is None else decode_payload(text)
             if state == "dead":
@@ -214,23 +238,25 @@ class Client:
 
     # -- calls ------------------------------------------------------------------------------
 
-    def call(self, method: str, *args: Any, retry: bool = True) -> Any:
+    def call(self, method: str, *args: Any, retry: bool = True, wait: float = 0.0) -> Any:
         """Call ``method`` on the server's API object; reconnect and retry on network errors.
 
-        A reply may take up to ``call_timeout + MAX_WAIT_PER_CALL`` seconds (the socket's receive
-        timeout), which covers a blocking get's server-side wait.
+        ``wait``: the seconds the server may hold the call before it answers (a blocking get's
+        or a result's wait). A reply that has not come ``wait + call_timeout`` seconds after the
+        call was sent counts as a broken connection: retried elsewhere (see the module docstring).
         """
         # Fast path first: an open connection, one send, one receive.
         conn = getattr(self._tls, "conn", None)
         if conn is not None:
             try:
+                self._reply_deadline(conn, wait)
                 conn.send((transport.API_IDENT, method, args, {}))
                 kind, result = conn.recv()
             except transport.UnpicklingRefused:
                 self._drop(conn)  # not a queuekit server's reply: never retried
                 raise
             except (OSError, EOFError) as e:
-                self._drop(conn, failed=True)
+                self._call_failed(conn, method, e)
                 if not retry or self._closed:
                     raise ServerUnavailable(
                         f"queuekit server at {self.address}: {method} failed: {_describe(e)}"
@@ -241,24 +267,34 @@ class Client:
                 if kind != "#ERROR" or not isinstance(result, _RETRY_ELSEWHERE) or not retry:
                     raise result if kind == "#ERROR" else RemoteError(f"server error in {method}: {result}")
                 self._drop(conn, failed=True)
-        return self._call_retrying(method, args, retry)
+        return self._call_retrying(method, args, retry, wait)
 
-    def _call_retrying(self, method: str, args: tuple, retry: bool) -> Any:
+    def _call_retrying(self, method: str, args: tuple, retry: bool, wait: float = 0.0) -> Any:
         """The slow path: (re)connect with backoff until ``connect_timeout`` has passed."""
         deadline = time.monotonic() + self.connect_timeout
         delay = 0.05
+        waited_out = False
         while True:
             conn = self._connection(deadline)
+            sent = time.monotonic()
             try:
-                conn.send((transport.API_IDENT, method, args, {}))
                 # No poll() per call (it costs a selector per round trip): the socket's receive
-                # timeout, set once per connection, bounds the wait for a reply instead.
+                # timeout bounds the wait for a reply instead (changed only when this call needs
+                # another deadline than the last one on this connection).
+                self._reply_deadline(conn, wait)
+                conn.send((transport.API_IDENT, method, args, {}))
                 kind, result = conn.recv()
             except transport.UnpicklingRefused:
                 self._drop(conn)  # not a queuekit server's reply: never retried
                 raise
             except (OSError, EOFError) as e:
-                self._drop(conn, failed=True)
+                self._call_failed(conn, method, e)
+                if not waited_out:
+                    # The first wait for a reply does not eat the reconnect budget (a get parked
+                    # 30 s on a leader that froze would leave none): connect_timeout still runs
+                    # from the failure, as after a failed call on the fast path.
+                    deadline += time.monotonic() - sent
+                    waited_out = True
                 if not retry or self._closed or time.monotonic() >= deadline:
                     raise ServerUnavailable(
                         f"queuekit server at {self.address}: {method} failed: {_describe(e)}"
@@ -277,12 +313,38 @@ class Client:
             time.sleep(delay * random.uniform(0.5, 1.0))
             delay = min(delay * 2, 2.0)
 
+    def _reply_deadline(self, conn: transport.Connection, wait: float) -> None:
+        """Make ``conn``'s receive timeout fit a call the server may hold ``wait`` seconds:
+        between ``wait + call_timeout`` and ``DEADLINE_SLACK`` more. The value in force is
+        cached beside the connection, so the common case costs no system call."""
+        needed = self.call_timeout + wait
+        current = self._tls.recv_timeout
+        if not needed <= current <= needed + DEADLINE_SLACK:
+            current = self.call_timeout + math.ceil(wait)  # whole seconds: fewer changes
+            conn.set_recv_timeout(current)
+            self._tls.recv_timeout = current
+
+    def _call_failed(self, conn: transport.Connection, method: str, e: BaseException) -> None:
+        """A call on ``conn`` got no reply: the connection is dropped (the next attempt starts
+        at the following address). A receive timeout (``BlockingIOError`` from SO_RCVTIMEO,
+        ``TimeoutError`` over TLS) means the server went silent: frozen, or gone without a word."""
+        if isinstance(e, (BlockingIOError, TimeoutError)):
+            _log.warning(
+                "call_timeout",
+                server=getattr(self._tls, "address", self.address),
+                method=method,
+                after=round(getattr(self._tls, "recv_timeout", self.call_timeout), 3),
+            )
+        self._drop(conn, failed=True)
+
     def _connection(self, deadline: float) -> transport.Connection:
         conn = getattr(self._tls, "conn", None)
         if conn is not None:
             return conn
         conn = self._connect(deadline)
         self._tls.conn = conn
+        self._tls.recv_timeout = self.call_timeout  # set by _connect
+        self._tls.address = self.address
         with self._lock:
             self._conns.add(conn)
         return conn
@@ -305,19 +367,23 @@ class Client:
                     address.tuple(),
                     authkey=self._authkey,
                     connect_timeout=max(0.5, min(remaining, 10.0)),
+                    # A server that does not answer a handshake within call_timeout is as
+                    # silent as one that does not answer a call (a frozen leader's kernel
+                    # still accepts connections).
+                    handshake_timeout=min(transport.HANDSHAKE_TIMEOUT, self.call_timeout),
                     tls=self._tls_context,
                     server_name=self._tls_server_name,
                 )
                 try:
                     conn.send((None, "accept_connection", (self.name,), {}))
-                    if not conn.poll(transport.HANDSHAKE_TIMEOUT):
+                    if not conn.poll(min(transport.HANDSHAKE_TIMEOUT, self.call_timeout)):
                         raise TimeoutError("no answer to accept_connection")
                     kind, result = conn.recv()
                     if kind != "#RETURN":
                         if isinstance(result, ConnectionError) and NOT_LEADER in str(result):
                             raise NotLeader(f"{address} is a standby: {result}")
                         raise ConnectionError(f"server refused the connection: {result}")
-                    conn.set_recv_timeout(self.call_timeout + MAX_WAIT_PER_CALL)
+                    conn.set_recv_timeout(self.call_timeout)
                 except BaseException:
                     conn.close()
                     raise
@@ -567,7 +633,7 @@ def _take(
     remaining = float(timeout)
     while True:
         wait = min(remaining, MAX_WAIT_PER_CALL)
-        items = client.call("take", names, max_n, wait, lease, acks, texts or None)
+        items = client.call("take", names, max_n, wait, lease, acks, texts or None, wait=wait)
         acks = texts = None
         remaining -= wait
         if items or remaining <= 0:
@@ -702,6 +768,7 @@ def connect(
     authkey: bytes | str | Secret | None = None,
     authkey_file: str | None = None,
     connect_timeout: float = 30.0,
+    call_timeout: float = CALL_TIMEOUT,
     name: str = "queuekit-client",
     max_task_bytes: int | None = None,
     tls_ca_file: str | None = None,
@@ -712,7 +779,9 @@ def connect(
     """Connect to a queuekit server (retrying until ``connect_timeout``) and check the key.
 
     ``address``: one server, or several separated by commas (a leader and its standbys: tried in
-    turn, see the module's docstring). Pass ``authkey`` or ``authkey_file``. With
+    turn, see the module's docstring). ``call_timeout``: seconds a reply may take beyond the
+    call's server-side wait before the call is retried elsewhere (module docstring). Pass
+    ``authkey`` or ``authkey_file``. With
     ``tls_ca_file`` the connection uses TLS and the server's certificate must be signed by that
     CA and valid for the address's host (or ``tls_server_name``); ``tls_cert_file``/
     ``tls_key_file``: the client certificate for mutual TLS. Raises :class:`AuthenticationFailed`
@@ -730,6 +799,7 @@ def connect(
         address,
         authkey,
         connect_timeout=connect_timeout,
+        call_timeout=call_timeout,
         name=name,
         max_task_bytes=max_task_bytes,
         authkey_source=source,

@@ -28,6 +28,8 @@ MIN_HTTP_TOKEN_BYTES = 32
 MAX_HTTP_TOKEN_BYTES = 4096
 DEFAULT_HTTP_MAX_QUEUES = 1000
 DEFAULT_FRAME_TIMEOUT = 30.0
+# Seconds a client waits for a reply beyond the call's server-side wait (client.py's docstring).
+DEFAULT_CALL_TIMEOUT = 10.0
 DEFAULT_MAX_QUEUES = 10_000
 # What the derived maximum message size (QUEUEKIT_MAX_MESSAGE_BYTES) allows: the biggest request a
 # legitimate client sends is a put_many. The API takes up to 10,000 texts a call (api.MAX_BATCH);
@@ -201,6 +203,14 @@ def _positive_float(text: Any) -> float:
     value = float(text)
     if not value > 0:
         raise ValueError("must be > 0")
+    return value
+
+
+def _call_timeout(text: Any) -> float:
+    """QUEUEKIT_CALL_TIMEOUT: a socket timeout, so finite."""
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise ValueError("must be a number of seconds > 0 (a call without a reply after it is retried elsewhere)")
     return value
 
 
@@ -511,6 +521,7 @@ class ClientSettings:
     connect_timeout: float
     max_task_bytes: int
     log_level: str
+    call_timeout: float = DEFAULT_CALL_TIMEOUT  # seconds a reply may take beyond the server's wait
     # TLS to the server: on when a CA file is given. The client's own certificate (mutual TLS)
     # has its own variables, QUEUEKIT_TLS_CLIENT_CERT_FILE/_KEY_FILE, so a shell or an env file
     # that also configures a server (QUEUEKIT_TLS_CERT_FILE/_KEY_FILE) never mixes the two.
@@ -532,6 +543,7 @@ class ClientSettings:
             connect_timeout=src.get("connect_timeout", "QUEUEKIT_CONNECT_TIMEOUT", 30.0, _positive_float),
             max_task_bytes=src.get("max_task_bytes", "QUEUEKIT_MAX_TASK_BYTES", DEFAULT_MAX_TASK_BYTES, _positive_int),
             log_level=_log_level(src),
+            call_timeout=src.get("call_timeout", "QUEUEKIT_CALL_TIMEOUT", DEFAULT_CALL_TIMEOUT, _call_timeout),
             tls_ca_file=src.get("tls_ca_file", "QUEUEKIT_TLS_CA_FILE", None, _optional_path),
             tls_cert_file=src.get("tls_client_cert_file", "QUEUEKIT_TLS_CLIENT_CERT_FILE", None, _optional_path),
             tls_key_file=src.get("tls_client_key_file", "QUEUEKIT_TLS_CLIENT_KEY_FILE", None, _optional_path),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import signal
 import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -18,7 +19,7 @@ import pytest
 
 import queuekit
 from queuekit.errors import NotLeader, ServerUnavailable
-from support.procs import ServerProc, wait_until
+from support.procs import ServerProc, wait_parked, wait_until
 
 PROBE = 0.5  # QUEUEKIT_LEADER_PROBE_INTERVAL for these tests
 LEASE = 3.0  # QUEUEKIT_LEADER_LEASE
@@ -197,3 +198,120 @@ def test_database_restart_leader_steps_down_and_reelects(tmp_path, key_file, pg_
         left = sorted(drain(client, "jobs"))
     assert left == sorted([f"t-{i}" for i in range(100)] + ["after"])
     assert "event=leader_elected epoch=2 " in a.log() + b.log()
+
+
+# -- a client in the middle of a call when the leader freezes ------------------------------------
+
+CALL_TIMEOUT = 3.0  # the clients' call_timeout in these tests (QUEUEKIT_CALL_TIMEOUT)
+
+
+def call_timeouts(caplog, t0: float) -> list[str]:
+    """The client's ``call_timeout`` lines, each with its time since ``t0`` (time.monotonic())."""
+    offset = time.time() - time.monotonic()
+    return [
+        f"{r.created - offset - t0:.2f}s {r.getMessage()}"
+        for r in caplog.records
+        if "event=call_timeout" in r.getMessage()
+    ]
+
+
+def test_put_sent_to_a_frozen_leader_completes_on_the_new_leader(tmp_path, key_file, pg_db, caplog):
+    """A put sent on an open connection to a leader that then froze is not answered; the client
+    gives up on it after ``call_timeout`` (the kernel of a frozen process still ACKs, so TCP never
+    tells), and retries it at the next address, the new leader: takeover (~LEASE) plus
+    call_timeout, not the old fixed 30 + 30 s receive timeout."""
+    a, b = leader_pair(tmp_path, key_file, pg_db)
+    client = queuekit.connect(
+        f"{a.address},{b.address}", authkey_file=str(key_file), connect_timeout=30, call_timeout=CALL_TIMEOUT
+    )
+    try:
+        q = client.queue("jobs")
+        q.put("before")  # the connection to the leader is open
+        assert str(client.address) == a.address
+        a.signal(signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            q.put("during")  # sent to the frozen leader on the open connection
+            took = time.monotonic() - t0
+            print(f"\nput sent to a frozen leader answered by the new leader after {took:.2f} s")
+            timeouts = call_timeouts(caplog, t0)
+            print("\n".join(timeouts))
+            assert len(timeouts) == 1, timeouts
+            assert f"server={a.address} method=put_many after={CALL_TIMEOUT:g}" in timeouts[0]
+            assert str(client.address) == b.address
+            assert is_ready(b)
+            assert took < LEASE + CALL_TIMEOUT + 10.0, f"the put took {took:.1f} s"
+            left = drain(client, "jobs")
+        finally:
+            a.signal(signal.SIGCONT)
+    finally:
+        client.close()
+    # "before" was committed by the old leader, "during" by the new one (once: the frozen leader
+    # never read it, or it could not commit it, fenced).
+    assert sorted(left) == ["before", "during"]
+
+
+def test_get_waiting_on_a_frozen_leader_gets_a_task_from_the_new_leader(tmp_path, key_file, pg_db, caplog):
+    """A consumer parked in get(timeout=W) on the leader when it freezes: its call is given up
+    after W + call_timeout and retried at the new leader, where a task put meanwhile is waiting."""
+    wait = 20.0
+    a, b = leader_pair(tmp_path, key_file, pg_db)
+    consumer = queuekit.connect(
+        f"{a.address},{b.address}", authkey_file=str(key_file), connect_timeout=30, call_timeout=CALL_TIMEOUT
+    )
+    observer = queuekit.connect(a.address, authkey_file=str(key_file), connect_timeout=5)
+    got: list = []
+    thread = threading.Thread(target=lambda: got.append(consumer.queue("jobs").get(timeout=wait)), daemon=True)
+    try:
+        thread.start()
+        wait_parked(observer, "jobs", 1)  # the consumer's get is parked on the leader
+        observer.close()
+        a.signal(signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            wait_until(lambda: is_ready(b), timeout=15.0, what="the standby ready after the freeze")
+            with queuekit.connect(b.address, authkey_file=str(key_file), connect_timeout=5) as producer:
+                producer.queue("jobs").put("on-the-new-leader")
+            thread.join(timeout=wait + CALL_TIMEOUT + 15.0)
+            took = time.monotonic() - t0
+            print(f"\nget parked on a frozen leader got the new leader's task after {took:.2f} s (wait {wait:g} s)")
+            timeouts = call_timeouts(caplog, t0)
+            print("\n".join(timeouts))
+            assert any(f"server={a.address} method=take after={wait + CALL_TIMEOUT:g}" in t for t in timeouts), timeouts
+            assert not thread.is_alive(), "the get is still waiting on the frozen leader"
+            assert got and got[0] is not None and got[0].payload == "on-the-new-leader"
+            assert str(consumer.address) == b.address
+            # The get's own wait plus call_timeout, and slack: the reconnect, and socket timeouts
+            # that run late on a loaded VM (23 s measured 23.5-25 s on the 2-core CI VM). The
+            # old fixed receive timeout (call_timeout + 30 s) gave up after 33 s.
+            assert took < wait + CALL_TIMEOUT + 6.0, f"the get took {took:.1f} s"
+        finally:
+            a.signal(signal.SIGCONT)
+    finally:
+        consumer.close()
+
+
+def test_the_reply_deadline_costs_no_system_call_per_call(tmp_path, key_file):
+    """The receive timeout is a setsockopt: it is changed only when a call needs another deadline
+    than the connection has, so a producer's puts and a consumer's gets (waits of 0, 0.05 and
+    1 s, like the worker's fetcher) make at most one such call on their connection, not one each."""
+    server = ServerProc(tmp_path, key_file)
+    with queuekit.connect(server.address, authkey_file=str(key_file), call_timeout=CALL_TIMEOUT) as client:
+        conn = client._tls.conn
+        timeouts: list = []
+        set_recv_timeout = conn.set_recv_timeout
+
+        def counting(seconds):
+            timeouts.append(seconds)
+            set_recv_timeout(seconds)
+
+        conn.set_recv_timeout = counting
+        q = client.queue("hot")
+        for i in range(100):
+            q.put(i)
+        assert timeouts == []  # the connection's own deadline fits a put
+        got = [q.get(timeout=(0.0, 0.05, 1.0)[i % 3]) for i in range(100)]
+        assert [t.payload for t in got] == list(range(100))
+        q.ack(got)
+        assert timeouts == [CALL_TIMEOUT + 1]  # once, then within the slack for all three waits
+        assert client._tls.conn is conn

@@ -3,6 +3,7 @@ import os
 import pytest
 
 from queuekit import settings as settings_module
+from queuekit.client import Client
 from queuekit.errors import AuthkeyFileError, ConfigError
 from queuekit.settings import Address, ClientSettings, Secret, ServerSettings, WorkerSettings, load_authkey
 
@@ -120,6 +121,41 @@ def test_flag_wins_over_env(keyfile):
 def test_bad_values_name_their_source(keyfile, env, source):
     with pytest.raises(ConfigError, match=source):
         ServerSettings.load({}, env={"QUEUEKIT_AUTHKEY_FILE": keyfile, **env})
+
+
+def test_call_timeout_from_env_and_flag(keyfile):
+    env = {"QUEUEKIT_AUTHKEY_FILE": keyfile}
+    assert ClientSettings.load({}, env=env).call_timeout == 10.0
+    assert ClientSettings.load({}, env={**env, "QUEUEKIT_CALL_TIMEOUT": "2.5"}).call_timeout == 2.5
+    assert ClientSettings.load({"call_timeout": 4.0}, env={**env, "QUEUEKIT_CALL_TIMEOUT": "2.5"}).call_timeout == 4.0
+    worker = WorkerSettings.load({"handler": "m:f"}, env={**env, "QUEUEKIT_CALL_TIMEOUT": "3"})
+    assert worker.client.call_timeout == 3.0
+
+
+@pytest.mark.parametrize(
+    "text, why",
+    [
+        ("0", "must be a number of seconds > 0"),
+        ("-1", "must be a number of seconds > 0"),
+        ("nan", "must be a number of seconds > 0"),
+        ("inf", "must be a number of seconds > 0"),
+        ("ten", "could not convert string to float"),
+    ],
+)
+def test_bad_call_timeout(keyfile, text, why):
+    with pytest.raises(ConfigError, match=rf"invalid QUEUEKIT_CALL_TIMEOUT='{text}': {why}"):
+        ClientSettings.load({}, env={"QUEUEKIT_AUTHKEY_FILE": keyfile, "QUEUEKIT_CALL_TIMEOUT": text})
+
+
+def test_bad_call_timeout_flag(keyfile):
+    with pytest.raises(ConfigError, match=r"invalid --call-timeout=0\.0: must be a number of seconds > 0"):
+        ClientSettings.load({"call_timeout": 0.0}, env={"QUEUEKIT_AUTHKEY_FILE": keyfile})
+
+
+@pytest.mark.parametrize("value", [0, -1.0, float("nan"), float("inf")])
+def test_client_refuses_a_bad_call_timeout(value):
+    with pytest.raises(ConfigError, match="call_timeout must be a number of seconds > 0"):
+        Client("localhost:50000", KEY, call_timeout=value)
 
 
 def test_consumer_needs_a_handler(keyfile):
