@@ -136,3 +136,34 @@ def test_dashboard_queries_are_valid_promql(tmp_path):
     checked = run("check", "rules", path.name, cwd=tmp_path)
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert f"SUCCESS: {len(rules)} rules found" in checked.stdout
+
+
+def test_the_server_ready_panel_leaves_standbys_out(tmp_path):
+    """A standby is never ready (by design): the stat shows the leader's readiness, and a single
+    server's as before (promtool evaluates the panel's query on made-up series)."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    (panel,) = [p for p in dashboard["panels"] if p.get("title") == "Server ready"]
+    expr = panel["targets"][0]["expr"].replace('=~"$instance"', '=~".*"')
+
+    def case(single_ready: int) -> dict:
+        series = {
+            'queuekit_ready{job="ha",instance="leader:8080"}': 1,
+            'queuekit_leader{job="ha",instance="leader:8080"}': 1,
+            'queuekit_ready{job="ha",instance="standby:8080"}': 0,
+            'queuekit_leader{job="ha",instance="standby:8080"}': 0,
+            'queuekit_ready{job="single",instance="single:8080"}': single_ready,
+        }
+        return {
+            "interval": "1m",
+            "input_series": [{"series": s, "values": f"{v}x5"} for s, v in series.items()],
+            "promql_expr_test": [
+                {"expr": expr, "eval_time": "2m", "exp_samples": [{"labels": "{}", "value": single_ready}]}
+            ],
+        }
+
+    (tmp_path / "none.rules.yml").write_text("groups: []\n")
+    (tmp_path / "panel.test.yml").write_text(
+        json.dumps({"rule_files": ["none.rules.yml"], "tests": [case(1), case(0)]})
+    )
+    tested = run("test", "rules", "panel.test.yml", cwd=tmp_path)
+    assert tested.returncode == 0, tested.stdout + tested.stderr
