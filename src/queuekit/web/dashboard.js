@@ -70,10 +70,13 @@ function drawOverview(o) {
   const s = o.stats;
   state.actions = o.actions;
   $("version").textContent = o.version;
+  // A standby (several servers on one PostgreSQL journal) is never ready, by design: not an alarm.
+  const standby = s.role === "standby";
   $("server-status").textContent =
-    (s.ready ? "ready" : "NOT READY") + " · " + s.connections + " connections · " +
+    (s.ready ? "ready" : standby ? "standby (not the leader)" : "NOT READY") + " · " +
+    s.connections + " connections · " +
     (s.durable ? "durable" : "memory only") + " · up " + ago(s.uptime_seconds);
-  $("server-status").className = "status " + (s.ready ? "good" : "bad");
+  $("server-status").className = "status" + (s.ready ? " good" : standby ? "" : " bad");
   $("omitted").textContent = s.omitted ? "(" + s.omitted + " more not shown)" : "";
   const names = Object.keys(s.queues).sort();
   replaceRows($("queues").tBodies[0], names.map((name) => {
