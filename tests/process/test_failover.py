@@ -315,3 +315,43 @@ def test_the_reply_deadline_costs_no_system_call_per_call(tmp_path, key_file):
         q.ack(got)
         assert timeouts == [CALL_TIMEOUT + 1]  # once, then within the slack for all three waits
         assert client._tls.conn is conn
+
+
+def test_a_call_on_a_frozen_tls_server_moves_to_the_next_address(tmp_path, key_file, caplog):
+    """Over TLS the deadline is the socket's own timeout (OpenSSL ignores SO_RCVTIMEO) and its
+    expiry a TimeoutError: handled like the plaintext one. Two independent TLS servers stand in
+    for a leader and the one that took over (no journal needed to show the client's side)."""
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    ca_file, cert_file, cert_key = tmp_path / "ca.pem", tmp_path / "server.crt", tmp_path / "server.key"
+    ca.cert_pem.write_to_path(str(ca_file))
+    cert = ca.issue_cert("127.0.0.1")
+    cert_file.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
+    cert.private_key_pem.write_to_path(str(cert_key))
+    tls = ("--tls-cert-file", str(cert_file), "--tls-key-file", str(cert_key))
+    a, b = ServerProc(tmp_path, key_file, *tls), ServerProc(tmp_path, key_file, *tls)
+    client = queuekit.connect(
+        f"{a.address},{b.address}",
+        authkey_file=str(key_file),
+        tls_ca_file=str(ca_file),
+        connect_timeout=10,
+        call_timeout=CALL_TIMEOUT,
+    )
+    try:
+        q = client.queue("jobs")
+        q.put("on-a")
+        a.signal(signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            q.put("during")
+            took = time.monotonic() - t0
+            print(f"\nput sent to a frozen TLS server answered by the next one after {took:.2f} s")
+            timeouts = call_timeouts(caplog, t0)
+            assert len(timeouts) == 1 and f"server={a.address} method=put_many after=" in timeouts[0], timeouts
+            assert str(client.address) == b.address
+            assert took < CALL_TIMEOUT + 5.0, f"the put took {took:.1f} s"
+            assert [t.payload for t in q.get_many(10, timeout=1)] == ["during"]
+        finally:
+            a.signal(signal.SIGCONT)
+    finally:
+        client.close()

@@ -2,6 +2,7 @@ import os
 
 import pytest
 
+from queuekit import cli
 from queuekit import settings as settings_module
 from queuekit.client import Client
 from queuekit.errors import AuthkeyFileError, ConfigError
@@ -150,6 +151,16 @@ def test_bad_call_timeout(keyfile, text, why):
 def test_bad_call_timeout_flag(keyfile):
     with pytest.raises(ConfigError, match=r"invalid --call-timeout=0\.0: must be a number of seconds > 0"):
         ClientSettings.load({"call_timeout": 0.0}, env={"QUEUEKIT_AUTHKEY_FILE": keyfile})
+
+
+def test_client_commands_pass_the_call_timeout_on(keyfile, monkeypatch):
+    """Every client command builds its Client in cli._client (consume, produce, stats, status,
+    cancel, result, dead, check)."""
+    monkeypatch.setenv("QUEUEKIT_CALL_TIMEOUT", "4")
+    assert cli._client({"authkey_file": keyfile}, "test").call_timeout == 4.0
+    assert cli._client({"authkey_file": keyfile, "call_timeout": 2.5}, "test").call_timeout == 2.5
+    monkeypatch.delenv("QUEUEKIT_CALL_TIMEOUT")
+    assert cli._client({"authkey_file": keyfile}, "test").call_timeout == 10.0
 
 
 @pytest.mark.parametrize("value", [0, -1.0, float("nan"), float("inf")])
