@@ -544,8 +544,9 @@ class _Tally:
         if server is not None:
             self.auth_failures += server.auth_failures
             self.tls_handshakes += server.tls_handshakes
-            self.refused.update(server.refused)
-            self.tls_failures.update(server.tls_failures)
+            # dict(): one C-level copy, while the server's threads may still add a key
+            self.refused.update(dict(server.refused))
+            self.tls_failures.update(dict(server.tls_failures))
         if journal is not None:
             self.journal_commits += journal.commits
 
