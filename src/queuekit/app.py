@@ -9,7 +9,8 @@ does the work.
 
 With a PostgreSQL journal (``QUEUEKIT_JOURNAL_URL``) several servers share the database and only
 one, the leader, serves (queuekit.leader). ``start`` then opens a standby: the HTTP port (``/readyz``
-503, "standby") and a queue port that refuses every client with :class:`NotLeader`; a
+503, "standby"; ``/metrics`` and ``/stats`` answer, without queues: :meth:`ServerApp.stats`) and a
+queue port that refuses every client with :class:`NotLeader`; a
 ``leadership`` thread campaigns. On winning it loads the state from the database into a new broker
 and replaces the standby listener with a serving one on the same port; each term's server refuses
 every request once the term's deadline has passed (the loop asks before each one), whichever
