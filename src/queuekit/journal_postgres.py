@@ -80,16 +80,21 @@ MIGRATIONS: dict[int, list[str]] = {
     ],
 }
 
+# The two statements of the hot path (a put, an ack) take their rows as ONE JSON parameter
+# (json.dumps is C; PostgreSQL parses JSON in C): psycopg dumps a list parameter element by
+# element in Python, which cost about a third of a commit of 100 puts and 100 acks (2026-11-27:
+# 3.9 ms against 2.5 ms per commit on a throwaway PostgreSQL). A put's tasks share everything but
+# their payload, and their ids are consecutive.
 _INSERT = (
     "INSERT INTO queuekit_tasks (queue, id, payload, attempts, enqueued_at, not_before, headers, timeout) "
-    "SELECT * FROM unnest(%s::text[], %s::bigint[], %s::text[], %s::integer[], "
-    "%s::double precision[], %s::double precision[], %s::text[], %s::double precision[])"
+    "SELECT %s, %s + u.n - 1, u.payload, 0, %s, %s, %s, %s "
+    "FROM json_array_elements_text(%s::json) WITH ORDINALITY AS u(payload, n)"
 )
 _FINISH = (
     "UPDATE queuekit_tasks t SET payload = '', state = u.state, finished_at = u.finished_at, "
     "started_at = u.started_at, consumer = u.consumer, result = u.result, lease_delivery = NULL, lease_until = NULL "
-    "FROM unnest(%s::bigint[], %s::text[], %s::double precision[], %s::double precision[], %s::text[], %s::text[]) "
-    "AS u(id, state, finished_at, started_at, consumer, result) WHERE t.id = u.id"
+    "FROM json_to_recordset(%s::json) AS u(id bigint, state text, finished_at double precision, "
+    "started_at double precision, consumer text, result text) WHERE t.id = u.id"
 )
 _CANCEL = "UPDATE queuekit_tasks SET cancel_requested = true WHERE id = ANY(%s::bigint[])"
 _COLUMNS = ", ".join(StoredTask._fields)  # load() reads them in the record's order
@@ -331,26 +336,13 @@ class PostgresJournal(GroupCommitJournal):
             for kind, group in itertools.groupby(batch, key=type):
                 ops: list = list(group)
                 if kind is PutOp:
-                    queues: list[str] = []
-                    ids: list[int] = []
-                    payloads: list[str] = []
-                    enqueued: list[float] = []
-                    not_before: list[float] = []
-                    headers: list[str | None] = []
-                    timeouts: list[float | None] = []
-                    for op in ops:
-                        n = len(op.payloads)
-                        queues += [op.queue] * n
-                        ids += range(op.first_id, op.first_id + n)
-                        payloads += op.payloads
-                        enqueued += [op.enqueued_at] * n
-                        not_before += [op.not_before] * n
-                        headers += [_text(json.dumps(op.headers)) if op.headers else None] * n
-                        timeouts += [op.timeout] * n
-                    if ids:
-                        values = (queues, ids, payloads, [0] * len(ids), enqueued, not_before, headers, timeouts)
-                        db.execute(_INSERT, values)
-                        max_id = max(max_id or 0, max(ids))
+                    for op in ops:  # one statement per put call (its tasks share all but the payload)
+                        if not op.payloads:
+                            continue
+                        headers = _text(json.dumps(op.headers)) if op.headers else None
+                        values = (op.queue, op.first_id, op.enqueued_at, op.not_before, headers, op.timeout)
+                        db.execute(_INSERT, (*values, json.dumps(op.payloads, ensure_ascii=False)))
+                        max_id = max(max_id or 0, op.first_id + len(op.payloads) - 1)
                 elif kind is UpdateOp:
                     # One UPDATE ... FROM changes a row once: the last op for an id wins, as in order.
                     last = {op.id: op for op in ops}.values()
@@ -368,19 +360,19 @@ class PostgresJournal(GroupCommitJournal):
                     db.execute(_DELETE, ([task_id for op in ops for task_id in op.ids],))
                 elif kind is FinishOp:
                     # One row per id, the last op for it winning (as UPDATE ... FROM needs).
-                    finished: dict[int, tuple] = {}
+                    finished: dict[int, dict] = {}
                     for op in ops:
                         results = op.results or {}
                         for task_id, started, consumer in zip(op.ids, op.started_at, op.consumers, strict=True):
-                            finished[task_id] = (
-                                op.state,
-                                op.finished_at,
-                                started,
-                                _text(consumer),
-                                _text(results.get(task_id)),
-                            )
-                    columns = list(zip(*finished.values(), strict=True)) or [(), (), (), (), ()]
-                    db.execute(_FINISH, (list(finished), *map(list, columns)))
+                            finished[task_id] = {
+                                "id": task_id,
+                                "state": op.state,
+                                "finished_at": op.finished_at,
+                                "started_at": started,
+                                "consumer": _text(consumer),
+                                "result": _text(results.get(task_id)),
+                            }
+                    db.execute(_FINISH, (json.dumps(list(finished.values()), ensure_ascii=False),))
                 elif kind is CancelOp:
                     db.execute(_CANCEL, ([task_id for op in ops for task_id in op.ids],))
                 elif kind is LeaseOp:

@@ -242,6 +242,32 @@ def test_headers_timeout_status_and_results_survive_restart(store):
     h.close()
 
 
+AWKWARD_TEXTS = [
+    '"emoji \U0001f600 and \u2028 line separator"',
+    '{"quote": "\\"", "backslash": "\\\\", "tab": "\\t", "escaped nul": "\\u0000"}',
+    '[1.5e300, -0.0, "caf\u00e9", "\u65e5\u672c"]',
+    '"  leading and trailing spaces  "',
+]
+
+
+def test_awkward_payloads_results_and_names_come_back_unchanged(store):
+    """Payloads, headers, results and consumer names travel to PostgreSQL inside JSON parameters:
+    non-ASCII, escapes and quotes must come back byte for byte."""
+    h = v2_harness(store)
+    b = h.broker
+    ids = b.put_many("q", AWKWARD_TEXTS, 0.0, {"who": "z\u00fcrich \U0001f600"}, None)
+    taken = b.take_or_wait(["q"], 2, 0.0, None, None, None, print, "w\u00f6rker \U0001f600")
+    b.ack_many("q", [taken[0][1]], {taken[0][1]: AWKWARD_TEXTS[1]})
+    h.restart()
+    b = h.broker
+    assert b.result_or_wait(None, ids[0], 0.0, print) == ("succeeded", AWKWARD_TEXTS[1], None)
+    assert b.status(None, ids[0]).consumer == "w\u00f6rker \U0001f600"
+    rest = b.take_or_wait(["q"], 5, 0.0, None, None, None, print)
+    assert [item[4] for item in rest] == AWKWARD_TEXTS[1:]
+    assert rest[0][6] == {"who": "z\u00fcrich \U0001f600"}
+    h.close()
+
+
 def test_cancel_flag_of_a_task_in_flight_survives_restart(store):
     h = v2_harness(store)
     (task_id,) = h.broker.put_many("q", ['"x"'])
