@@ -209,6 +209,11 @@ class PostgresJournal(GroupCommitJournal):
                 keepalives_count=keepalives_count,
                 tcp_user_timeout=tcp_user_timeout_ms,
                 application_name=application_name,
+                # No server-side prepared statements: a prepared statement's generic plan is made
+                # once, when the tasks table may still be nearly empty, and kept while the table
+                # grows (measured: the ack UPDATE chose a plan that took 2.7, then 4.8, then 7.1 ms
+                # per commit as the table grew by 30,000 rows; planned each time, 1.8 ms flat).
+                prepare_threshold=None,
                 **extra,
             )
         except psycopg.Error as e:
