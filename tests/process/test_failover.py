@@ -205,6 +205,18 @@ def test_database_restart_leader_steps_down_and_reelects(tmp_path, key_file, pg_
 CALL_TIMEOUT = 3.0  # the clients' call_timeout in these tests (QUEUEKIT_CALL_TIMEOUT)
 
 
+def freeze(server: ServerProc) -> None:
+    """SIGSTOP ``server`` and wait until it is stopped (kill() returns before the target stops: a
+    request sent meanwhile could still be answered)."""
+    server.signal(signal.SIGSTOP)
+
+    def state() -> str:
+        with open(f"/proc/{server.pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+
+    wait_until(lambda: state() == "T", timeout=5, interval=0.001, what=lambda: f"the server stopped (state {state()})")
+
+
 def call_timeouts(caplog, t0: float) -> list[str]:
     """The client's ``call_timeout`` lines, each with its time since ``t0`` (time.monotonic())."""
     offset = time.time() - time.monotonic()
@@ -228,7 +240,7 @@ def test_put_sent_to_a_frozen_leader_completes_on_the_new_leader(tmp_path, key_f
         q = client.queue("jobs")
         q.put("before")  # the connection to the leader is open
         assert str(client.address) == a.address
-        a.signal(signal.SIGSTOP)
+        freeze(a)
         try:
             t0 = time.monotonic()
             q.put("during")  # sent to the frozen leader on the open connection
@@ -266,7 +278,7 @@ def test_get_waiting_on_a_frozen_leader_gets_a_task_from_the_new_leader(tmp_path
         thread.start()
         wait_parked(observer, "jobs", 1)  # the consumer's get is parked on the leader
         observer.close()
-        a.signal(signal.SIGSTOP)
+        freeze(a)
         try:
             t0 = time.monotonic()
             wait_until(lambda: is_ready(b), timeout=15.0, what="the standby ready after the freeze")
@@ -340,7 +352,7 @@ def test_a_call_on_a_frozen_tls_server_moves_to_the_next_address(tmp_path, key_f
     try:
         q = client.queue("jobs")
         q.put("on-a")
-        a.signal(signal.SIGSTOP)
+        freeze(a)
         try:
             t0 = time.monotonic()
             q.put("during")
