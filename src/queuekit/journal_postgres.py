@@ -90,11 +90,13 @@ _INSERT = (
     "SELECT %s, %s + u.n - 1, u.payload, 0, %s, %s, %s, %s "
     "FROM json_array_elements_text(%s::json) WITH ORDINALITY AS u(payload, n)"
 )
-_FINISH = (
-    "UPDATE queuekit_tasks t SET payload = '', state = u.state, finished_at = u.finished_at, "
-    "started_at = u.started_at, consumer = u.consumer, result = u.result, lease_delivery = NULL, lease_until = NULL "
-    "FROM json_to_recordset(%s::json) AS u(id bigint, state text, finished_at double precision, "
-    "started_at double precision, consumer text, result text) WHERE t.id = u.id"
+_FINISH = (  # the columns side by side, one JSON array each (C-fast to encode, no object per row)
+    "UPDATE queuekit_tasks t SET payload = '', state = u.state, finished_at = u.finished_at::double precision, "
+    "started_at = u.started_at::double precision, consumer = u.consumer, result = u.result, "
+    "lease_delivery = NULL, lease_until = NULL FROM ROWS FROM (json_array_elements_text(%s::json), "
+    "json_array_elements_text(%s::json), json_array_elements_text(%s::json), json_array_elements_text(%s::json), "
+    "json_array_elements_text(%s::json), json_array_elements_text(%s::json)) "
+    "AS u(id, state, finished_at, started_at, consumer, result) WHERE t.id = u.id::bigint"
 )
 _CANCEL = "UPDATE queuekit_tasks SET cancel_requested = true WHERE id = ANY(%s::bigint[])"
 _COLUMNS = ", ".join(StoredTask._fields)  # load() reads them in the record's order
@@ -168,6 +170,42 @@ def _text(value: str | None) -> str | None:
     if value is None:
         return None
     return value.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _finish_columns(ops: list[FinishOp]) -> tuple[str, ...]:
+    """The parameters of ``_FINISH`` for a run of finish ops: six JSON arrays (id, state,
+    finished_at, started_at, consumer, result), one row per task id, the last op for an id
+    winning (``UPDATE ... FROM`` changes a row once, with an arbitrary one of its matches).
+    State and finish time are the same for every task of an op: encoded once per op (json.dumps
+    of a float is the costly part: 200 acks took 0.46 ms as one JSON object per row, 3-4x less so)."""
+    ids: list[int] = []
+    states: list[str] = []  # JSON texts
+    finished: list[str] = []  # JSON texts
+    started: list[float | None] = []
+    consumers: list[str | None] = []
+    results: list[str | None] = []
+    for op in ops:
+        n = len(op.ids)
+        ids += op.ids
+        states += [json.dumps(op.state)] * n
+        finished += [json.dumps(op.finished_at)] * n
+        started += op.started_at
+        consumers += op.consumers
+        results += [op.results.get(i) for i in op.ids] if op.results else [None] * n
+    columns: list[list[Any]] = [ids, states, finished, started, consumers, results]
+    if len(set(ids)) != len(ids):
+        last = sorted({task_id: k for k, task_id in enumerate(ids)}.values())
+        columns = [[column[k] for k in last] for column in columns]
+    names = {name: _text(name) for name in set(columns[4])}  # a batch has few consumer names
+    columns[4] = [names[name] for name in columns[4]]
+    columns[5] = [_text(result) for result in columns[5]]
+    # Tasks leased together share their start time: each distinct float is written out once.
+    times = {t: json.dumps(t) for t in set(columns[3])}
+    columns[3] = [times[t] for t in columns[3]]
+    return tuple(
+        f"[{','.join(column)}]" if k in (1, 2, 3) else json.dumps(column, ensure_ascii=False)
+        for k, column in enumerate(columns)
+    )
 
 
 class PostgresJournal(GroupCommitJournal):
@@ -382,20 +420,7 @@ class PostgresJournal(GroupCommitJournal):
                 elif kind is DeleteOp:
                     db.execute(_DELETE, ([task_id for op in ops for task_id in op.ids],))
                 elif kind is FinishOp:
-                    # One row per id, the last op for it winning (as UPDATE ... FROM needs).
-                    finished: dict[int, dict] = {}
-                    for op in ops:
-                        results = op.results or {}
-                        for task_id, started, consumer in zip(op.ids, op.started_at, op.consumers, strict=True):
-                            finished[task_id] = {
-                                "id": task_id,
-                                "state": op.state,
-                                "finished_at": op.finished_at,
-                                "started_at": started,
-                                "consumer": _text(consumer),
-                                "result": _text(results.get(task_id)),
-                            }
-                    db.execute(_FINISH, (json.dumps(list(finished.values()), ensure_ascii=False),))
+                    db.execute(_FINISH, _finish_columns(ops))
                 elif kind is CancelOp:
                     db.execute(_CANCEL, ([task_id for op in ops for task_id in op.ids],))
                 elif kind is LeaseOp:

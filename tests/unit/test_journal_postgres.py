@@ -239,6 +239,27 @@ def test_schema_2_rows_match_the_reference_semantics(pg_db):
     reopened.close()
 
 
+def test_finishes_of_one_task_in_one_statement_keep_the_last(pg_db):
+    """Consecutive finish ops become one UPDATE; a task in two of them ends as the last says."""
+    from queuekit.journal import FinishOp, apply_op
+
+    ops = [
+        PutOp("q", 1, ['"a"', '"b"', '"c"'], 5.0, 0.0),
+        FinishOp([1, 2], "cancelled", 8.0, None, [7.0, 7.0], ["c1", "c1"]),
+        FinishOp([2, 3], "succeeded", 9.0, {2: '"r"'}, [7.5, None], ["c2", None]),
+    ]
+    journal = journal_for(pg_db)
+    journal.wait(journal.append(ops))
+    journal.close()
+    expected: dict = {}
+    for op in ops:
+        apply_op(expected, op)
+    assert expected[2].state == "succeeded" and expected[2].result == '"r"'
+    reopened = journal_for(pg_db)
+    assert reopened.load().tasks == [expected[i] for i in sorted(expected)]
+    reopened.close()
+
+
 def test_a_schema_1_database_is_migrated_in_place_with_its_tasks(pg_db):
     """A database as the schema-1 code left it (its DDL and meta rows, a task with a saved lease)."""
     from queuekit.journal_postgres import _SCHEMA, APPLICATION_ID, SCHEMA_VERSION
@@ -325,9 +346,8 @@ def test_acks_reach_their_rows_by_index_on_a_mid_sized_table(pg_db):
     """On a table of 30,000 rows PostgreSQL's default costs choose a sequential scan and a hash
     join for the ack UPDATE of 100 tasks (it assumes uncached pages): the whole table read per
     commit (4.2 ms against about 1 ms). The journal's session reaches them by the primary key."""
-    import json
-
-    from queuekit.journal_postgres import _FINISH
+    from queuekit.journal import FinishOp
+    from queuekit.journal_postgres import _FINISH, _finish_columns
 
     journal = journal_for(pg_db)
     pg_db.server.sql(
@@ -335,11 +355,8 @@ def test_acks_reach_their_rows_by_index_on_a_mid_sized_table(pg_db):
         "SELECT 'q', n, '\"x\"', 0, 0 FROM generate_series(1, 30000) AS n",
         pg_db.name,
     )
-    rows = [
-        {"id": n, "state": "succeeded", "finished_at": 1.0, "started_at": 1.0, "consumer": "c", "result": None}
-        for n in range(1000, 1100)
-    ]
+    acks = FinishOp(list(range(1000, 1100)), "succeeded", 1.0, None, [1.0] * 100, ["c"] * 100)
     with journal.session() as db:
-        plan = "\n".join(r[0] for r in db.execute("EXPLAIN " + _FINISH, (json.dumps(rows),)))
+        plan = "\n".join(r[0] for r in db.execute("EXPLAIN " + _FINISH, _finish_columns([acks])))
     assert "Seq Scan on queuekit_tasks" not in plan and "queuekit_tasks_pkey" in plan, plan
     journal.close()
