@@ -387,12 +387,13 @@ class PostgresJournal(GroupCommitJournal):
     def _write(self, batch: list[JournalOp]) -> None:
         db = self._db
         max_id = None
-        # One round trip: BEGIN, the statements and COMMIT go out in one pipeline, and leaving it
-        # waits for every result (an error raises; the journal is then failed for good). Explicit
-        # BEGIN/COMMIT: psycopg's transaction() syncs on entry, a second round trip (measured: a
-        # one-put commit took twice as long with it).
+        # One round trip: the statements go out in one pipeline, and leaving it sends a Sync and
+        # waits for every result (an error raises; the journal is then failed for good). On this
+        # autocommit session the statements up to the Sync are ONE implicit transaction, committed
+        # at the Sync (and rolled back whole if any fails: PostgreSQL's extended query protocol),
+        # so no BEGIN/COMMIT statements (measured: 0.1 ms less per commit of 100 puts and 100
+        # acks). Not psycopg's transaction(): it syncs on entry, a second round trip.
         with db.pipeline():
-            db.execute("BEGIN")
             # Runs of ops of one kind become one statement each (the order between kinds is kept).
             for kind, group in itertools.groupby(batch, key=type):
                 ops: list = list(group)
@@ -432,7 +433,6 @@ class PostgresJournal(GroupCommitJournal):
                     raise ValueError(f"unknown journal op {kind!r}")
             if max_id is not None:
                 db.execute(_NEXT_ID, (max_id + 1,))
-            db.execute("COMMIT")
 
     def _failed(self, error: BaseException) -> None:
         self.broken.set()

@@ -360,3 +360,18 @@ def test_acks_reach_their_rows_by_index_on_a_mid_sized_table(pg_db):
         plan = "\n".join(r[0] for r in db.execute("EXPLAIN " + _FINISH, _finish_columns([acks])))
     assert "Seq Scan on queuekit_tasks" not in plan and "queuekit_tasks_pkey" in plan, plan
     journal.close()
+
+
+def test_a_group_commit_is_all_or_nothing(pg_db):
+    """A group commit's statements are one transaction: when a later one fails (here a put whose
+    ids exist already), the earlier ones of the same commit are not stored either."""
+    journal = journal_for(pg_db)
+    journal.wait(journal.append([PutOp("q", 1, ['"first"'], 5.0, 0.0)]))
+    seq = journal.append([PutOp("q", 2, ['"second"'], 5.0, 0.0), PutOp("other", 1, ['"clash"'], 5.0, 0.0)])
+    with pytest.raises(JournalError):
+        journal.wait(seq)
+    journal.close()
+    reopened = journal_for(pg_db)
+    recovered = reopened.load()
+    assert [t.payload for t in recovered.tasks] == ['"first"'] and recovered.next_id == 2
+    reopened.close()
