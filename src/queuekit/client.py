@@ -34,6 +34,19 @@ fires: a standby takes over within the leader lease, and the client's pending ca
 ``call_timeout`` after it was sent. A put retried this way may have been committed by the leader
 before it froze: it is then enqueued twice (at least once, as above).
 
+Sending a request has the same bound: a frozen server stops reading, and a large request (a
+``put_many`` chunk, up to ``PUT_CHUNK_TASKS`` tasks or ``PUT_CHUNK_BYTES``) fills the socket
+buffers of both ends; a send that then moves no byte for ``call_timeout`` seconds fails
+(``SO_SNDTIMEO``, set once per connection; over TLS the socket's timeout). A slow link that keeps
+taking bytes is waited for: the bound is on no progress, not on the whole request. Such a call is
+logged ``event=send_timeout`` (warning) and handled like one without a reply: the connection is
+dropped and the call retried at the next address within ``connect_timeout``. The request was left
+half sent, so the server never runs it (it reads an incomplete message, then the end of the
+connection): a put retried after a send timeout is enqueued once; only one whose request went
+out whole and then got no reply (``call_timeout``) may be enqueued twice. The frozen server is
+given up between ``call_timeout`` and twice that after its buffers filled (the write that filled
+them returns after its own timeout with what it moved; the next one fails).
+
 TLS: ``connect(..., tls_ca_file=...)`` (``QUEUEKIT_TLS_CA_FILE`` for the commands) verifies the
 server's certificate against that CA and the name connected to (or ``tls_server_name``);
 ``tls_cert_file``/``tls_key_file`` present a client certificate (mutual TLS). A TLS failure that
@@ -248,19 +261,19 @@ class Client:
         # Fast path first: an open connection, one send, one receive.
         conn = getattr(self._tls, "conn", None)
         if conn is not None:
+            sending = True
             try:
                 self._reply_deadline(conn, wait)
                 conn.send((transport.API_IDENT, method, args, {}))
+                sending = False
                 kind, result = conn.recv()
             except transport.UnpicklingRefused:
                 self._drop(conn)  # not a queuekit server's reply: never retried
                 raise
             except (OSError, EOFError) as e:
-                self._call_failed(conn, method, e)
+                why = self._call_failed(conn, method, e, sending)
                 if not retry or self._closed:
-                    raise ServerUnavailable(
-                        f"queuekit server at {self.address}: {method} failed: {_describe(e)}"
-                    ) from e
+                    raise ServerUnavailable(f"queuekit server at {self.address}: {method} failed: {why}") from e
             else:
                 if kind == "#RETURN":
                     return result
@@ -277,18 +290,21 @@ class Client:
         while True:
             conn = self._connection(deadline)
             sent = time.monotonic()
+            sending = True
             try:
                 # No poll() per call (it costs a selector per round trip): the socket's receive
                 # timeout bounds the wait for a reply instead (changed only when this call needs
-                # another deadline than the last one on this connection).
+                # another deadline than the last one on this connection), its send timeout
+                # (call_timeout, set once by _connect) a send the server does not read.
                 self._reply_deadline(conn, wait)
                 conn.send((transport.API_IDENT, method, args, {}))
+                sending = False
                 kind, result = conn.recv()
             except transport.UnpicklingRefused:
                 self._drop(conn)  # not a queuekit server's reply: never retried
                 raise
             except (OSError, EOFError) as e:
-                self._call_failed(conn, method, e)
+                why = self._call_failed(conn, method, e, sending)
                 if not waited_out:
                     # The first wait for a reply does not eat the reconnect budget (a get parked
                     # 30 s on a leader that froze would leave none): connect_timeout still runs
@@ -296,9 +312,7 @@ class Client:
                     deadline += time.monotonic() - sent
                     waited_out = True
                 if not retry or self._closed or time.monotonic() >= deadline:
-                    raise ServerUnavailable(
-                        f"queuekit server at {self.address}: {method} failed: {_describe(e)}"
-                    ) from e
+                    raise ServerUnavailable(f"queuekit server at {self.address}: {method} failed: {why}") from e
                 _log.debug("call_retry", method=method, error=_describe(e))
             else:
                 if kind == "#RETURN":
@@ -324,18 +338,28 @@ class Client:
             conn.set_recv_timeout(current)
             self._tls.recv_timeout = current
 
-    def _call_failed(self, conn: transport.Connection, method: str, e: BaseException) -> None:
+    def _call_failed(self, conn: transport.Connection, method: str, e: BaseException, sending: bool) -> str:
         """A call on ``conn`` got no reply: the connection is dropped (the next attempt starts
-        at the following address). A receive timeout (``BlockingIOError`` from SO_RCVTIMEO,
-        ``TimeoutError`` over TLS) means the server went silent: frozen, or gone without a word."""
+        at the following address); returns what went wrong, for an error message. A receive
+        timeout (``BlockingIOError`` from SO_RCVTIMEO, ``TimeoutError`` over TLS) means the
+        server went silent: frozen, or gone without a word. The same while ``sending``: the
+        server stopped reading the request (its buffers are full) and it was left half sent, so
+        the connection must go (the server, should it wake, reads an incomplete message and an
+        end of stream: it never runs that request)."""
+        why = _describe(e)
         if isinstance(e, (BlockingIOError, TimeoutError)):
-            _log.warning(
-                "call_timeout",
-                server=getattr(self._tls, "address", self.address),
-                method=method,
-                after=round(getattr(self._tls, "recv_timeout", self.call_timeout), 3),
-            )
+            server = getattr(self._tls, "address", self.address)
+            # Over TLS one timeout (the socket's) bounds the sends and the receives.
+            after = round(getattr(self._tls, "recv_timeout", self.call_timeout), 3)
+            if sending:
+                after = round(self.call_timeout, 3) if self._tls_context is None else after
+                _log.warning("send_timeout", server=server, method=method, after=after)
+                why = f"the server took no byte of the request for {after:g} s (send_timeout)"
+            else:
+                _log.warning("call_timeout", server=server, method=method, after=after)
+                why = f"no reply within {after:g} s (call_timeout)"
         self._drop(conn, failed=True)
+        return why
 
     def _connection(self, deadline: float) -> transport.Connection:
         conn = getattr(self._tls, "conn", None)
@@ -371,6 +395,9 @@ class Client:
                     # silent as one that does not answer a call (a frozen leader's kernel
                     # still accepts connections).
                     handshake_timeout=min(transport.HANDSHAKE_TIMEOUT, self.call_timeout),
+                    # A request the server does not read (a frozen leader: full buffers) fails
+                    # after call_timeout without a byte sent, like a call without a reply.
+                    send_timeout=self.call_timeout,
                     tls=self._tls_context,
                     server_name=self._tls_server_name,
                 )

@@ -464,8 +464,19 @@ class TLSConnection(Connection):
         finally:
             rbuf += buf[:got]
 
+    # The socket's timeout is a deadline for one whole SSL write (CPython's SSLSocket.write; no
+    # partial writes), so a message goes in slices of this size: the timeout then bounds a slice
+    # (a slow link that keeps taking bytes is waited for), not a whole 16 MiB put_many chunk.
+    _WRITE_SLICE = 256 * 1024
+
     def _send(self, buf, write=None) -> None:
-        self.tls.sendall(buf)
+        sendall, step = self.tls.sendall, self._WRITE_SLICE
+        if len(buf) <= step:
+            sendall(buf)
+            return
+        with memoryview(buf) as view:
+            for start in range(0, len(view), step):
+                sendall(view[start : start + step])
 
     def _close(self, _close=None) -> None:
         self.tls.close()
@@ -683,6 +694,7 @@ def Client(
     *,
     connect_timeout: float | None = HANDSHAKE_TIMEOUT,
     handshake_timeout: float = HANDSHAKE_TIMEOUT,
+    send_timeout: float | None = None,
     max_message_bytes: int | None = None,
     tls: ssl.SSLContext | None = None,
     server_name: str | None = None,
@@ -690,6 +702,13 @@ def Client(
     """Connect, tune the socket and run the manager's HMAC handshake (mutual, like the stock Client).
     With ``tls``, the TLS handshake comes first (the server's certificate checked against
     ``server_name``, default the address's host) and the HMAC handshake runs inside TLS.
+
+    ``send_timeout`` (plaintext): the socket's ``SO_SNDTIMEO``, set once here, for the life of the
+    connection. A write that moves no byte for that long raises ``BlockingIOError``; one that
+    moved some returns their count and the send loop goes on, so a slow peer that keeps reading
+    is waited for, a peer that stopped reading (a frozen server with full buffers) is not. A
+    message whose send failed is left half written: close the connection. Over TLS the socket's
+    own timeout (``set_recv_timeout``) bounds each write instead (see :class:`TLSConnection`).
 
     Raises ``OSError`` subclasses for network trouble (``ssl.SSLError`` for TLS failures),
     ``EOFError`` when the server drops the connection, and ``multiprocessing.AuthenticationError``
@@ -700,6 +719,8 @@ def Client(
     conn: Connection
     try:
         tune_socket(sock)
+        if send_timeout is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(send_timeout))
         if tls is not None:
             sock.settimeout(handshake_timeout)
             # wrap_socket takes the fd over (and closes it if the handshake fails).
