@@ -38,7 +38,10 @@ Sending a request has the same bound: a frozen server stops reading, and a large
 ``put_many`` chunk, up to ``PUT_CHUNK_TASKS`` tasks or ``PUT_CHUNK_BYTES``) fills the socket
 buffers of both ends; a send that then moves no byte for ``call_timeout`` seconds fails
 (``SO_SNDTIMEO``, set once per connection; over TLS the socket's timeout). A slow link that keeps
-taking bytes is waited for: the bound is on no progress, not on the whole request. Such a call is
+taking bytes is waited for: the bound is on no progress, not on the whole request, and the reply
+deadline of a request over ``DRAIN_BYTES`` starts once the server's kernel has acknowledged all of
+it (``Connection.wait_sent``), not while megabytes of it still sit in our send buffer (a slow link
+would otherwise look like a silent server, and the put go twice). Such a call is
 logged ``event=send_timeout`` (warning) and handled like one without a reply: the connection is
 dropped and the call retried at the next address within ``connect_timeout``. The request was left
 half sent, so the server never runs it (it reads an incomplete message, then the end of the
@@ -103,6 +106,10 @@ MAX_WAIT_PER_CALL = 30.0  # server-side wait per call; longer waits are made of 
 # needs and this much more: a consumer alternating waits of 0, 0.05 and 1 s pays no setsockopt
 # per call.
 DEADLINE_SLACK = 1.0
+# A request larger than this may still sit in the send buffer (up to 4 MiB) when send returns: the
+# reply deadline starts only once the server's kernel has all of it (Connection.wait_sent), or a
+# slow link would time out a put the server is still reading, and retry it (enqueued twice).
+DRAIN_BYTES = 256 * 1024
 PUT_CHUNK_TASKS = 1000
 PUT_CHUNK_BYTES = 16 * 1024 * 1024
 
@@ -265,6 +272,8 @@ class Client:
             try:
                 self._reply_deadline(conn, wait)
                 conn.send((transport.API_IDENT, method, args, {}))
+                if conn.sent_bytes > DRAIN_BYTES:
+                    conn.wait_sent(self.call_timeout)
                 sending = False
                 kind, result = conn.recv()
             except transport.UnpicklingRefused:
@@ -298,6 +307,8 @@ class Client:
                 # (call_timeout, set once by _connect) a send the server does not read.
                 self._reply_deadline(conn, wait)
                 conn.send((transport.API_IDENT, method, args, {}))
+                if conn.sent_bytes > DRAIN_BYTES:
+                    conn.wait_sent(self.call_timeout)
                 sending = False
                 kind, result = conn.recv()
             except transport.UnpicklingRefused:

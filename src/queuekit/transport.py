@@ -44,6 +44,7 @@ Restricted unpickling: nothing that arrives on the wire can run code.
 from __future__ import annotations
 
 import builtins
+import fcntl
 import io
 import itertools
 import os
@@ -54,6 +55,8 @@ import select
 import socket
 import ssl
 import struct
+import termios
+import time
 from multiprocessing import connection as mpc
 from multiprocessing import managers
 
@@ -415,13 +418,43 @@ class Connection(mpc.Connection):
         except UnpicklingRefused as e:
             raise type(e)(f"message from {self.peer} refused: {e}") from None
 
+    sent_bytes = 0  # the size of the last message sent
+
     def send(self, obj) -> None:
         # Plain pickle.dumps writes the same bytes as ForkingPickler for the plain data queuekit
         # sends (ForkingPickler only adds reducers for sockets, fds and the like), without a
         # BytesIO and a pickler object per message.
         self._check_closed()  # type: ignore[attr-defined]
         self._check_writable()  # type: ignore[attr-defined]
-        self._send_bytes(_dumps(obj, pickle.DEFAULT_PROTOCOL))  # type: ignore[attr-defined]
+        data = _dumps(obj, pickle.DEFAULT_PROTOCOL)
+        self.sent_bytes = len(data)
+        self._send_bytes(data)  # type: ignore[attr-defined]
+
+    def wait_sent(self, no_progress_timeout: float) -> None:
+        """Return once the peer's kernel has acknowledged every byte sent (the send queue is
+        empty: Linux's SIOCOUTQ), so that a reply deadline starts when the server can read the
+        whole request, not while megabytes of it still wait in our send buffer on a slow link.
+        Raises ``BlockingIOError`` when no byte is acknowledged for ``no_progress_timeout`` s (a
+        peer that stopped reading). Polls (no event tells that a send queue emptied): for large
+        messages only. Returns at once where the queue cannot be read."""
+        left = self._unsent()
+        progress = time.monotonic()
+        pause = 0.001
+        while left:
+            time.sleep(pause)  # polling a kernel counter that no event announces
+            pause = min(pause * 2, 0.02)
+            now = self._unsent()
+            if now < left:
+                left, progress = now, time.monotonic()
+            elif time.monotonic() - progress >= no_progress_timeout:
+                raise BlockingIOError(f"the peer acknowledged none of {left} bytes for {no_progress_timeout:g} s")
+
+    def _unsent(self) -> int:
+        try:
+            raw = fcntl.ioctl(self.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")  # == SIOCOUTQ on a socket
+        except OSError:
+            return 0
+        return int(struct.unpack("i", raw)[0])
 
     def set_recv_timeout(self, seconds: float | None) -> None:
         """Make blocking reads fail with ``BlockingIOError`` after ``seconds`` (None: wait forever)."""

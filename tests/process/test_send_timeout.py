@@ -260,6 +260,24 @@ def test_a_slow_link_that_keeps_reading_is_waited_for(tmp_path, key_file, fakes,
         client.close()
 
 
+def test_a_request_still_in_the_send_buffer_does_not_start_the_reply_deadline(key_file, fakes, caplog):
+    """send() returns once the request is in our send buffer (up to 4 MiB on loopback), not once
+    the server has it: on a link slower than that buffer drains within call_timeout, the reply
+    deadline fired while the server was still reading, and the put went again (enqueued twice).
+    The deadline starts once the server's kernel has acknowledged the whole request."""
+    slow = fakes(key_file, read_rate=1_000_000)
+    client = queuekit.connect(slow.address, authkey_file=str(key_file), call_timeout=2.0, connect_timeout=2.0)
+    try:
+        outcome, took = in_thread(lambda: client.queue("big").put_many(payloads(count=8)), timeout=60.0)
+        print(f"\nput_many of 8 MB at ~1 MB/s, call_timeout 2 s: {outcome and outcome[0][0]} after {took:.2f} s")
+        assert outcome == [("ok", list(range(8)))], outcome
+        assert took > 4.0, f"the link was not slow ({took:.2f} s): the test proves nothing"
+        assert not [r.getMessage() for r in caplog.records if "event=call_timeout" in r.getMessage()]
+        assert slow.answered_puts == 1
+    finally:
+        client.close()
+
+
 def test_put_many_sent_to_a_frozen_leader_completes_on_the_new_leader(tmp_path, key_file, pg_db, caplog):
     """The HA case: a client with an open connection to the leader sends a 12 MB put_many after
     the leader froze. The send stalls; after call_timeout without progress the client drops the
