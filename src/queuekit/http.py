@@ -187,8 +187,13 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(400, "text/plain", "bad request: /tasks/<id> takes a task id (digits)\n", with_body)
             return
         found = task_status(int(text)) if task_status is not None else None
-        if found is None:
-            self._send(503, "text/plain", "starting\n", with_body)
+        if found is None:  # no state here: starting, or a standby (the leader holds it)
+            reason = getattr(self.server.status, "not_ready_reason", None)
+            if reason == "standby":
+                body = "not the leader: this server is a standby; ask the leader (the server whose /readyz is 200)\n"
+            else:
+                body = "starting\n"
+            self._send(503, "text/plain", body, with_body)
         elif found.state == "unknown":
             self._send(404, "application/json", json.dumps(found._asdict(), sort_keys=True) + "\n", with_body)
         else:

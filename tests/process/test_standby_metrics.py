@@ -63,7 +63,7 @@ def leads(server: ServerProc) -> bool:
 def test_standby_answers_metrics_and_stats_and_takes_over(tmp_path, key_file, pg_db):
     a, b = leader_pair(tmp_path, key_file, pg_db)
     with connect([a, b], key_file) as client:
-        client.queue("jobs").put_many(["x", "y"])
+        ids = client.queue("jobs").put_many(["x", "y"])
 
     # The standby's queue port authenticates (then refuses with NotLeader): its failures count.
     assert [wrong_key_attempt(b, "127.0.0.41") for _ in range(2)] == ["wrong key"] * 2
@@ -83,6 +83,9 @@ def test_standby_answers_metrics_and_stats_and_takes_over(tmp_path, key_file, pg
     assert s["leadership"] == {"leader": False, "elections": 0, "stepdowns": dict.fromkeys(STEPDOWN_REASONS, 0)}
     status, overview = get(b, "/api/overview")  # the dashboard's: the same object
     assert status == 200 and json.loads(overview)["stats"]["role"] == "standby"
+    status, text = get(b, f"/tasks/{ids[0]}")  # a task's status lives on the leader: said so
+    assert status == 503 and text.startswith("not the leader: this server is a standby"), text
+    assert get(a, f"/tasks/{ids[0]}")[0] == 200
 
     leader = scrape(a)
     assert one(leader, "queuekit_leader") == 1
