@@ -22,6 +22,7 @@ listener again, and a new journal session to campaign with.
 from __future__ import annotations
 
 import collections
+import copy
 import dataclasses
 import os
 import signal
@@ -553,13 +554,8 @@ class _Tally:
 
     def plus(self, server: QueuekitServer, journal: Journal | None) -> _Tally:
         """A new tally: this one plus what the current ``server`` and ``journal`` counted."""
-        total = _Tally()
+        total = copy.deepcopy(self)
         total.retire(server, journal)
-        total.journal_commits += self.journal_commits
-        total.auth_failures += self.auth_failures
-        total.tls_handshakes += self.tls_handshakes
-        total.refused.update(self.refused)
-        total.tls_failures.update(self.tls_failures)
         return total
 
 

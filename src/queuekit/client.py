@@ -270,10 +270,7 @@ class Client:
         if conn is not None:
             sending = True
             try:
-                self._reply_deadline(conn, wait)
-                conn.send((transport.API_IDENT, method, args, {}))
-                if conn.sent_bytes > DRAIN_BYTES:
-                    conn.wait_sent(self.call_timeout)
+                self._send_request(conn, method, args, wait)
                 sending = False
                 kind, result = conn.recv()
             except transport.UnpicklingRefused:
@@ -301,14 +298,7 @@ class Client:
             sent = time.monotonic()
             sending = True
             try:
-                # No poll() per call (it costs a selector per round trip): the socket's receive
-                # timeout bounds the wait for a reply instead (changed only when this call needs
-                # another deadline than the last one on this connection), its send timeout
-                # (call_timeout, set once by _connect) a send the server does not read.
-                self._reply_deadline(conn, wait)
-                conn.send((transport.API_IDENT, method, args, {}))
-                if conn.sent_bytes > DRAIN_BYTES:
-                    conn.wait_sent(self.call_timeout)
+                self._send_request(conn, method, args, wait)
                 sending = False
                 kind, result = conn.recv()
             except transport.UnpicklingRefused:
@@ -337,6 +327,16 @@ class Client:
                     raise RemoteError(f"server error in {method}: {result}")
             time.sleep(delay * random.uniform(0.5, 1.0))
             delay = min(delay * 2, 2.0)
+
+    def _send_request(self, conn: transport.Connection, method: str, args: tuple, wait: float) -> None:
+        """Send one call, with its reply deadline set. No poll() per call (it costs a selector per
+        round trip): the socket's receive timeout bounds the wait for the reply instead, its send
+        timeout (call_timeout, set once by _connect) a send the server does not read; a large
+        request's deadline starts once the server's kernel has all of it."""
+        self._reply_deadline(conn, wait)
+        conn.send((transport.API_IDENT, method, args, {}))
+        if conn.sent_bytes > DRAIN_BYTES:
+            conn.wait_sent(self.call_timeout)
 
     def _reply_deadline(self, conn: transport.Connection, wait: float) -> None:
         """Make ``conn``'s receive timeout fit a call the server may hold ``wait`` seconds:

@@ -22,7 +22,7 @@ the consumer said it beats at: a stopped consumer leaves the table by itself. A 
 ``info`` (a consumer of an earlier version) is still applied.
 
 Everything on the wire is plain ``dict``/``list``/``int``/``float``/``str`` (the transport
-unpickles nothing else); :func:`check_report` checks a report where it enters the server.
+unpickles nothing else); :func:`checked_report` checks a report where it enters the server.
 """
 
 from __future__ import annotations
@@ -333,12 +333,6 @@ def check_info(info: Any) -> ConsumerInfo | None:
         in_flight=_info_int(info, "in_flight", 0, MAX_COUNT),
         heartbeat=float(heartbeat),
     )
-
-
-def check_report(report: Any) -> tuple[str, int, dict[str, dict[str, Any]]]:
-    """``(reporter, seq, queues)`` of a report a client sent, or :class:`InvalidRequest` (its
-    ``info`` checked too: :func:`checked_report` returns it)."""
-    return checked_report(report)[:3]
 
 
 def checked_report(report: Any) -> CheckedReport:

@@ -193,7 +193,14 @@ class GroupCommitJournal(Journal):
         self._committing = False
         if error is None:
             self._committed = max(self._committed, upto)
+            self._call_back()
+            self._cond.notify_all()
         else:
+            self._fail(error)
+
+    def _fail(self, error: BaseException) -> None:
+        """The journal is failed for good (condition held): waiting puts get a JournalError."""
+        if self._error is None:
             self._error = error
         self._call_back()
         self._cond.notify_all()

@@ -456,10 +456,7 @@ class PostgresJournal(GroupCommitJournal):
             _log.error("journal_failed", journal=self.description, error=f"{type(error).__name__}: {error}")
         self.broken.set()
         with self._cond:
-            if self._error is None:
-                self._error = error
-            self._call_back()
-            self._cond.notify_all()
+            self._fail(error)
 
     def sever(self) -> None:
         """Cut the session's connection, from any thread: a commit or query waiting on a frozen

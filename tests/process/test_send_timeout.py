@@ -28,6 +28,7 @@ from test_failover import LEASE, drain, freeze, is_ready, leader_pair
 import queuekit
 from queuekit import handshake
 from queuekit.errors import ServerUnavailable
+from support.threaded_server import ThreadedServer
 
 TASK_CHARS = 1_000_000  # a task just under the default 1 MiB limit (QUEUEKIT_MAX_TASK_BYTES)
 # 12 of them in one put_many chunk (client.PUT_CHUNK_BYTES 16 MiB): 12 MB, more than the socket
@@ -75,7 +76,7 @@ class _Frames:
         self.send_bytes(pickle.dumps(obj))
 
 
-class FakeServer:
+class FakeServer(ThreadedServer):
     """A queuekit server as far as the handshake, ``accept_connection`` and ``ping`` go. A large
     request (a put_many) is then read never (``read_rate`` None: a frozen server) or at
     ``read_rate`` bytes a second (a slow link), then answered with task ids.
@@ -85,29 +86,14 @@ class FakeServer:
 
     def __init__(self, key: bytes, *, read_rate: float | None = None, tls: ssl.SSLContext | None = None):
         self.key, self.read_rate, self.tls = key, read_rate, tls
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        # A fixed, small receive buffer (no autotuning): the client's sends block once it is full.
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
-        self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
         self.stalled: list[tuple[_Frames, int]] = []
         self.partial: list[tuple[int, int]] = []
         self.answered_puts = 0
         self.read_done = 0.0
-        self._threads: list[threading.Thread] = []
-        self._accepting = threading.Thread(target=self._serve, daemon=True)
-        self._accepting.start()
+        # A fixed, small receive buffer (no autotuning): the client's sends block once it is full.
+        super().__init__(rcvbuf=RCVBUF)
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                sock, _ = self.sock.accept()
-            except OSError:
-                return
-            thread = threading.Thread(target=self._one, args=(sock,), daemon=True)
-            self._threads.append(thread)
-            thread.start()
-
-    def _one(self, sock: socket.socket) -> None:
+    def handle(self, sock: socket.socket) -> None:
         sock.settimeout(30)  # no thread of this test waits for ever
         try:
             if self.tls is not None:
@@ -154,8 +140,8 @@ class FakeServer:
             frames.sock.close()
 
     def close(self) -> None:
-        self.sock.close()
-        for thread in self._threads:
+        super().close()
+        for thread in self.threads:
             thread.join(timeout=5)
 
 

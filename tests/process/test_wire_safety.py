@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 import queuekit
 from queuekit.transport import API_IDENT
 from support.procs import ROOT, Proc, ServerProc, base_env, wait_until, write_key
+from support.threaded_server import ThreadedServer
 from support.wire_attacks import Gadget, amplification_request, frame, fuzz_bodies, gadgets, raw_pickles
 
 try:  # the server's handshake (HMAC-SHA256 for queuekit's own clients), when this tree has one
@@ -197,27 +198,16 @@ def test_amplification_is_refused_in_milliseconds_and_nobody_else_waits(shared):
 # -- a malicious server: hostile replies to queuekit's clients -------------------------------
 
 
-class FakeServer:
+class FakeServer(ThreadedServer):
     """Completes the authkey handshake, answers ``accept_connection`` and ``ping`` like a queuekit
     server until the request named ``evil_from``; from then on every reply is ``evil``."""
 
     def __init__(self, key: bytes, evil_from: str, evil: bytes):
         self.key, self.evil_from, self.evil = key, evil_from, evil
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
         self.evil_sent = 0
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
+        super().__init__()
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                sock, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._one, args=(sock,), daemon=True).start()
-
-    def _one(self, sock: socket.socket) -> None:
+    def handle(self, sock: socket.socket) -> None:
         conn = mpc.Connection(sock.detach())
         try:
             if _handshake is not None:
@@ -244,9 +234,6 @@ class FakeServer:
             pass
         finally:
             conn.close()
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def evil_replies(marker) -> dict[str, bytes]:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from queuekit import metrics
-from queuekit.consumer_metrics import Recorder, Store, check_report
+from queuekit.consumer_metrics import Recorder, Store, checked_report
 
 MONITORING = Path(__file__).resolve().parents[2] / "monitoring"
 RULES = MONITORING / "queuekit-alerts.rules.yml"
@@ -79,7 +79,7 @@ def written_metrics() -> set[str]:
     rec = Recorder()
     rec.observe("q", "ok", 0.1, 0.1)
     store = Store()
-    store.add("c", *check_report(rec.next_report()))
+    store.add("c", *checked_report(rec.next_report()))
     queue = dict.fromkeys(
         ("ready", "inflight", "delayed", "dead", "waiting", "enqueued", "acked", "nacked", "redelivered"), 0
     )

@@ -15,7 +15,6 @@ from queuekit.consumer_metrics import (
     Histogram,
     Recorder,
     Store,
-    check_report,
     checked_report,
     consumer_info,
 )
@@ -34,7 +33,7 @@ class FlakyClient:
         if self.fail:
             self.fail -= 1
             raise ServerUnavailable("down")
-        reporter, seq, queues = check_report(report)
+        reporter, seq, queues, _ = checked_report(report)
         applied = self.store.add("worker-1", reporter, seq, queues)
         if self.lose_answer:  # applied on the server, answer lost on the way back
             self.lose_answer -= 1
@@ -98,7 +97,7 @@ def test_a_refused_report_is_logged_once_and_not_sent_again(caplog):
 
 def test_store_caps_consumer_series():
     store = Store(max_consumers=2)
-    item = check_report({"reporter": "r", "seq": 1, "queues": {"q": _item(ok=1)}})[2]
+    item = checked_report({"reporter": "r", "seq": 1, "queues": {"q": _item(ok=1)}}).queues
     for i, name in enumerate(("a", "b", "c", "d", "a")):
         assert store.add(name, f"r{i}", 1, item)
     consumers = store.snapshot().consumers
@@ -108,7 +107,7 @@ def test_store_caps_consumer_series():
 
 def test_store_drops_old_and_repeated_sequence_numbers():
     store = Store()
-    item = check_report({"reporter": "r", "seq": 1, "queues": {"q": _item(ok=1)}})[2]
+    item = checked_report({"reporter": "r", "seq": 1, "queues": {"q": _item(ok=1)}}).queues
     assert store.add("c", "r", 2, item)
     assert not store.add("c", "r", 2, item)
     assert not store.add("c", "r", 1, item)
@@ -148,7 +147,7 @@ def _item(**outcomes):
 )
 def test_bad_reports_are_refused_with_a_clear_error(report, message):
     with pytest.raises(InvalidRequest, match=message):
-        check_report(report)
+        checked_report(report)
 
 
 def test_end_classifies_outcomes_from_the_worker_lists():
@@ -190,7 +189,7 @@ def _info(**changes):
 def test_info_is_checked_and_old_reports_without_it_still_apply():
     report = {"reporter": "r", "seq": 1, "queues": {"q": _item(ok=1)}}
     old = checked_report(report)
-    assert old.info is None and check_report(report)[2]["q"]["ok"] == 1
+    assert old.info is None and checked_report(report).queues["q"]["ok"] == 1
     new = checked_report({**report, "info": _info(extra_field_of_a_newer_consumer=1)})
     assert new.info == ConsumerInfo("node-1", 4321, "0.1.0", ["jobs", "mail"], 4, "thread", 3, 10.0)
 
@@ -228,7 +227,7 @@ def test_info_is_checked_and_old_reports_without_it_still_apply():
 )
 def test_bad_info_is_refused_with_a_clear_error(info, message):
     with pytest.raises(InvalidRequest, match=message):
-        check_report({"reporter": "r", "seq": 1, "queues": {}, "info": info})
+        checked_report({"reporter": "r", "seq": 1, "queues": {}, "info": info})
 
 
 def test_recorder_with_info_reports_every_heartbeat_and_the_store_ages_it_out():

@@ -14,7 +14,7 @@ import pytest
 import queuekit
 from queuekit import metrics
 from queuekit.broker import Broker
-from queuekit.consumer_metrics import BUCKETS, Recorder, Store, check_report
+from queuekit.consumer_metrics import BUCKETS, Recorder, Store, checked_report
 from queuekit.leader import STEPDOWN_REASONS
 from support.fakeclock import FakeClock
 
@@ -50,7 +50,7 @@ def _reported():
         rec.observe("jobs", "ok", seconds, seconds * 2)
     rec.observe("jobs", "failed", 0.05, 0.0)
     rec.observe("gone", "ok", 1.0, 1.0)  # a queue /stats does not list: left out
-    reporter, seq, queues = check_report(rec.next_report())
+    reporter, seq, queues, _ = checked_report(rec.next_report())
     store.add('weird"name\n', reporter, seq, queues)
     return store.snapshot()
 
