@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hmac
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from multiprocessing import AuthenticationError
 from typing import Protocol
 
@@ -53,14 +53,18 @@ class Channel(Protocol):
     def recv_bytes(self, maxlength: int | None = None) -> bytes: ...
 
 
-def serve(conn: Channel, keys: Sequence[bytes]) -> int:
+def serve(conn: Channel, keys: Sequence[bytes], on_failure: Callable[[], None] | None = None) -> int:
     """Server side: challenge the client, then answer its challenge. Returns the index in
-    ``keys`` of the key the client holds; raises ``AuthenticationError`` when it holds none."""
+    ``keys`` of the key the client holds; raises ``AuthenticationError`` when it holds none.
+    ``on_failure`` runs when the client's response matched no key, before the client is told:
+    a throttle that counts failures must have counted this one before the client can try again."""
     message = _PREFIX + os.urandom(NONCE_BYTES)
     conn.send_bytes(CHALLENGE + message)
     response = conn.recv_bytes(MAX_FRAME)
     matched = _match(keys, message, response)
     if matched is None:
+        if on_failure is not None:
+            on_failure()
         _tell_failure(conn)
         raise AuthenticationError("digest received was wrong")
     conn.send_bytes(WELCOME)

@@ -28,6 +28,7 @@ limits and caps (connections, handshakes, per-address budgets are shared with th
 from __future__ import annotations
 
 import collections
+import functools
 import math
 import queue as stdqueue
 import ssl
@@ -270,7 +271,7 @@ class QueuekitServer(managers.Server):
             self.refused["handshake_timeout"] += 1
             conn.shutdown()
 
-    def _auth_failed(self, conn: transport.Connection, reason: str) -> None:
+    def _count_auth_failure(self, conn: transport.Connection) -> None:
         now = time.monotonic()
         host = _host(conn.peer)
         with self._conns_lock:
@@ -282,7 +283,6 @@ class QueuekitServer(managers.Server):
                 if len(self._auth_failures) >= MAX_TRACKED_HOSTS:
                     self._auth_failures.clear()
             self._auth_failures.setdefault(host, collections.deque()).append(now)
-        _log.warning("auth_failed", peer=conn.peer, reason=reason)
 
     def connection_count(self) -> int:
         return len(self._conns) + self.loop.session_count()
@@ -304,9 +304,12 @@ class QueuekitServer(managers.Server):
             try:
                 conn.set_recv_timeout(self.settings.handshake_timeout)
                 grants, keys = self._grants, self._keys  # one consistent set, even during a reload
-                grant = grants[handshake.serve(conn, keys)]
+                # A wrong key is counted before the peer hears "#FAILURE#", so its next try
+                # already meets the throttle (counted after, a fast client got in once more).
+                fail = functools.partial(self._count_auth_failure, conn)
+                grant = grants[handshake.serve(conn, keys, on_failure=fail)]
             except AuthenticationError as e:
-                self._auth_failed(conn, str(e))
+                _log.warning("auth_failed", peer=conn.peer, reason=str(e))
                 return
             except (OSError, EOFError, ValueError) as e:
                 if context is None and transport.looks_like_tls(conn):

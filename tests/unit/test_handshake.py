@@ -111,3 +111,24 @@ def test_malformed_challenges_are_refused(garbage):
 
     _, client = run_pair(server, lambda c: handshake.connect(c, NEW))
     assert isinstance(client, AuthenticationError | EOFError)
+
+
+def test_a_wrong_key_is_counted_before_the_client_is_told():
+    """The server's throttle counts failures in ``on_failure``: had the client been told first, it
+    could connect again before its failure was counted and get one try more than the limit."""
+    told = threading.Event()
+    seen_before_count = []
+
+    def count():
+        seen_before_count.append(told.wait(0.5))  # the client must not have its answer yet
+
+    def client(conn):
+        try:
+            handshake.connect(conn, OTHER)
+        finally:
+            told.set()
+
+    server, client_result = run_pair(lambda c: handshake.serve(c, [OLD], on_failure=count), client)
+    assert isinstance(server, AuthenticationError)
+    assert isinstance(client_result, AuthenticationError)
+    assert seen_before_count == [False]
