@@ -211,7 +211,10 @@ _NEVER_DECODED = {
 }
 
 
-@settings(max_examples=400, deadline=1000, suppress_health_check=[HealthCheck.too_slow])
+# No per-example deadline: a wall-clock limit on bodies of a few bytes measures how busy the
+# machine is (a starved CI container took 47 s on one); what decoding costs is checked against
+# the stock unpickler in the same run by the test below.
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(fuzz_bodies())
 def test_fuzz_decoders_refuse_or_fail_cleanly(body):
     for decode in DECODERS:
