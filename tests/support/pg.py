@@ -194,13 +194,15 @@ class PgServer:
         self.proc.send_signal(signal.SIGINT)
         self.proc.wait(30)
         port = self.port
+        # Counted before the new server starts: counted after, a server that became ready first
+        # (the test process descheduled meanwhile) left nothing to wait for but the 60 s deadline.
+        start = self.log.read_text(errors="replace").count("ready to accept connections")
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 self.proc.args, stdout=log, stderr=subprocess.STDOUT, cwd=self.dir, start_new_session=True,
                 preexec_fn=_die_with_parent, **self._as_owner(),
             )  # fmt: skip
         self.port = port
-        start = self.log.read_text(errors="replace").count("ready to accept connections")
         deadline = time.monotonic() + timeout
         while self.log.read_text(errors="replace").count("ready to accept connections") <= start:
             if time.monotonic() > deadline or self.proc.poll() is not None:
