@@ -93,6 +93,11 @@ class ServerApp:
         # Since the process started (/metrics): terms won, terms ended by reason.
         self.elections = 0
         self.stepdowns: collections.Counter[str] = collections.Counter(dict.fromkeys(STEPDOWN_REASONS, 0))
+        # The journal session the leadership thread holds (campaigning or leading; None while it
+        # has none: the database is unreachable) and the attempts to open one that failed: only
+        # that thread writes them (``_start_standby`` before the thread exists).
+        self._session: Journal | None = None
+        self.journal_open_failures = 0
         # Each change of role replaces the queue server (and the journal): what the replaced ones
         # counted is kept here, so that /metrics' counters only grow. ``_swap`` makes the change
         # and the tally one step for stats().
@@ -123,6 +128,14 @@ class ServerApp:
         """With a shared journal: this server holds a valid term (its deadline has not passed)."""
         election = self.election
         return self.ha and self.broker is not None and election is not None and election.valid()
+
+    @property
+    def journal_connected(self) -> bool:
+        """With a shared journal: this server holds a journal session that has not failed (it
+        leads, or campaigns with it). False while it cannot open one, or once its session failed."""
+        session = self._session
+        broken = getattr(session, "broken", None)
+        return self.ha and session is not None and not (broken is not None and broken.is_set())
 
     @property
     def not_ready_reason(self) -> str | None:
@@ -165,6 +178,8 @@ class ServerApp:
                 "leader": self.leading,
                 "elections": self.elections,
                 "stepdowns": dict(self.stepdowns),
+                "journal_connected": self.journal_connected,
+                "journal_open_failures": self.journal_open_failures,
             }
         return stats
 
@@ -305,6 +320,7 @@ class ServerApp:
             detail="a shared journal: serving only while leading; standby until then",
         )
         self._tls_context = self._load_tls() if self._tls_files else None
+        self._session = journal  # the leadership thread's from here on
         server = self.server = self._standby_server()
         _log.info(
             "server_ready",
@@ -322,16 +338,33 @@ class ServerApp:
         """The leadership thread: campaign as a standby, lead while the term lasts, step down, again."""
         stop, interval = self._stop_campaign, self.settings.leader_probe_interval
         delay = interval
+        failed_since: float | None = None  # monotonic time of the first failed reopen in a row
         while not stop.is_set():
             if journal is None:
                 try:
                     journal = open_journal(self.settings)
                     delay = interval
                 except Exception as e:  # the database is down or restarting: retry, standby meanwhile
-                    _log.warning("journal_reopen_failed", error=f"{type(e).__name__}: {e}"[:300], retry_in=delay)
+                    self.journal_open_failures += 1  # only this thread writes it
+                    failed_since = failed_since if failed_since is not None else time.monotonic()
+                    _log.warning(
+                        "journal_reopen_failed",
+                        error=f"{type(e).__name__}: {e}"[:300],
+                        retry_in=delay,
+                        failures=self.journal_open_failures,
+                    )
                     stop.wait(delay)
                     delay = min(delay * 2, REOPEN_MAX_DELAY)
                     continue
+                self._session = journal
+                if failed_since is not None:
+                    _log.info(
+                        "journal_reopened",
+                        journal=journal.description,
+                        seconds=round(time.monotonic() - failed_since, 3),
+                        failures=self.journal_open_failures,
+                    )
+                    failed_since = None
             try:
                 election = Election(journal, self.holder, self.settings.leader_lease)
                 term = None
@@ -343,6 +376,7 @@ class ServerApp:
                 _log.warning("leader_campaign_failed", error=f"{type(e).__name__}: {e}"[:300])
                 term = None
             if term is None:
+                self._session = None  # said before the close: never connected while closing
                 _close_quietly(journal)
                 journal = None
                 continue
@@ -359,6 +393,7 @@ class ServerApp:
                     break
             if stop.is_set() and election.lost is None:
                 return  # stop() shuts the leader down gracefully
+            self._session = None  # _step_down closes it
             self._step_down(election)
             journal = None
 

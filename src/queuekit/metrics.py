@@ -191,6 +191,19 @@ def _leadership_families(stats: dict) -> list[str]:
             "Leadership terms this server stepped down from, by reason (a fixed set: leader.STEPDOWN_REASONS).",
             (Sample((("reason", r),), n) for r, n in sorted(stepdowns.items())),
         ),
+        *family(
+            "queuekit_journal_connected",
+            "gauge",
+            "1 while this server holds a working session to the shared journal (leading, or campaigning with it), "
+            "0 while it cannot open one (it can neither lead nor take over).",
+            [Sample((), int(leadership["journal_connected"]))],
+        ),
+        *family(
+            "queuekit_journal_open_failures_total",
+            "counter",
+            "Attempts to open a new session to the shared journal that failed (database unreachable, login refused).",
+            [Sample((), leadership["journal_open_failures"])],
+        ),
     ]
 
 

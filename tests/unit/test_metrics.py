@@ -165,8 +165,14 @@ def test_a_task_acked_while_ready_does_not_count_as_oldest():
     assert broker.stats()["q"]["oldest_ready_age_seconds"] == pytest.approx(1)
 
 
-def _leadership(leader: bool, elections: int = 0, **stepdowns: int) -> dict:
-    return {"leader": leader, "elections": elections, "stepdowns": stepdowns}
+def _leadership(leader: bool, elections: int = 0, connected: bool = True, open_failures: int = 0, **stepdowns: int):
+    return {
+        "leader": leader,
+        "elections": elections,
+        "stepdowns": stepdowns,
+        "journal_connected": connected,
+        "journal_open_failures": open_failures,
+    }
 
 
 def _standby(**over):
@@ -192,6 +198,16 @@ def test_a_standby_writes_no_queue_families_but_the_servers_and_leaderships():
     assert 'queuekit_connections_refused_total{reason="max_connections"} 3\n' in text
     assert types["queuekit_build_info"] == "gauge" and "process_cpu_seconds_total" in types
     assert types["queuekit_leader"] == "gauge" and types["queuekit_leader_stepdowns_total"] == "counter"
+    assert "queuekit_journal_connected 1\n" in text and "queuekit_journal_open_failures_total 0\n" in text
+    assert types["queuekit_journal_connected"] == "gauge"
+
+
+def test_a_server_without_a_journal_session_says_so():
+    """A standby (or a leader that stepped down) that cannot open a session to the database."""
+    text = metrics.render(_standby(leadership=_leadership(False, connected=False, open_failures=7)), None)
+    assert "queuekit_journal_connected 0\n" in text
+    assert "queuekit_journal_open_failures_total 7\n" in text
+    assert families(text)["queuekit_journal_open_failures_total"] == "counter"
 
 
 def test_a_leader_writes_every_family_a_standby_does_and_its_terms():
@@ -208,7 +224,8 @@ def test_a_leader_writes_every_family_a_standby_does_and_its_terms():
 
 def test_a_single_server_writes_no_leadership_families():
     text = metrics.render({**_stats(jobs=_queue()), "role": "single"}, None)
-    assert not [n for n in families(text) if n.startswith("queuekit_leader")]
+    assert not [n for n in families(text) if n.startswith(("queuekit_leader", "queuekit_journal_connected"))]
+    assert "queuekit_journal_open_failures" not in text
 
 
 def test_every_metric_family_is_in_the_reference():

@@ -71,12 +71,15 @@ function drawOverview(o) {
   state.actions = o.actions;
   $("version").textContent = o.version;
   // A standby (several servers on one PostgreSQL journal) is never ready, by design: not an alarm.
+  // Without a journal session (the database unreachable) it cannot take over: that is one.
   const standby = s.role === "standby";
+  const detached = s.leadership !== undefined && s.leadership.journal_connected === false;
   $("server-status").textContent =
-    (s.ready ? "ready" : standby ? "standby (not the leader)" : "NOT READY") + " · " +
+    (s.ready ? "ready" : standby ? "standby (not the leader)" : "NOT READY") +
+    (detached ? " · no journal session" : "") + " · " +
     s.connections + " connections · " +
     (s.durable ? "durable" : "memory only") + " · up " + ago(s.uptime_seconds);
-  $("server-status").className = "status" + (s.ready ? " good" : standby ? "" : " bad");
+  $("server-status").className = "status" + (s.ready ? " good" : standby && !detached ? "" : " bad");
   $("omitted").textContent = s.omitted ? "(" + s.omitted + " more not shown)" : "";
   const names = Object.keys(s.queues).sort();
   replaceRows($("queues").tBodies[0], names.map((name) => {
