@@ -216,6 +216,11 @@ class Worker(TaskHost):
 
     def run(self) -> int:
         """Consume until stopped; returns the exit code."""
+        if self.health_file:
+            # Once here, before connecting: left to the monitor, the first write came a
+            # MONITOR_INTERVAL after its start, later than consumer_started when the server answered
+            # at once, and a probe run meanwhile found no health file.
+            self._write_health(time.monotonic())
         monitor = threading.Thread(target=self._monitor_loop, name="monitor", daemon=True)
         monitor.start()  # first: the probes see a live (not yet ready) consumer while it connects
         try:

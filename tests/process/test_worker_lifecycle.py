@@ -213,6 +213,14 @@ def test_several_queues_in_strict_priority_order(tmp_path, server, key_file, cli
     assert "queue=high,low" in worker.log()
 
 
+def test_the_health_file_is_there_from_the_start(tmp_path, server, key_file):
+    """A probe run as soon as the consumer says it started finds the health file (live, not yet
+    necessarily ready), however fast the server answered: it is written before the consumer connects."""
+    consumer(tmp_path, server, key_file, "--handler", "handlers:record")
+    assert (tmp_path / "consumer.health").exists(), "consumer_started logged before the health file was written"
+    assert probe(tmp_path, "live").returncode == 0
+
+
 def test_liveness_ignores_the_server_readiness_follows_it(tmp_path, key_file):
     server = ServerProc(tmp_path, key_file)
     worker = consumer(tmp_path, server, key_file, "--handler", "handlers:record", "--connect-timeout", "60")
