@@ -39,7 +39,7 @@ from .journal import Journal
 from .leader import STEPDOWN_REASONS, Election
 from .message import TaskStatus
 from .server import TLS_FAILURE_REASONS, QueuekitServer
-from .settings import ServerSettings
+from .settings import ServerSettings, load_journal_password
 
 REAPER_INTERVAL = 0.2  # seconds between lease-expiry / retry-promotion passes
 KEY_POLL_INTERVAL = 0.5  # seconds between checks of the key files (and of the stop flag)
@@ -53,7 +53,13 @@ def open_journal(settings: ServerSettings) -> Journal:
     if settings.journal_url:
         from .journal_postgres import PostgresJournal  # psycopg: only with a journal URL
 
-        return PostgresJournal(settings.journal_url, settings.journal_password)
+        password = settings.journal_password
+        if settings.journal_password_file:
+            # Read at every open, not once: after a rotation (a Secret's mounted file is replaced in
+            # place) the next reconnect uses the new password, with no restart. Unreadable now: the
+            # ConfigError names the file and the open is retried like any failed one.
+            password = load_journal_password(settings.journal_password_file)
+        return PostgresJournal(settings.journal_url, password)
     if not settings.data_dir:
         return Journal()
     from .journal_sqlite import SqliteJournal

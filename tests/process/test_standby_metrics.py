@@ -212,11 +212,12 @@ def test_servers_that_cannot_reach_the_database_say_so_and_recover(tmp_path, key
     assert [leads(a), leads(b)].count(True) == 1
 
 
-def test_a_standby_whose_password_was_rotated_says_it_has_no_session(tmp_path, key_file, pg_db):
-    """The journal role's password changes in the database while the servers run (a rotation the
-    servers did not get): the leader keeps its session, the standby's ends and it cannot log in
+def test_a_standby_whose_password_was_rotated_says_so_and_recovers_from_the_new_file(tmp_path, key_file, pg_db):
+    """The journal role's password changes in the database while the servers run, before their
+    password file has it: the leader keeps its session, the standby's ends and it cannot log in
     again. It says so on /metrics while the leader serves; when the leader dies nobody can take
-    over, until the old password works again."""
+    over. Once the file holds the new password (a Secret's mounted file updated in place), the
+    standby's next attempt reads it and takes over, with no restart."""
     pg = pg_db.server
     role, password = f"qk_rot_{pg_db.name}", secrets.token_hex(16)
     pg.sql(f"CREATE ROLE \"{role}\" LOGIN PASSWORD '{password}'")
@@ -227,7 +228,8 @@ def test_a_standby_whose_password_was_rotated_says_it_has_no_session(tmp_path, k
         db = PgDatabase(pg.url(pg_db.name, user=role), str(password_file), pg, pg_db.name)
         a, b = leader_pair(tmp_path, key_file, db)
         wait_until(lambda: journal_session(b) == (1, 0), what="the standby's journal session")
-        pg.sql(f"ALTER ROLE \"{role}\" PASSWORD '{secrets.token_hex(16)}'")  # the rotation
+        rotated = secrets.token_hex(16)
+        pg.sql(f"ALTER ROLE \"{role}\" PASSWORD '{rotated}'")  # the rotation, in the database first
         terminate_sessions(pg_db, spare_the_leader=True)  # the standby's session ends (the leader's lives on)
         wait_until(lambda: cut_off(b, 1), timeout=20, what="the standby: no session, failed opens")
         assert "password authentication failed" in b.log()
@@ -238,9 +240,9 @@ def test_a_standby_whose_password_was_rotated_says_it_has_no_session(tmp_path, k
         _, failures = journal_session(b)
         wait_until(lambda: cut_off(b, failures), timeout=20, what="the standby still failing after the kill")
         assert not leads(b)
-        pg.sql(f"ALTER ROLE \"{role}\" PASSWORD '{password}'")  # the password it has works again
-        wait_until(lambda: leads(b), timeout=20, what="the standby leading once it can log in")
-        assert journal_session(b)[0] == 1
+        password_file.write_text(rotated + "\n")  # then in the servers' file
+        wait_until(lambda: leads(b), timeout=20, what="the standby leading once its file has the new password")
+        assert journal_session(b)[0] == 1 and b.popen.poll() is None  # the same process: no restart
         b.stop()
     finally:  # no server of this test can log in again; then the role goes
         pg.sql(f"ALTER ROLE \"{role}\" PASSWORD '{secrets.token_hex(16)}'")
