@@ -705,22 +705,23 @@ class Worker(TaskHost):
             for other in rest:
                 self._running.pop(other.receipt, None)
             self._buffer.extendleft(reversed(rest))
-            self._nacks.append((task, None, TIMEOUT_ERROR))
             self.failed += 1
             self.timed_out += 1
             self._abandoned += 1
-            abandoned = self._abandoned
+            # Logged before the nack is queued (the fetcher may send it at once): whoever sees the
+            # server retry or dead-letter the task must find this line already written.
+            _log.warning(
+                "task_timeout",
+                queue=task.queue,
+                task=task.id,
+                attempts=task.attempts + 1,
+                timeout=limit,
+                pool="thread",
+                abandoned_threads=self._abandoned,
+                concurrency=self.concurrency,
+            )
+            self._nacks.append((task, None, TIMEOUT_ERROR))
             self._cond.notify_all()
-        _log.warning(
-            "task_timeout",
-            queue=task.queue,
-            task=task.id,
-            attempts=task.attempts + 1,
-            timeout=limit,
-            pool="thread",
-            abandoned_threads=abandoned,
-            concurrency=self.concurrency,
-        )
         self._start_seat(f"{seat.name.split('.')[0]}.{task.id}")
 
     # -- health -----------------------------------------------------------------------------
